@@ -1,0 +1,143 @@
+"""The S8 network: one definition, the normalization chosen by name.
+
+Layout (C = 3x3 conv + norm + ReLU, c = 1x1 transition conv, P = 2x2 max-pool):
+
+    C1 C2 c3 P1 C4 C5 c6 P2 C7 C8 C9 GAP C10
+
+Skip connections (identity adds, so they cost no parameters):
+  1. C2's output is added to C1's: the first stage is a one-conv residual block at 32x32.
+  2. C5's output is added to P1's output (c3, pooled): C4-C5 form a ResNet basic block at 16x16.
+  3. C8's output is added to P2's output (c6, pooled): C7-C8 form a ResNet basic block at 8x8.
+They sit where a layer's input and output have the same shape, i.e. right after each transition,
+so the 1x1 transitions double as the projection that a ResNet would otherwise need, and every
+stage gives gradients a short path to the stem. C9 is left plain so the head sees one more
+non-linear mixing of the stage-3 features before pooling.
+"""
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Accepted names -> canonical name. Canonical names are what results files record.
+NORM_ALIASES = {
+    "batch": "batch", "bn": "batch", "batchnorm": "batch",
+    "group": "group", "gn": "group", "groupnorm": "group",
+    "layer": "layer", "ln": "layer", "layernorm": "layer",
+}
+
+
+def canonical_norm(name):
+    """Map an alias ("bn", "GroupNorm", ...) to "batch", "group" or "layer"; fail with the list."""
+    key = str(name).strip().lower()
+    if key not in NORM_ALIASES:
+        raise ValueError(
+            f"unknown normalization {name!r}; accepted names: {', '.join(sorted(NORM_ALIASES))}"
+        )
+    return NORM_ALIASES[key]
+
+
+def get_norm_layer(name, num_groups=4):
+    """Return a constructor `norm(num_channels) -> nn.Module`, as timm's get_norm_layer does.
+
+    "layer" is GroupNorm(1, C): it normalizes each sample over (C, H, W) like
+    nn.LayerNorm([C, H, W]) with per-channel affine parameters, but needs no spatial size,
+    so the same block works at 32x32, 16x16 and 8x8 and under any input resolution.
+    """
+    norm = canonical_norm(name)
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "layer":
+        return partial(nn.GroupNorm, 1)
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+
+    def group_norm(num_channels):
+        if num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm with {num_groups} groups cannot normalize {num_channels} channels: "
+                f"choose num_groups that divides {num_channels}"
+            )
+        return nn.GroupNorm(num_groups, num_channels)
+
+    return group_norm
+
+
+@dataclass
+class ModelConfig:
+    norm: str = "batch"       # "batch"/"bn", "group"/"gn" or "layer"/"ln"
+    num_groups: int = 4       # GroupNorm groups; must divide every width below
+    widths: tuple = (16, 28, 32)  # channels of stage 1 (32x32), stage 2 (16x16), stage 3 (8x8)
+    dropout: float = 0.0      # Dropout2d after each 3x3 block; 0 disables it
+    num_classes: int = 10
+
+    def __post_init__(self):
+        self.norm = canonical_norm(self.norm)
+        self.widths = tuple(int(w) for w in self.widths)
+        if len(self.widths) != 3:
+            raise ValueError(f"widths needs 3 stage widths, got {self.widths!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class ConvBlock(nn.Sequential):
+    """3x3 conv (no bias: the norm's shift replaces it) -> norm -> ReLU [-> Dropout2d]."""
+
+    def __init__(self, name, c_in, c_out, norm_layer, dropout):
+        try:
+            norm = norm_layer(c_out)
+        except ValueError as err:
+            raise ValueError(f"layer {name}: {err}") from None
+        layers = [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            norm,
+            nn.ReLU(inplace=True),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+class Net(nn.Module):
+    def __init__(self, config=None, **overrides):
+        super().__init__()
+        config = config or ModelConfig(**overrides)
+        self.config = config
+        w1, w2, w3 = config.widths
+        norm = get_norm_layer(config.norm, config.num_groups)
+        block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout)
+
+        self.C1 = block("C1", 3, w1)
+        self.C2 = block("C2", w1, w1)
+        self.c3 = nn.Conv2d(w1, w2, 1, bias=False)
+        self.C4 = block("C4", w2, w2)
+        self.C5 = block("C5", w2, w2)
+        self.c6 = nn.Conv2d(w2, w3, 1, bias=False)
+        self.C7 = block("C7", w3, w3)
+        self.C8 = block("C8", w3, w3)
+        self.C9 = block("C9", w3, w3)
+        self.C10 = nn.Conv2d(w3, config.num_classes, 1)
+
+    def forward(self, x):                      # x: (N, 3, 32, 32)
+        x = self.C1(x)                         # (N, w1, 32, 32)
+        x = x + self.C2(x)                     # skip 1
+        x = F.max_pool2d(self.c3(x), 2)        # P1 -> (N, w2, 16, 16)
+        x = x + self.C5(self.C4(x))            # skip 2
+        x = F.max_pool2d(self.c6(x), 2)        # P2 -> (N, w3, 8, 8)
+        x = x + self.C8(self.C7(x))            # skip 3
+        x = self.C9(x)
+        x = F.adaptive_avg_pool2d(x, 1)        # GAP -> (N, w3, 1, 1)
+        return self.C10(x).flatten(1)          # (N, num_classes) logits
+
+    def get_num_params(self, trainable_only=True):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_model(norm="batch", seed=None, **config_overrides):
+    """The one way notebooks, CLI and tests make a model; `seed` makes its init reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Net(ModelConfig(norm=norm, **config_overrides))

@@ -1,0 +1,76 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import NORMS
+from model import ModelConfig, Net, build_model, canonical_norm, get_norm_layer
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_under_50k_parameters_and_logits_shape(norm):
+    model = build_model(norm, seed=0)
+    assert model.get_num_params() < 50_000
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_variants_share_the_convolution_layout():
+    shapes = {norm: [tuple(m.weight.shape) for m in build_model(norm).modules()
+                     if isinstance(m, nn.Conv2d)] for norm in NORMS}
+    assert shapes["batch"] == shapes["group"] == shapes["layer"]
+    assert len(shapes["batch"]) == 10  # C1 C2 c3 C4 C5 c6 C7 C8 C9 C10
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_parameter_gets_a_finite_gradient(norm):
+    model = build_model(norm, seed=0)
+    loss = F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("block", ["C2", "C5", "C8"])
+def test_skip_connections_carry_the_signal_past_a_silenced_block(norm, block):
+    # In a plain chain, a block that outputs zeros makes the logits independent of the input.
+    model = build_model(norm, seed=0).eval()
+    getattr(model, block).register_forward_hook(lambda m, i, out: torch.zeros_like(out))
+    a, b = model(torch.randn(2, 3, 32, 32)).detach()
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("alias,expected", [("bn", nn.BatchNorm2d), ("BatchNorm", nn.BatchNorm2d),
+                                            ("gn", nn.GroupNorm), ("ln", nn.GroupNorm)])
+def test_norm_factory_aliases(alias, expected):
+    assert isinstance(get_norm_layer(alias)(8), expected)
+
+
+def test_layer_norm_is_per_sample_over_channels_and_space():
+    norm = get_norm_layer("layer")(16)
+    x = torch.randn(3, 16, 5, 7) * 3 + 1
+    assert norm.num_groups == 1
+    assert torch.allclose(norm(x), F.layer_norm(x, x.shape[1:]), atol=1e-5)
+
+
+def test_group_norm_uses_the_requested_groups():
+    model = build_model("group", num_groups=2)
+    assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {2}
+
+
+def test_unknown_norm_lists_the_accepted_names():
+    with pytest.raises(ValueError, match=r"unknown normalization 'instance'.*batch.*group.*layer"):
+        build_model("instance")
+
+
+def test_groups_that_do_not_divide_name_the_layer_and_channels():
+    with pytest.raises(ValueError, match=r"layer C1: GroupNorm with 3 groups cannot normalize "
+                                         r"16 channels"):
+        Net(ModelConfig(norm="group", num_groups=3))
+
+
+def test_canonical_names():
+    assert [canonical_norm(n) for n in ("BN", "gn", "LayerNorm")] == ["batch", "group", "layer"]

@@ -1,0 +1,156 @@
+import json
+
+import matplotlib
+import pytest
+import torch
+from PIL import Image
+
+matplotlib.use("Agg")
+
+from conftest import NORMS, synthetic_data
+from model import build_model
+from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_misclassified,
+                   evaluate, fit, load_checkpoint, load_results, make_loaders, make_optimizer,
+                   make_results, plot_history, plot_misclassified, save_json_atomic,
+                   train_one_epoch)
+
+SHORT = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
+
+
+def same_history(a, b):
+    strip = lambda h: {k: v for k, v in h.items() if k != "epoch_time"}
+    return strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_few_steps_lower_the_loss(norm, tiny_data):
+    model = build_model(norm, seed=0)
+    config = TrainConfig(batch_size=50, lr=0.05)
+    train_loader, test_loader = make_loaders(tiny_data, config, "cpu")
+    optimizer = make_optimizer(model, config)
+    before = evaluate(model, test_loader)["loss"]
+    for epoch in range(5):
+        train_one_epoch(model, train_loader, optimizer)
+    assert evaluate(model, test_loader)["loss"] < 0.8 * before
+
+
+def test_same_seed_gives_an_identical_history(tiny_data):
+    runs = [fit(build_model("batch", seed=0), tiny_data, SHORT, "cpu", progress=False)
+            for _ in range(2)]
+    assert same_history(*runs)
+    assert len(runs[0]["test_acc"]) == SHORT.epochs
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(norm, tiny_data, tmp_path):
+    full = fit(build_model(norm, seed=0), tiny_data, SHORT, "cpu", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_epoch_1(epoch, history):
+        if epoch == 1:
+            raise Interrupt
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        fit(build_model(norm, seed=0), tiny_data, SHORT, "cpu", checkpoint_path=ckpt,
+            progress=False, on_epoch_end=stop_after_epoch_1)
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    # A fresh process would build a fresh model with whatever RNG state; resume must not care.
+    torch.manual_seed(1234)
+    resumed = fit(build_model(norm, seed=99), tiny_data, SHORT, "cpu", checkpoint_path=ckpt,
+                  resume=True, progress=False)
+    assert same_history(resumed, full)
+
+
+def test_corrupted_checkpoint_is_refused(tiny_data, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    fit(build_model("batch", seed=0), tiny_data, TrainConfig(**{**SHORT.to_dict(), "epochs": 1}),
+        "cpu", checkpoint_path=ckpt, progress=False)
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match=r"run.pt is unreadable.*delete it"):
+        fit(build_model("batch", seed=0), tiny_data, SHORT, "cpu", checkpoint_path=ckpt,
+            resume=True, progress=False)
+
+
+def test_checkpoint_of_another_configuration_is_refused(tiny_data, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    one_epoch = TrainConfig(**{**SHORT.to_dict(), "epochs": 1})
+    fit(build_model("batch", seed=0), tiny_data, one_epoch, "cpu", checkpoint_path=ckpt,
+        progress=False)
+    with pytest.raises(CheckpointError, match=r"different run \(model.norm: checkpoint 'batch', "
+                                              r"now 'group'"):
+        fit(build_model("group", seed=0), tiny_data, one_epoch, "cpu", checkpoint_path=ckpt,
+            resume=True, progress=False)
+    other_data = synthetic_data(seed=5)
+    other_data.sha256 = "f" * 64
+    with pytest.raises(CheckpointError, match=r"data_sha256"):
+        fit(build_model("batch", seed=0), other_data, one_epoch, "cpu", checkpoint_path=ckpt,
+            resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tiny_data, tmp_path,
+                                                                     monkeypatch):
+    import utils
+
+    config = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0)
+    steps_per_epoch = len(tiny_data.train_y) // config.batch_size
+    # A sane first epoch, then a learning rate of 0.05 * 1e12 from the first step of epoch 2.
+    monkeypatch.setattr(utils, "one_cycle",
+                        lambda step, *a: 1.0 if step < steps_per_epoch else 1e12)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step \d+; training stopped.*"
+                                                 r"Lower the learning rate"):
+        fit(build_model("layer", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+            progress=False)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and len(state["history"]["test_acc"]) == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no half-written temp file
+
+
+def test_collect_misclassified_returns_only_wrong_predictions(tiny_data):
+    class AlwaysCat(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[:, 3] = 1
+            return logits
+
+    _, test_loader = make_loaders(tiny_data, TrainConfig(eval_batch_size=32), "cpu")
+    mistakes = collect_misclassified(AlwaysCat(), test_loader, limit=15)
+    assert len(mistakes["index"]) == 15
+    assert (mistakes["pred"] == 3).all() and (mistakes["true"] != 3).all()
+    assert torch.equal(mistakes["true"], tiny_data.test_y[mistakes["index"]])
+    assert torch.equal(mistakes["images"], tiny_data.test_x[mistakes["index"]])
+
+
+def test_plots_write_pngs_with_the_plotted_data(tmp_path, tiny_data):
+    history = {"epoch": [1, 2, 3], "train_loss": [2.0, 1.5, 1.0], "test_loss": [2.1, 1.7, 1.3],
+               "train_acc": [0.3, 0.5, 0.6], "test_acc": [0.25, 0.45, 0.55]}
+    fig = plot_history(history, tmp_path / "curves.png", title="t")
+    loss_ax, acc_ax = fig.axes
+    assert [list(l.get_ydata()) for l in loss_ax.lines] == [[2.0, 1.5, 1.0], [2.1, 1.7, 1.3]]
+    assert list(acc_ax.lines[1].get_ydata()) == pytest.approx([25, 45, 55])
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
+
+    mistakes = {"images": tiny_data.test_x[:7], "true": torch.tensor([0, 1, 2, 3, 4, 5, 6]),
+                "pred": torch.tensor([1, 2, 3, 4, 5, 6, 7])}
+    fig = plot_misclassified(mistakes, tiny_data.classes, tmp_path / "grid.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0] == "true: airplane\npred: automobile" and len(titles) == 7
+    assert Image.open(tmp_path / "grid.png").format == "PNG"
+
+
+def test_results_json_round_trips_and_leaves_no_temp_file(tmp_path, tiny_data):
+    model = build_model("group", seed=0)
+    history = fit(model, tiny_data, TrainConfig(epochs=1, batch_size=50), "cpu", progress=False)
+    results = make_results(model, tiny_data, TrainConfig(epochs=1, batch_size=50), history,
+                           "cpu")
+    path = save_json_atomic(tmp_path / "out" / "group_seed0.json", results)
+    assert load_results(path) == json.loads(json.dumps(results))
+    assert results["variant"] == "group" and results["final_test_acc"] == history["test_acc"][-1]
+    for key in ("seed", "epochs", "num_params", "wall_time_s", "hardware", "data", "date"):
+        assert key in results
+    assert [p.name for p in path.parent.iterdir()] == ["group_seed0.json"]

@@ -1,0 +1,119 @@
+"""Write the three S8 notebooks from one template (outputs empty; run them to fill them).
+
+    python tools/make_notebooks.py            # rewrite S8_{BatchNorm,LayerNorm,GroupNorm}.ipynb
+
+The notebooks only configure and call into dataset.py, model.py and utils.py, so they differ in
+their title and NORM alone; generating them keeps the three in step.
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where the repository is published; the Colab badge and setup cell use it.
+REPO = "YOUR-GITHUB-USER/s8-normalization"
+VARIANTS = {"BatchNorm": "batch", "LayerNorm": "layer", "GroupNorm": "group"}
+INTRO = {
+    "batch": "BatchNorm normalizes each channel over the batch and the image, and keeps running "
+             "statistics for evaluation.",
+    "layer": "LayerNorm normalizes each image over all its channels and pixels (here "
+             "`GroupNorm(1, C)`, which works at every spatial size); no batch statistics.",
+    "group": "GroupNorm normalizes each image over groups of channels (4 groups here) and their "
+             "pixels; no batch statistics.",
+}
+
+
+def notebook(title, norm):
+    name = f"S8_{title}.ipynb"
+    cells = [
+        new_markdown_cell(
+            f"# S8 · {title} on CIFAR-10\n\n"
+            f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"(https://colab.research.google.com/github/{REPO}/blob/main/{name})\n\n"
+            f"{INTRO[norm]} The network (`C1 C2 c3 P1 C4 C5 c6 P2 C7 C8 C9 GAP C10` with three "
+            f"skip adds, under 50,000 parameters) and the recipe are the same in all three "
+            f"notebooks; see the README for the results of every variant over several seeds.\n\n"
+            f"With `S8_SMOKE=1` (or `CI` set) the notebook trains 1 epoch on a small stratified "
+            f"subset and writes its figures to a temporary folder; otherwise it trains the full "
+            f"20 epochs and writes `images/` and `results/`."),
+        new_code_cell(
+            "# Setup. In Colab: fetch the repository and the one package Colab lacks. Locally: nothing.\n"
+            "import os, sys\n"
+            "if \"google.colab\" in sys.modules and not os.path.exists(\"model.py\"):\n"
+            f"    !git clone -q https://github.com/{REPO}.git\n"
+            f"    %cd {REPO.split('/')[1]}\n"
+            "    !pip install -q torchsummary"),
+        new_code_cell(
+            "# Configuration\n"
+            "import os, tempfile\n"
+            "from pathlib import Path\n\n"
+            f"NORM = \"{norm}\"                 # \"batch\", \"layer\" or \"group\"\n"
+            "SEED = 0\n"
+            "SMOKE = bool(os.environ.get(\"S8_SMOKE\") or os.environ.get(\"CI\"))\n"
+            "EPOCHS = 1 if SMOKE else 20       # the assignment allows at most 20\n"
+            "SUBSET = 200 if SMOKE else None   # training images per class (stratified); None = all\n"
+            "DATA = os.environ.get(\"CIFAR10_DATA\")  # archive or folder; None downloads (Colab)\n"
+            "RESUME = True                     # continue from the checkpoint after a disconnect\n"
+            "# Smoke runs never write into images/ or results/: those hold full runs only.\n"
+            "OUT = Path(tempfile.mkdtemp()) if SMOKE else Path(\".\")\n"
+            "IMAGES_DIR, RESULTS_DIR = OUT / \"images\", OUT / \"results\"\n"
+            "# In Colab, point this at Google Drive to survive a disconnect (see README).\n"
+            "CHECKPOINT_DIR = OUT / \"checkpoints\""),
+        new_code_cell(
+            "from dataset import load_cifar10\n"
+            "from model import build_model\n"
+            "from utils import (TrainConfig, collect_misclassified, fit, get_device, make_loaders,\n"
+            "                   make_results, plot_history, plot_misclassified, save_json_atomic,\n"
+            "                   show_summary)\n\n"
+            "data = load_cifar10(DATA)\n"
+            "if SUBSET:\n"
+            "    data = data.subset(SUBSET, SUBSET // 2, seed=SEED)\n"
+            "device = get_device()\n"
+            "print(\"device:\", device)"),
+        new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(data.classes)"),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "model = build_model(NORM, seed=SEED)\n"
+            "print(f\"{model.config.norm}: {model.get_num_params():,} trainable parameters\")\n"
+            "show_summary(model)"),
+        new_code_cell(
+            "config = TrainConfig(epochs=EPOCHS, seed=SEED)\n"
+            "run = f\"{model.config.norm}_seed{SEED}\"\n"
+            "history = fit(model, data, config, device, checkpoint_path=CHECKPOINT_DIR / f\"{run}.pt\",\n"
+            "              resume=RESUME)"),
+        new_code_cell(
+            "title = f\"{model.config.norm} norm, seed {SEED}\"\n"
+            "plot_history(history, IMAGES_DIR / f\"{run}_curves.png\", title=title, show=True);"),
+        new_code_cell(
+            "_, test_loader = make_loaders(data, config, device)\n"
+            "mistakes = collect_misclassified(model, test_loader, limit=10)\n"
+            "plot_misclassified(mistakes, data.classes, IMAGES_DIR / f\"{run}_misclassified.png\",\n"
+            "                   title=title, show=True);"),
+        new_code_cell(
+            "results = make_results(model, data, config, history, device)\n"
+            "save_json_atomic(RESULTS_DIR / f\"{run}.json\", results)\n"
+            "print(f\"{run}: final test accuracy {100 * results['final_test_acc']:.2f}% after \"\n"
+            "      f\"{results['epochs']} epochs, {results['time_per_epoch_s']:.1f} s/epoch on \"\n"
+            "      f\"{results['hardware'].get('gpu', results['hardware']['cpu'])}, \"\n"
+            "      f\"data: {results['data']['source']}\")"),
+    ]
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        "accelerator": "GPU",
+        "colab": {"provenance": []},
+    })
+    return name, nb
+
+
+def main():
+    for title, norm in VARIANTS.items():
+        name, nb = notebook(title, norm)
+        nbformat.write(nb, ROOT / name)
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""Training, evaluation, checkpoints, plots and results files, shared by notebooks, CLI and tests."""
+
+import datetime
+import io
+import json
+import os
+import platform
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dataset import TensorLoader
+
+RESULTS_FORMAT = 1
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20              # passes over the training set (the assignment allows at most 20)
+    batch_size: int = 128         # images per optimizer step
+    lr: float = 0.1               # peak learning rate of the OneCycle schedule
+    momentum: float = 0.9         # SGD (Nesterov) momentum
+    weight_decay: float = 5e-4    # L2 penalty, applied to conv weights only (not norms, biases)
+    label_smoothing: float = 0.1  # cross-entropy target smoothing
+    pct_start: float = 0.25       # fraction of all steps spent warming up to `lr`
+    seed: int = 0                 # model init, data order, augmentation, dropout
+    eval_batch_size: int = 1000   # images per evaluation forward pass
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names where and what to do."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or belongs to another configuration."""
+
+
+# ---------------------------------------------------------------------------------- machine
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_device(name=None):
+    """`name` if given, else the best available: cuda, then mps, then cpu."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def hardware_info(device):
+    device = torch.device(device)
+    info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def show_summary(model, input_size=(3, 32, 32)):
+    """torchsummary's table, computed on a CPU copy in eval mode.
+
+    torchsummary runs a forward pass in whatever mode the model is in (train mode would update
+    BatchNorm's running statistics) and only accepts "cpu"/"cuda"; a CPU eval copy leaves the
+    real model untouched wherever it lives (cuda, mps, cpu).
+    """
+    import copy
+    from torchsummary import summary
+
+    probe = copy.deepcopy(model).to("cpu").eval()
+    rng = torch.get_rng_state()  # summary draws its input from the global RNG; keep runs comparable
+    summary(probe, input_size, device="cpu")
+    torch.set_rng_state(rng)
+
+
+# -------------------------------------------------------------------------------- training
+
+def make_optimizer(model, config):
+    """SGD with Nesterov momentum; weight decay on conv weights only, as norm scales/shifts and
+    biases gain nothing from being pulled towards zero."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=True,
+    )
+
+
+def one_cycle(step, total_steps, pct_start, start=0.1, end=0.001):
+    """Learning-rate factor of a linear one-cycle: start -> 1 over the warm-up, then -> end.
+
+    Written out rather than torch's OneCycleLR, which divides by zero on runs of a few steps
+    (smoke runs, tests)."""
+    warmup = max(1, round(pct_start * total_steps))
+    if step < warmup:
+        return start + (1 - start) * step / warmup
+    return 1 + (end - 1) * min(1.0, (step - warmup) / max(1, total_steps - warmup))
+
+
+def make_scheduler(optimizer, config, steps_per_epoch):
+    total = config.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: one_cycle(step, total, config.pct_start))
+
+
+def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, epoch=1,
+                    progress=None):
+    """One pass over `loader`; returns {"loss", "acc"} averaged over the images seen.
+
+    Raises NonFiniteLossError at the first NaN/inf loss, before the optimizer steps on it.
+    """
+    model.train()
+    total_loss = torch.zeros((), dtype=torch.float64, device=loader.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
+    seen = 0
+    for step, (x, y) in enumerate(loader, start=1):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at epoch {epoch}, step {step}; training stopped. "
+                f"The checkpoint of the last complete epoch is left intact. Lower the learning "
+                f"rate (currently {optimizer.param_groups[0]['lr']:.4g} at this step; --lr)."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if progress is not None:
+            progress.update(1)
+    return {"loss": total_loss.item() / seen, "acc": correct.item() / seen}
+
+
+@torch.no_grad()
+def predict(model, loader):
+    """Logits of every image of an (unshuffled) loader, on the CPU, in loader order."""
+    model.eval()
+    return torch.cat([model(x).float().cpu() for x, _ in loader])
+
+
+@torch.no_grad()
+def evaluate(model, loader):
+    """{"loss", "acc"} of `model` over an evaluation loader (plain cross-entropy, no smoothing)."""
+    logits = predict(model, loader)
+    labels = loader.labels.cpu()
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def make_loaders(data, config, device, channels_last=True):
+    train = TensorLoader(data.train_x, data.train_y, data.mean, data.std, config.batch_size,
+                         train=True, device=device, seed=config.seed,
+                         channels_last=channels_last)
+    test = TensorLoader(data.test_x, data.test_y, data.mean, data.std, config.eval_batch_size,
+                        train=False, device=device, channels_last=channels_last)
+    return train, test
+
+
+def run_fingerprint(model, data, config):
+    """What a checkpoint must match to be resumed: architecture, recipe and data."""
+    return {"model": model.config.to_dict(), "train": config.to_dict(),
+            "num_params": model.get_num_params(), "data_sha256": data.sha256,
+            "train_images": len(data.train_y), "test_images": len(data.test_y)}
+
+
+def fit(model, data, config, device=None, checkpoint_path=None, resume=False, progress=True,
+        on_epoch_end=None, channels_last=True):
+    """Train `model` for config.epochs with one-cycle SGD; return the history.
+
+    history = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+               "epoch_time"} (lists, one entry per epoch; times in seconds).
+    With `checkpoint_path`, a checkpoint is written atomically after every epoch; with
+    `resume=True` an existing one is loaded (after checking it belongs to this run) and
+    training continues from the epoch after it, reproducing the uninterrupted run on CPU.
+    `on_epoch_end(epoch, history)` is called after each checkpoint.
+    """
+    device = get_device(device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    seed_everything(config.seed)
+    train_loader, test_loader = make_loaders(data, config, device, channels_last)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, len(train_loader))
+    history = {k: [] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
+                               "lr", "epoch_time")}
+    fingerprint = run_fingerprint(model, data, config)
+    start_epoch = 1
+    if resume and checkpoint_path and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path, fingerprint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        print(f"Resumed from {checkpoint_path} after epoch {state['epoch']}")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=config.epochs * len(train_loader), initial=(start_epoch - 1) *
+                   len(train_loader), unit="step", file=sys.stderr, mininterval=2.0,
+                   dynamic_ncols=False, ncols=80)
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train = train_one_epoch(model, train_loader, optimizer, scheduler,
+                                    config.label_smoothing, epoch, bar)
+            test = evaluate(model, test_loader)
+            for key, value in (("epoch", epoch), ("train_loss", train["loss"]),
+                               ("train_acc", train["acc"]), ("test_loss", test["loss"]),
+                               ("test_acc", test["acc"]), ("lr", lr),
+                               ("epoch_time", time.perf_counter() - t0)):
+                history[key].append(value)
+            line = (f"epoch {epoch:2d}/{config.epochs}: train loss {train['loss']:.4f} "
+                    f"acc {100 * train['acc']:.2f}% | test loss {test['loss']:.4f} "
+                    f"acc {100 * test['acc']:.2f}%")
+            if bar is not None:
+                bar.write(line, file=sys.stdout)
+            if checkpoint_path:
+                save_checkpoint(checkpoint_path, {
+                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "loader": train_loader.state_dict(),
+                    "rng": get_rng_state(), "history": history,
+                })
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history)
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def get_rng_state():
+    """Every global RNG that can touch training (dropout uses torch's), as plain tensors/ints."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, fingerprint=None):
+    """Load a checkpoint; refuse a damaged one or one whose fingerprint differs from this run's."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); delete it to start "
+            f"the run from scratch") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (format "
+                              f"{CHECKPOINT_FORMAT}); delete it or pass another path")
+    if fingerprint is not None and state["fingerprint"] != fingerprint:
+        diffs = _fingerprint_diff(state["fingerprint"], fingerprint)
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different run ({'; '.join(diffs)}); refusing to "
+            f"resume from it. Use another checkpoint path or delete it to start afresh.")
+    return state
+
+
+def _fingerprint_diff(saved, current, prefix=""):
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return diffs
+
+
+# -------------------------------------------------------------------------------- analysis
+
+def collect_misclassified(model, loader, limit=10):
+    """Up to `limit` wrongly classified images of an evaluation loader, in dataset order.
+
+    Returns {"index", "true", "pred"} (int64 tensors) and "images" (the raw uint8 images,
+    i.e. denormalized, (K, 3, H, W)).
+    """
+    preds = predict(model, loader).argmax(1)
+    labels = loader.labels.cpu()
+    wrong = torch.nonzero(preds != labels).flatten()[:limit]
+    return {"index": wrong, "true": labels[wrong], "pred": preds[wrong],
+            "images": loader.images[wrong.to(loader.device)].cpu()}
+
+
+def _finish_figure(fig, path, show):
+    """Save before showing (show can leave an empty canvas behind), then free the figure."""
+    import matplotlib.pyplot as plt
+
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    if show:
+        plt.show()
+    plt.close(fig)
+    return fig
+
+
+def plot_history(history, path=None, title="", show=False):
+    """Loss and accuracy per epoch, train and test; saved to `path` when given."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = history["epoch"]
+    ax_loss.plot(epochs, history["train_loss"], label="train (smoothed targets)")
+    ax_loss.plot(epochs, history["test_loss"], label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    ax_acc.plot(epochs, [100 * a for a in history["train_acc"]], label="train (augmented)")
+    ax_acc.plot(epochs, [100 * a for a in history["test_acc"]], label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _finish_figure(fig, path, show)
+
+
+def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=False):
+    """A grid of misclassified images with the true and predicted class under each."""
+    import matplotlib.pyplot as plt
+
+    count = len(mistakes["true"])
+    nrows = max(1, -(-count // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.5 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < count:
+            ax.imshow(mistakes["images"][i].permute(1, 2, 0).numpy())
+            ax.set_title(f"true: {classes[int(mistakes['true'][i])]}\n"
+                         f"pred: {classes[int(mistakes['pred'][i])]}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _finish_figure(fig, path, show)
+
+
+# ---------------------------------------------------------------------------------- results
+
+def make_results(model, data, config, history, device, **extra):
+    """Everything a results file records about one run.
+
+    Times come from the history (training + evaluation, per epoch), so a resumed run reports
+    the time its epochs took, not the time of the last session alone."""
+    wall_time = sum(history["epoch_time"])
+    return {
+        "format": RESULTS_FORMAT,
+        "variant": model.config.norm,
+        "seed": config.seed,
+        "epochs": len(history["epoch"]),
+        "num_params": model.get_num_params(),
+        "final_test_acc": history["test_acc"][-1],
+        "wall_time_s": wall_time,
+        "time_per_epoch_s": wall_time / len(history["epoch_time"]),
+        "model_config": model.config.to_dict(),
+        "train_config": config.to_dict(),
+        "history": history,
+        "data": {"source": data.source, "sha256": data.sha256,
+                 "train_images": len(data.train_y), "test_images": len(data.test_y),
+                 "mean": list(data.mean), "std": list(data.std)},
+        "hardware": hardware_info(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def save_json_atomic(path, payload):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_results(path):
+    with open(path) as f:
+        return json.load(f)
