@@ -74,3 +74,10 @@ def test_groups_that_do_not_divide_name_the_layer_and_channels():
 
 def test_canonical_names():
     assert [canonical_norm(n) for n in ("BN", "gn", "LayerNorm")] == ["batch", "group", "layer"]
+
+
+def test_readme_states_the_real_parameter_count():
+    from conftest import ROOT
+
+    count = build_model("batch").get_num_params()
+    assert f"**{count:,} trainable parameters**" in (ROOT / "README.md").read_text()

@@ -1,11 +1,14 @@
 """Write the three S8 notebooks from one template (outputs empty; run them to fill them).
 
     python tools/make_notebooks.py            # rewrite S8_{BatchNorm,LayerNorm,GroupNorm}.ipynb
+    python tools/make_notebooks.py --clean S8_BatchNorm.ipynb   # tidy an executed notebook
 
 The notebooks only configure and call into dataset.py, model.py and utils.py, so they differ in
 their title and NORM alone; generating them keeps the three in step.
 """
 
+import argparse
+import re
 from pathlib import Path
 
 import nbformat
@@ -108,7 +111,39 @@ def notebook(title, norm):
     return name, nb
 
 
+def collapse_carriage_returns(text):
+    """What a notebook displays for text that redraws a line with \\r (tqdm): the last draw."""
+    return "\n".join(re.sub(r"^.*\r(?=[^\r]*$)", "", line) if "\r" in line else line
+                     for line in text.split("\n"))
+
+
+def clean(path):
+    """Strip what breaks GitHub's viewer or only adds noise; outputs themselves are kept.
+
+    Widget state (metadata.widgets, saved by Colab) breaks GitHub's notebook view; execution
+    timestamps change on every run; tqdm's redraws are collapsed to the final line of each bar.
+    """
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                out["text"] = collapse_carriage_returns(out["text"])
+            out.get("metadata", {}).pop("widgets", None)
+    nbformat.write(nb, path)
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--clean", nargs="+", metavar="NOTEBOOK",
+                   help="clean these executed notebooks instead of rewriting the templates")
+    args = p.parse_args()
+    if args.clean:
+        for path in args.clean:
+            clean(path)
+            print("cleaned", path)
+        return
     for title, norm in VARIANTS.items():
         name, nb = notebook(title, norm)
         nbformat.write(nb, ROOT / name)

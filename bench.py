@@ -1,0 +1,219 @@
+"""Training and evaluation throughput: the usual DataLoader pipeline vs this repository's path.
+
+    python bench.py                       # CPU (or the best device), BatchNorm model, 3 repetitions
+    python bench.py --device cuda --steps 200
+    python bench.py --profile             # where the time of this repository's training step goes
+
+"usual": PIL images -> RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize in a
+         DataLoader (batch 128, shuffle, num_workers=2), NCHW model, plain training step.
+"repo":  uint8 tensors on the device, normalized and augmented per batch (dataset.TensorLoader),
+         channels_last model, the training step of utils.train_one_epoch.
+
+Every measurement runs in its own subprocess (so peak RSS belongs to one pipeline), and the
+repetitions alternate between pipelines so that drift in machine load hits both alike. Figures
+are medians over repetitions; seconds per epoch are 50,000 images / training throughput.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+TRAIN_IMAGES = 50_000
+
+
+def worker(args):
+    """Measure one pipeline; print one JSON line."""
+    from dataset import load_cifar10
+    from model import build_model
+    from utils import TrainConfig, evaluate, get_device, make_loaders, make_optimizer
+    from utils import train_one_epoch
+
+    device = get_device(args.device)
+    data = load_cifar10(args.data, verbose=False)
+    model = build_model(args.norm, seed=0)
+    config = TrainConfig(batch_size=args.batch_size)
+    if args.pipeline == "repo":
+        model.to(device, memory_format=torch.channels_last)
+        train_loader, test_loader = make_loaders(data, config, device)
+        stream, eval_fn = _forever(train_loader), lambda: evaluate(model, test_loader)
+    else:
+        model.to(device)
+        stream, eval_fn = _usual_pipeline(data, args, device, model)
+    optimizer = make_optimizer(model, config)
+
+    def train_steps(n):  # the real training step, over n batches of the stream
+        train_one_epoch(model, Steps(stream, n, device), optimizer,
+                        label_smoothing=config.label_smoothing)
+
+    train_steps(args.warmup)
+    _sync(device)
+    t0 = time.perf_counter()
+    train_steps(args.steps)
+    _sync(device)
+    train_time = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    eval_fn()
+    _sync(device)
+    eval_time = time.perf_counter() - t0
+
+    out = {"pipeline": args.pipeline,
+           "train_ips": args.steps * args.batch_size / train_time,
+           "eval_ips": len(data.test_y) / eval_time,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+class Steps:
+    """A loader of exactly `n` batches taken from an endless stream (what train_one_epoch needs)."""
+
+    def __init__(self, stream, n, device):
+        self.stream, self.n, self.device = stream, n, device
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield next(self.stream)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _usual_pipeline(data, args, device, model):
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    class PILImages(Dataset):  # what torchvision.datasets.CIFAR10 does per item
+        def __init__(self, x, y, transform):
+            self.x, self.y, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(self.x[i])), self.y[i]
+
+    normalize = transforms.Normalize(data.mean, data.std)
+    train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                   normalize])
+    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+    pin = device.type == "cuda"
+    train = DataLoader(PILImages(data.train_x, data.train_y, train_tf), args.batch_size,
+                       shuffle=True, num_workers=args.workers, drop_last=True, pin_memory=pin,
+                       persistent_workers=args.workers > 0)
+    test = DataLoader(PILImages(data.test_x, data.test_y, test_tf), 1000,
+                      num_workers=args.workers, pin_memory=pin)
+
+    def batches():
+        for x, y in _forever(train):
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    @torch.no_grad()
+    def evaluate_usual():
+        model.eval()
+        correct = 0
+        for x, y in test:
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        model.train()
+        return correct
+
+    return batches(), evaluate_usual
+
+
+def profile(args):
+    """Operator-level profile of `args.steps` training steps on the repository's path."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from dataset import load_cifar10
+    from model import build_model
+    from utils import TrainConfig, get_device, make_loaders, make_optimizer, train_one_epoch
+
+    device = get_device(args.device)
+    data = load_cifar10(args.data, verbose=False)
+    model = build_model(args.norm, seed=0).to(device, memory_format=torch.channels_last)
+    config = TrainConfig(batch_size=args.batch_size)
+    stream = _forever(make_loaders(data, config, device)[0])
+    optimizer = make_optimizer(model, config)
+    train_one_epoch(model, Steps(stream, args.warmup, device), optimizer)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        train_one_epoch(model, Steps(stream, args.steps, device), optimizer)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    print(f"{args.steps} steps of {args.batch_size} images: {total:.2f} s of CPU op time "
+          f"-> {total / args.steps * 1000:.1f} ms/step, "
+          f"{total / (args.steps * args.batch_size) * TRAIN_IMAGES:.1f} s per 50,000 images")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--norm", default="batch", help="model variant (default: batch)")
+    p.add_argument("--data", default=None, help="CIFAR-10 source (default: $CIFAR10_DATA)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
+    p.add_argument("--steps", type=int, default=60, help="timed training steps (default: 60)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per pipeline (default: 3)")
+    p.add_argument("--workers", type=int, default=2, help="usual pipeline's DataLoader workers")
+    p.add_argument("--profile", action="store_true",
+                   help="profile this repository's training steps instead (operator table)")
+    p.add_argument("--worker", dest="pipeline", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.pipeline:
+        return worker(args)
+    if args.profile:
+        return profile(args)
+
+    from utils import get_device, hardware_info
+    hw = hardware_info(get_device(args.device))
+    print(f"machine: {hw.get('gpu', hw['cpu'])} ({hw['device']}), {hw['cpu_threads']} threads, "
+          f"torch {hw['torch']}, python {hw['python']}, {os.cpu_count()} CPUs; "
+          f"model {args.norm}, batch {args.batch_size}, {args.steps} timed steps, "
+          f"median of {args.reps}")
+    runs = {"usual": [], "repo": []}
+    base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
+    for rep in range(args.reps):
+        for pipeline in runs:
+            out = subprocess.run(base + ["--worker", pipeline], capture_output=True, text=True)
+            lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if out.returncode or not lines:
+                sys.exit(f"{pipeline} run failed:\n{out.stdout}\n{out.stderr}")
+            runs[pipeline].append(json.loads(lines[-1][len("RESULT "):]))
+            print(f"  rep {rep + 1} {pipeline:5s}: {runs[pipeline][-1]['train_ips']:8.0f} img/s",
+                  flush=True)
+
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "pipeline"}
+           for name, rs in runs.items()}
+    mem_key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in med["repo"] else None
+    header = f"{'pipeline':8s} {'train img/s':>12s} {'s/epoch':>8s} {'eval img/s':>11s} " \
+             f"{'peak RSS MB':>12s}" + (f" {'CUDA max MB':>12s}" if mem_key else "")
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, m in med.items():
+        print(f"{name:8s} {m['train_ips']:12.0f} {TRAIN_IMAGES / m['train_ips']:8.1f} "
+              f"{m['eval_ips']:11.0f} {m['peak_rss_mb']:12.0f}"
+              + (f" {m[mem_key]:12.0f}" if mem_key else ""))
+    print(f"\nspeed-up of repo over usual: training {med['repo']['train_ips'] / med['usual']['train_ips']:.2f}x, "
+          f"evaluation {med['repo']['eval_ips'] / med['usual']['eval_ips']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
