@@ -1,7 +1,6 @@
 """Training, evaluation, checkpoints, plots and results files, shared by notebooks, CLI and tests."""
 
 import datetime
-import io
 import json
 import os
 import platform
@@ -102,6 +101,14 @@ def show_summary(model, input_size=(3, 32, 32)):
     torch.set_rng_state(rng)
 
 
+def autocast(device):
+    """bf16 autocast on CUDA (tensor cores). Off elsewhere: a CPU without native bf16 (AVX2 only,
+    like the 2-core machines this repository is tested on) runs bf16 convolutions ~10x slower."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 # -------------------------------------------------------------------------------- training
 
 def make_optimizer(model, config):
@@ -144,8 +151,9 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
     correct = torch.zeros((), dtype=torch.int64, device=loader.device)
     seen = 0
     for step, (x, y) in enumerate(loader, start=1):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        with autocast(loader.device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at epoch {epoch}, step {step}; training stopped. "
@@ -169,7 +177,8 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
 def predict(model, loader):
     """Logits of every image of an (unshuffled) loader, on the CPU, in loader order."""
     model.eval()
-    return torch.cat([model(x).float().cpu() for x, _ in loader])
+    with autocast(loader.device):
+        return torch.cat([model(x).float().cpu() for x, _ in loader])
 
 
 @torch.no_grad()
@@ -209,6 +218,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     `on_epoch_end(epoch, history)` is called after each checkpoint.
     """
     device = get_device(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: pick fastest kernels
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -229,7 +239,9 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         set_rng_state(state["rng"])
         history = state["history"]
         start_epoch = state["epoch"] + 1
-        print(f"Resumed from {checkpoint_path} after epoch {state['epoch']}")
+        print(f"Resumed from {checkpoint_path} after epoch {state['epoch']}; its log so far:")
+        for i in range(len(history["epoch"])):
+            print(epoch_line(history, i, config.epochs))
 
     bar = None
     if progress:
@@ -249,11 +261,11 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
                                ("test_acc", test["acc"]), ("lr", lr),
                                ("epoch_time", time.perf_counter() - t0)):
                 history[key].append(value)
-            line = (f"epoch {epoch:2d}/{config.epochs}: train loss {train['loss']:.4f} "
-                    f"acc {100 * train['acc']:.2f}% | test loss {test['loss']:.4f} "
-                    f"acc {100 * test['acc']:.2f}%")
+            line = epoch_line(history, -1, config.epochs)
             if bar is not None:
-                bar.write(line, file=sys.stdout)
+                bar.write(line, file=sys.stdout)  # above the bar, which stays on stderr
+            else:
+                print(line, flush=True)
             if checkpoint_path:
                 save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
@@ -267,6 +279,12 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         if bar is not None:
             bar.close()
     return history
+
+
+def epoch_line(history, i, epochs):
+    return (f"epoch {history['epoch'][i]:2d}/{epochs}: train loss {history['train_loss'][i]:.4f} "
+            f"acc {100 * history['train_acc'][i]:.2f}% | test loss {history['test_loss'][i]:.4f} "
+            f"acc {100 * history['test_acc'][i]:.2f}% | {history['epoch_time'][i]:.0f} s")
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -336,15 +354,18 @@ def _fingerprint_diff(saved, current, prefix=""):
 
 # -------------------------------------------------------------------------------- analysis
 
-def collect_misclassified(model, loader, limit=10):
-    """Up to `limit` wrongly classified images of an evaluation loader, in dataset order.
+def collect_misclassified(model, loader, limit=10, seed=0):
+    """A seeded random sample of up to `limit` wrongly classified images of an evaluation loader.
 
-    Returns {"index", "true", "pred"} (int64 tensors) and "images" (the raw uint8 images,
-    i.e. denormalized, (K, 3, H, W)).
+    Sampled rather than the first ones, since datasets sorted by class would show one class only.
+    Returns {"index", "true", "pred"} (int64 tensors, in dataset order) and "images" (the raw
+    uint8 images, i.e. denormalized, (K, 3, H, W)).
     """
     preds = predict(model, loader).argmax(1)
     labels = loader.labels.cpu()
-    wrong = torch.nonzero(preds != labels).flatten()[:limit]
+    wrong = torch.nonzero(preds != labels).flatten()
+    pick = torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))[:limit]
+    wrong = wrong[pick].sort().values
     return {"index": wrong, "true": labels[wrong], "pred": preds[wrong],
             "images": loader.images[wrong.to(loader.device)].cpu()}
 
@@ -389,7 +410,7 @@ def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=Fal
 
     count = len(mistakes["true"])
     nrows = max(1, -(-count // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.5 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.9 * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < count:
