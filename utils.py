@@ -370,6 +370,14 @@ def collect_misclassified(model, loader, limit=10, seed=0):
             "images": loader.images[wrong.to(loader.device)].cpu()}
 
 
+def confusion_matrix(model, loader, num_classes=10):
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    preds = predict(model, loader).argmax(1)
+    labels = loader.labels.cpu()
+    return torch.bincount(labels * num_classes + preds,
+                          minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
 def _finish_figure(fig, path, show):
     """Save before showing (show can leave an empty canvas behind), then free the figure."""
     import matplotlib.pyplot as plt
@@ -429,8 +437,11 @@ def make_results(model, data, config, history, device, **extra):
     """Everything a results file records about one run.
 
     Times come from the history (training + evaluation, per epoch), so a resumed run reports
-    the time its epochs took, not the time of the last session alone."""
+    the time its epochs took, not the time of the last session alone. The confusion matrix
+    and per-class accuracy are of the final model on the test set."""
     wall_time = sum(history["epoch_time"])
+    confusion = confusion_matrix(model, make_loaders(data, config, device)[1], len(data.classes))
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
     return {
         "format": RESULTS_FORMAT,
         "variant": model.config.norm,
@@ -440,6 +451,8 @@ def make_results(model, data, config, history, device, **extra):
         "final_test_acc": history["test_acc"][-1],
         "wall_time_s": wall_time,
         "time_per_epoch_s": wall_time / len(history["epoch_time"]),
+        "per_class_acc": dict(zip(data.classes, per_class)),
+        "confusion_matrix": confusion.tolist(),
         "model_config": model.config.to_dict(),
         "train_config": config.to_dict(),
         "history": history,

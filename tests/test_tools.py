@@ -75,3 +75,9 @@ def test_sweep_skips_runs_whose_results_exist(tmp_path):
                          capture_output=True, text=True, check=True)
     assert "skip" in out.stdout and "batch_seed0.json" in out.stdout
     assert "train.py" not in out.stdout
+
+
+def test_readme_results_table_is_generated_from_the_committed_results():
+    readme = (ROOT / "README.md").read_text()
+    assert report.render_readme(readme, report.load_runs()) == readme, \
+        "README.md's results table is stale: run python tools/report.py"

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 from conftest import NORMS, synthetic_data
 from model import build_model
 from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_misclassified,
-                   evaluate, fit, load_checkpoint, load_results, make_loaders, make_optimizer,
+                   confusion_matrix, evaluate, fit, load_checkpoint, load_results, make_loaders, make_optimizer,
                    make_results, plot_history, plot_misclassified, save_json_atomic,
                    train_one_epoch)
 
@@ -128,6 +128,16 @@ def test_collect_misclassified_returns_only_wrong_predictions(tiny_data):
     assert len(set(mistakes["true"].tolist())) > 3
 
 
+def test_confusion_matrix_counts_true_rows_and_predicted_columns(tiny_data):
+    model = build_model("group", seed=0)
+    fit(model, tiny_data, TrainConfig(epochs=2, batch_size=50), "cpu", progress=False)
+    _, test_loader = make_loaders(tiny_data, TrainConfig(eval_batch_size=64), "cpu")
+    cm = confusion_matrix(model, test_loader)
+    assert cm.sum(1).tolist() == torch.bincount(tiny_data.test_y).tolist()
+    assert cm.diag().sum().item() / cm.sum().item() == pytest.approx(
+        evaluate(model, test_loader)["acc"])
+
+
 def test_plots_write_pngs_with_the_plotted_data(tmp_path, tiny_data):
     history = {"epoch": [1, 2, 3], "train_loss": [2.0, 1.5, 1.0], "test_loss": [2.1, 1.7, 1.3],
                "train_acc": [0.3, 0.5, 0.6], "test_acc": [0.25, 0.45, 0.55]}
@@ -153,6 +163,8 @@ def test_results_json_round_trips_and_leaves_no_temp_file(tmp_path, tiny_data):
     path = save_json_atomic(tmp_path / "out" / "group_seed0.json", results)
     assert load_results(path) == json.loads(json.dumps(results))
     assert results["variant"] == "group" and results["final_test_acc"] == history["test_acc"][-1]
+    assert sum(map(sum, results["confusion_matrix"])) == len(tiny_data.test_y)
+    assert list(results["per_class_acc"]) == list(tiny_data.classes)
     for key in ("seed", "epochs", "num_params", "wall_time_s", "hardware", "data", "date"):
         assert key in results
     assert [p.name for p in path.parent.iterdir()] == ["group_seed0.json"]
