@@ -3,6 +3,10 @@
     python bench.py                       # CPU (or the best device), BatchNorm model, 3 repetitions
     python bench.py --device cuda --steps 200
     python bench.py --profile             # where the time of this repository's training step goes
+    python bench.py --variants repo+nchw repo+bf16 repo+compile   # what else was tried
+
+Variants of the repository's path (`--variants`, joined with "+"): nchw (contiguous instead of
+channels_last), bf16 (bf16 autocast on the CPU), compile (torch.compile of the model).
 
 "usual": PIL images -> RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize in a
          DataLoader (batch 128, shuffle, num_workers=2), NCHW model, plain training step.
@@ -15,6 +19,7 @@ are medians over repetitions; seconds per epoch are 50,000 images / training thr
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,18 +44,27 @@ def worker(args):
     data = load_cifar10(args.data, verbose=False)
     model = build_model(args.norm, seed=0)
     config = TrainConfig(batch_size=args.batch_size)
-    if args.pipeline == "repo":
-        model.to(device, memory_format=torch.channels_last)
-        train_loader, test_loader = make_loaders(data, config, device)
+    options = set(args.pipeline.split("+")[1:])
+    step_model, precision = model, contextlib.nullcontext()
+    if args.pipeline.startswith("repo"):
+        channels_last = "nchw" not in options
+        model.to(device, memory_format=torch.channels_last if channels_last
+                 else torch.contiguous_format)
+        train_loader, test_loader = make_loaders(data, config, device, channels_last)
         stream, eval_fn = _forever(train_loader), lambda: evaluate(model, test_loader)
+        if "compile" in options:
+            step_model = torch.compile(model)  # compiled during the untimed warm-up steps
+        if "bf16" in options:
+            precision = torch.autocast(device.type, dtype=torch.bfloat16)
     else:
         model.to(device)
         stream, eval_fn = _usual_pipeline(data, args, device, model)
     optimizer = make_optimizer(model, config)
 
     def train_steps(n):  # the real training step, over n batches of the stream
-        train_one_epoch(model, Steps(stream, n, device), optimizer,
-                        label_smoothing=config.label_smoothing)
+        with precision:
+            train_one_epoch(step_model, Steps(stream, n, device), optimizer,
+                            label_smoothing=config.label_smoothing)
 
     train_steps(args.warmup)
     _sync(device)
@@ -174,6 +188,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per pipeline (default: 3)")
     p.add_argument("--workers", type=int, default=2, help="usual pipeline's DataLoader workers")
+    p.add_argument("--variants", nargs="*", default=[], metavar="repo+OPTION",
+                   help="extra pipelines: repo+nchw, repo+bf16, repo+compile (see above)")
     p.add_argument("--profile", action="store_true",
                    help="profile this repository's training steps instead (operator table)")
     p.add_argument("--worker", dest="pipeline", default=None, help=argparse.SUPPRESS)
@@ -189,8 +205,11 @@ def main():
           f"torch {hw['torch']}, python {hw['python']}, {os.cpu_count()} CPUs; "
           f"model {args.norm}, batch {args.batch_size}, {args.steps} timed steps, "
           f"median of {args.reps}")
-    runs = {"usual": [], "repo": []}
-    base = [sys.executable, __file__] + [a for a in sys.argv[1:]]
+    runs = {name: [] for name in ["usual", "repo", *args.variants]}
+    base = [sys.executable, __file__, "--device", str(args.device or ""), "--norm", args.norm,
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
+            str(args.warmup), "--workers", str(args.workers)] + \
+        (["--data", args.data] if args.data else [])
     for rep in range(args.reps):
         for pipeline in runs:
             out = subprocess.run(base + ["--worker", pipeline], capture_output=True, text=True)
@@ -198,21 +217,25 @@ def main():
             if out.returncode or not lines:
                 sys.exit(f"{pipeline} run failed:\n{out.stdout}\n{out.stderr}")
             runs[pipeline].append(json.loads(lines[-1][len("RESULT "):]))
-            print(f"  rep {rep + 1} {pipeline:5s}: {runs[pipeline][-1]['train_ips']:8.0f} img/s",
+            print(f"  rep {rep + 1} {pipeline:12s}: {runs[pipeline][-1]['train_ips']:8.0f} img/s",
                   flush=True)
 
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "pipeline"}
            for name, rs in runs.items()}
     mem_key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in med["repo"] else None
-    header = f"{'pipeline':8s} {'train img/s':>12s} {'s/epoch':>8s} {'eval img/s':>11s} " \
+    header = f"{'pipeline':12s} {'train img/s':>12s} {'s/epoch':>8s} {'eval img/s':>11s} " \
              f"{'peak RSS MB':>12s}" + (f" {'CUDA max MB':>12s}" if mem_key else "")
     print("\n" + header + "\n" + "-" * len(header))
     for name, m in med.items():
-        print(f"{name:8s} {m['train_ips']:12.0f} {TRAIN_IMAGES / m['train_ips']:8.1f} "
+        print(f"{name:12s} {m['train_ips']:12.0f} {TRAIN_IMAGES / m['train_ips']:8.1f} "
               f"{m['eval_ips']:11.0f} {m['peak_rss_mb']:12.0f}"
               + (f" {m[mem_key]:12.0f}" if mem_key else ""))
-    print(f"\nspeed-up of repo over usual: training {med['repo']['train_ips'] / med['usual']['train_ips']:.2f}x, "
-          f"evaluation {med['repo']['eval_ips'] / med['usual']['eval_ips']:.2f}x")
+    print()
+    for name in runs:
+        if name != "usual":
+            print(f"speed-up of {name} over usual: training "
+                  f"{med[name]['train_ips'] / med['usual']['train_ips']:.2f}x, evaluation "
+                  f"{med[name]['eval_ips'] / med['usual']['eval_ips']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_readme_section_is_replaced_between_the_markers():
     runs = {"layer": [fake_run("layer", 0, 0.7)]}
     out = report.render_readme(f"intro\n{report.START}\nold\n{report.END}\noutro\n", runs)
     assert out.startswith("intro\n") and out.endswith("outro\n") and "old" not in out
-    assert "| layer | 0 | 70.00 ± nan |" in out
+    assert "| layer | 0 | 70.00 (1 seed) |" in out
     with pytest.raises(SystemExit, match="markers"):
         report.render_readme("no markers", runs)
 

@@ -38,8 +38,9 @@ def table(runs):
     for variant in [v for v in ORDER if v in runs]:
         rs = sorted(runs[variant], key=lambda r: r["seed"])
         accs = [100 * r["final_test_acc"] for r in rs]
-        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
         mean = statistics.mean(accs)
+        spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else \
+            f"{mean:.2f} (1 seed)"
         hw = sorted({r["hardware"].get("gpu") or f"{r['hardware']['cpu']}, "
                      f"{r['hardware']['cpu_threads']} threads" for r in rs})
         data = sorted({f"{Path(r['data']['source'].split(' ')[0]).name} "
@@ -50,7 +51,7 @@ def table(runs):
         verdict = "met" if len(accs) >= 3 and mean >= target else (
             "not met" if len(accs) >= 3 else f"needs 3 seeds ({len(accs)} so far)")
         lines.append(
-            f"| {variant} | {', '.join(str(r['seed']) for r in rs)} | {mean:.2f} ± {std:.2f} | "
+            f"| {variant} | {', '.join(str(r['seed']) for r in rs)} | {spread} | "
             f"{max(accs):.2f} | {min(accs):.2f} | ≥ {target:.0f}: {verdict} | "
             f"{', '.join(f'{p:,}' for p in params)} | {', '.join(map(str, epochs))} | "
             f"{statistics.median(t for r in rs for t in r['history']['epoch_time']):.1f} | "
