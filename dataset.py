@@ -345,7 +345,9 @@ class TensorLoader:
 
     def __len__(self):
         n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        if self.train:  # full batches only, but never none: a tiny subset is one short batch
+            return max(1, n // self.batch_size)
+        return -(-n // self.batch_size)
 
     def __iter__(self):
         n = len(self.labels)

@@ -9,11 +9,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from dataset import DATA_ENV_VAR, load_cifar10
+from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
 from model import NORM_ALIASES, build_model
-from utils import (TrainConfig, collect_misclassified, fit, get_device, make_loaders,
-                   make_results, plot_history, plot_misclassified, save_json_atomic,
-                   show_summary)
+from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_misclassified,
+                   fit, get_device, make_loaders, make_results, plot_history, plot_misclassified,
+                   save_json_atomic, show_summary)
 
 DEFAULTS = TrainConfig()
 RESULTS_DIR, IMAGES_DIR = Path("results"), Path("images")
@@ -105,4 +105,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DatasetError, CheckpointError, NonFiniteLossError, ValueError) as err:
+        # Problems the user can fix: say what and how, without a traceback.
+        raise SystemExit(f"error: {err}") from None

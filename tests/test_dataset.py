@@ -187,6 +187,8 @@ def test_training_loader_is_seeded_and_drops_the_ragged_tail():
     a, b = list(make()), list(make())
     assert len(a) == 3 and all(len(yb) == 16 for _, yb in a)
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    tiny = TensorLoader(x[:10], y[:10], (0.5,) * 3, (0.25,) * 3, 16, train=True)
+    assert [len(yb) for _, yb in tiny] == [10]  # smaller than a batch: one short batch, not none
     test = TensorLoader(x, y, (0.5,) * 3, (0.25,) * 3, 16, train=False)
     assert torch.equal(torch.cat([yb for _, yb in test]), y)
     first = next(iter(test))[0]
