@@ -16,7 +16,7 @@ from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_mis
                    save_json_atomic, show_summary)
 
 DEFAULTS = TrainConfig()
-RESULTS_DIR, IMAGES_DIR = Path("results"), Path("images")
+RESULTS_DIR = Path("results")
 
 
 def run_name(norm, seed):
