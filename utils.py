@@ -37,6 +37,15 @@ class TrainConfig:
         return asdict(self)
 
 
+def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.batch_size):
+    """Linear scaling rule (Goyal et al., 2017; used by the GroupNorm paper): the peak learning
+    rate is proportional to the batch size, `base_lr` at `base_batch_size` images per step.
+
+    Keeps lr/batch, the noise scale of SGD, equal across batch sizes, so that a fixed number of
+    epochs is a comparable budget: at batch 2 the rate is 64x smaller, for 64x more steps."""
+    return base_lr * batch_size / base_batch_size
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names where and what to do."""
 
@@ -189,13 +198,46 @@ def evaluate(model, loader):
             "acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
+def has_running_stats(model):
+    """True if `model` normalizes differently in train and eval mode (BatchNorm's running stats)."""
+    return any(getattr(m, "track_running_stats", False) for m in model.modules())
+
+
+@torch.no_grad()
+def evaluate_batch_stats(model, data, batch_size, device, seed=0):
+    """Test accuracy with train-mode normalization: each batch of `batch_size` test images is
+    normalized by its own statistics, as during training, instead of BatchNorm's running ones.
+
+    The gap to `evaluate` (running statistics) is BatchNorm's train/eval discrepancy, the one
+    that grows as batches shrink. Test images are visited in a seeded random order, since the
+    dataset is sorted by class and single-class batches would skew batch statistics. The model
+    is copied, so its running statistics are left untouched."""
+    import copy
+
+    probe = copy.deepcopy(model).to(device).train()
+    order = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))
+    loader = TensorLoader(data.test_x[order], data.test_y[order], data.mean, data.std,
+                          batch_size, train=False, device=device)
+    correct = seen = 0
+    with autocast(loader.device):
+        for x, y in loader:
+            if len(y) < 2:
+                break  # BatchNorm cannot normalize a batch of one image: drop such a tail
+            correct += (probe(x).argmax(1) == y).sum().item()
+            seen += len(y)
+    return correct / seen
+
+
+def make_test_loader(data, config, device, channels_last=True):
+    return TensorLoader(data.test_x, data.test_y, data.mean, data.std, config.eval_batch_size,
+                        train=False, device=device, channels_last=channels_last)
+
+
 def make_loaders(data, config, device, channels_last=True):
     train = TensorLoader(data.train_x, data.train_y, data.mean, data.std, config.batch_size,
                          train=True, device=device, seed=config.seed,
                          channels_last=channels_last)
-    test = TensorLoader(data.test_x, data.test_y, data.mean, data.std, config.eval_batch_size,
-                        train=False, device=device, channels_last=channels_last)
-    return train, test
+    return train, make_test_loader(data, config, device, channels_last)
 
 
 def run_fingerprint(model, data, config):
@@ -353,14 +395,14 @@ def _fingerprint_diff(saved, current, prefix=""):
 
 # -------------------------------------------------------------------------------- analysis
 
-def collect_misclassified(model, loader, limit=10, seed=0):
+def collect_misclassified(model, loader, limit=10, seed=0, logits=None):
     """A seeded random sample of up to `limit` wrongly classified images of an evaluation loader.
 
     Sampled rather than the first ones, since datasets sorted by class would show one class only.
     Returns {"index", "true", "pred"} (int64 tensors, in dataset order) and "images" (the raw
-    uint8 images, i.e. denormalized, (K, 3, H, W)).
+    uint8 images, i.e. denormalized, (K, 3, H, W)). `logits`: predict(model, loader), if at hand.
     """
-    preds = predict(model, loader).argmax(1)
+    preds = (predict(model, loader) if logits is None else logits).argmax(1)
     labels = loader.labels.cpu()
     wrong = torch.nonzero(preds != labels).flatten()
     pick = torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))[:limit]
@@ -369,15 +411,15 @@ def collect_misclassified(model, loader, limit=10, seed=0):
             "images": loader.images[wrong.to(loader.device)].cpu()}
 
 
-def confusion_matrix(model, loader, num_classes=10):
+def confusion_matrix(model, loader, num_classes=10, logits=None):
     """(num_classes, num_classes) counts: row = true class, column = predicted class."""
-    preds = predict(model, loader).argmax(1)
+    preds = (predict(model, loader) if logits is None else logits).argmax(1)
     labels = loader.labels.cpu()
     return torch.bincount(labels * num_classes + preds,
                           minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
-def _finish_figure(fig, path, show):
+def finish_figure(fig, path, show):
     """Save before showing (show can leave an empty canvas behind), then free the figure."""
     import matplotlib.pyplot as plt
 
@@ -408,7 +450,7 @@ def plot_history(history, path=None, title="", show=False):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _finish_figure(fig, path, show)
+    return finish_figure(fig, path, show)
 
 
 def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=False):
@@ -427,19 +469,21 @@ def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=Fal
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _finish_figure(fig, path, show)
+    return finish_figure(fig, path, show)
 
 
 # ---------------------------------------------------------------------------------- results
 
-def make_results(model, data, config, history, device, **extra):
+def make_results(model, data, config, history, device, logits=None, **extra):
     """Everything a results file records about one run.
 
     Times come from the history (training + evaluation, per epoch), so a resumed run reports
     the time its epochs took, not the time of the last session alone. The confusion matrix
-    and per-class accuracy are of the final model on the test set."""
+    and per-class accuracy are of the final model on the test set (`logits`: its predictions,
+    if already computed)."""
     wall_time = sum(history["epoch_time"])
-    confusion = confusion_matrix(model, make_loaders(data, config, device)[1], len(data.classes))
+    confusion = confusion_matrix(model, make_test_loader(data, config, device),
+                                 len(data.classes), logits)
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
     return {
         "format": RESULTS_FORMAT,
@@ -448,6 +492,11 @@ def make_results(model, data, config, history, device, **extra):
         "epochs": len(history["epoch"]),
         "num_params": model.get_num_params(),
         "final_test_acc": history["test_acc"][-1],
+        # BatchNorm only: the same test set normalized by the statistics of each batch of
+        # `batch_size` images, as in training, rather than by the running averages.
+        "final_test_acc_batch_stats": (
+            evaluate_batch_stats(model, data, config.batch_size, device, config.seed)
+            if has_running_stats(model) else None),
         "wall_time_s": wall_time,
         "time_per_epoch_s": wall_time / len(history["epoch_time"]),
         "per_class_acc": dict(zip(data.classes, per_class)),

@@ -39,15 +39,6 @@ def test_readme_section_is_replaced_between_the_markers():
         report.render_readme("no markers", runs)
 
 
-def test_combined_figure_draws_mean_and_band(tmp_path):
-    runs = {"batch": [fake_run("batch", 0, 0.7), fake_run("batch", 1, 0.9)]}
-    fig = report.figure(runs, tmp_path / "c.png")
-    acc_ax = fig.axes[0]
-    assert list(acc_ax.lines[0].get_ydata()) == pytest.approx([50, 60, 80])
-    assert len(acc_ax.collections) == 1  # the min-max band
-    assert (tmp_path / "c.png").stat().st_size > 0
-
-
 def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
     import nbformat
     from make_notebooks import clean
@@ -77,7 +68,52 @@ def test_sweep_skips_runs_whose_results_exist(tmp_path):
     assert "train.py" not in out.stdout
 
 
-def test_readme_results_table_is_generated_from_the_committed_results():
+def test_readme_results_tables_are_generated_from_the_committed_results():
     readme = (ROOT / "README.md").read_text()
-    assert report.render_readme(readme, report.load_runs()) == readme, \
-        "README.md's results table is stale: run python tools/report.py"
+    current = report.render_readme(readme, report.load_runs(), report.load_study(),
+                                   report.study_budget())
+    assert current == readme, "README.md's results tables are stale: run python tools/report.py"
+
+
+def test_sweep_plans_the_batch_size_study_with_linearly_scaled_learning_rates():
+    import sweep
+
+    runs = sweep.plan(["bn", "gn"], [0, 1], batch_sizes=[128, 2])
+    names = [name for name, _ in runs]
+    assert names == ["batch_bs2_seed0", "group_bs2_seed0", "batch_bs128_seed0",
+                     "group_bs128_seed0", "batch_bs2_seed1", "group_bs2_seed1",
+                     "batch_bs128_seed1", "group_bs128_seed1"]
+    args = dict(zip(runs[0][1][::2], runs[0][1][1::2]))
+    assert args == {"--norm": "batch", "--seed": "0", "--batch-size": "2",
+                    "--lr": repr(0.1 * 2 / 128), "--run-name": "batch_bs2_seed0"}
+    assert sweep.plan(["layer"], [3]) == [("layer_seed3", ["--norm", "layer", "--seed", "3"])]
+
+
+def test_sweep_skips_finished_study_runs_and_refuses_batch_size_one(tmp_path):
+    import subprocess
+
+    for norm in ("batch", "group"):
+        (tmp_path / f"{norm}_bs4_seed0.json").write_text("{}")
+    cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--norms", "bn", "gn", "--seeds",
+           "0", "--batch-sizes", "4", "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert out.stdout.count(": already done") == 2 and "train.py" not in out.stdout
+    out = subprocess.run(cmd[:-3] + ["1", "--out-dir", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and "at least 2" in out.stderr
+
+
+def test_notebook_writer_keeps_executed_notebooks(tmp_path, monkeypatch):
+    import nbformat
+    import make_notebooks
+
+    monkeypatch.setattr(make_notebooks, "ROOT", tmp_path)
+    name, nb = make_notebooks.compare_notebook()
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
+    nbformat.write(nb, tmp_path / name)
+    monkeypatch.setattr(sys, "argv", ["make_notebooks.py", name])
+    make_notebooks.main()
+    assert make_notebooks.has_outputs(tmp_path / name)  # the run's outputs survive
+    monkeypatch.setattr(sys, "argv", ["make_notebooks.py", "--force", name])
+    make_notebooks.main()
+    assert not make_notebooks.has_outputs(tmp_path / name)

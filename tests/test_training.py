@@ -10,8 +10,9 @@ matplotlib.use("Agg")
 from conftest import NORMS, synthetic_data
 from model import build_model
 from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_misclassified,
-                   confusion_matrix, evaluate, fit, load_checkpoint, load_results, make_loaders, make_optimizer,
-                   make_results, plot_history, plot_misclassified, save_json_atomic,
+                   confusion_matrix, evaluate, evaluate_batch_stats, fit, has_running_stats,
+                   load_checkpoint, load_results, make_loaders, make_optimizer, make_results,
+                   plot_history, plot_misclassified, predict, save_json_atomic, scaled_lr,
                    train_one_epoch)
 
 SHORT = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
@@ -168,3 +169,60 @@ def test_results_json_round_trips_and_leaves_no_temp_file(tmp_path, tiny_data):
     for key in ("seed", "epochs", "num_params", "wall_time_s", "hardware", "data", "date"):
         assert key in results
     assert [p.name for p in path.parent.iterdir()] == ["group_seed0.json"]
+
+
+def test_batch_stats_accuracy_normalizes_each_batch_by_itself_and_keeps_running_stats(tiny_data):
+    model = build_model("batch", seed=0)
+    fit(model, tiny_data, TrainConfig(epochs=2, batch_size=50), "cpu", progress=False)
+    running = {k: v.clone() for k, v in model.state_dict().items()}
+    n = len(tiny_data.test_y)
+    # One batch holding the whole test set: the same as a train-mode forward pass over it.
+    _, whole = make_loaders(tiny_data, TrainConfig(eval_batch_size=n), "cpu")
+    x, y = next(iter(whole))
+    model.train()
+    with torch.no_grad():
+        expected = (model(x).argmax(1) == y).float().mean().item()
+    model.load_state_dict(running)
+    assert evaluate_batch_stats(model, tiny_data, n, "cpu") == pytest.approx(expected)
+    assert all(torch.equal(v, running[k]) for k, v in model.state_dict().items())
+    # Small batches move BatchNorm away from its running-statistics accuracy.
+    assert evaluate_batch_stats(model, tiny_data, 2, "cpu") != evaluate(model, whole)["acc"]
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_per_image_norms_have_no_train_eval_discrepancy(norm, tiny_data):
+    model = build_model(norm, seed=0)
+    fit(model, tiny_data, TrainConfig(epochs=1, batch_size=50), "cpu", progress=False)
+    _, test_loader = make_loaders(tiny_data, TrainConfig(eval_batch_size=64), "cpu")
+    assert not has_running_stats(model)
+    assert evaluate_batch_stats(model, tiny_data, 4, "cpu") == pytest.approx(
+        evaluate(model, test_loader)["acc"])
+    assert has_running_stats(build_model("batch", seed=0))
+
+
+def test_results_record_batch_stats_accuracy_for_batchnorm_only(tiny_data):
+    config = TrainConfig(epochs=1, batch_size=8)
+    for norm, recorded in (("batch", True), ("group", False)):
+        model = build_model(norm, seed=0)
+        history = fit(model, tiny_data, config, "cpu", progress=False)
+        results = make_results(model, tiny_data, config, history, "cpu")
+        assert (results["final_test_acc_batch_stats"] is not None) == recorded
+
+
+def test_results_from_precomputed_logits_equal_a_fresh_evaluation(tiny_data):
+    config = TrainConfig(epochs=1, batch_size=50)
+    model = build_model("layer", seed=0)
+    history = fit(model, tiny_data, config, "cpu", progress=False)
+    _, test_loader = make_loaders(tiny_data, config, "cpu")
+    logits = predict(model, test_loader)
+    fresh = make_results(model, tiny_data, config, history, "cpu")
+    reused = make_results(model, tiny_data, config, history, "cpu", logits=logits)
+    assert reused["confusion_matrix"] == fresh["confusion_matrix"]
+    assert torch.equal(collect_misclassified(model, test_loader, logits=logits)["index"],
+                       collect_misclassified(model, test_loader)["index"])
+
+
+def test_learning_rate_scales_linearly_with_the_batch_size():
+    assert scaled_lr(128) == TrainConfig.lr
+    assert scaled_lr(2) == pytest.approx(TrainConfig.lr / 64)
+    assert scaled_lr(256, base_lr=0.2) == pytest.approx(0.4)

@@ -1,10 +1,13 @@
-"""Write the three S8 notebooks from one template (outputs empty; run them to fill them).
+"""Write the S8 notebooks from templates (outputs empty; run them to fill them).
 
-    python tools/make_notebooks.py            # rewrite S8_{BatchNorm,LayerNorm,GroupNorm}.ipynb
+    python tools/make_notebooks.py                      # the four notebooks, unless executed
+    python tools/make_notebooks.py S8_Compare.ipynb     # one of them
+    python tools/make_notebooks.py --force ...          # also overwrite executed notebooks
     python tools/make_notebooks.py --clean S8_BatchNorm.ipynb   # tidy an executed notebook
 
-The notebooks only configure and call into dataset.py, model.py and utils.py, so they differ in
-their title and NORM alone; generating them keeps the three in step.
+The training notebooks only configure and call into dataset.py, model.py and utils.py, so they
+differ in their title and NORM alone; generating them keeps the three in step. S8_Compare.ipynb
+reads the committed results files through compare.py and trains nothing.
 """
 
 import argparse
@@ -111,6 +114,79 @@ def notebook(title, norm):
     return name, nb
 
 
+def compare_notebook():
+    name = "S8_Compare.ipynb"
+    cells = [
+        new_markdown_cell(
+            "# S8 · Comparing BatchNorm, LayerNorm and GroupNorm\n\n"
+            f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+            f"(https://colab.research.google.com/github/{REPO}/blob/main/{name})\n\n"
+            "No training here: this notebook reads the committed results files (one JSON per run) "
+            "and draws the comparisons the README reports, in seconds.\n\n"
+            "- `results/<norm>_seed<seed>.json`: the 20-epoch runs at batch 128 (the results "
+            "table), with per-class accuracy and the confusion matrix of the final model.\n"
+            "- `results/batch_size/<norm>_bs<B>_seed<seed>.json`: the batch-size study, a shorter "
+            "budget with the learning rate scaled linearly with the batch size. BatchNorm runs "
+            "also record the test accuracy with *batch* statistics (train-mode normalization, "
+            "batches of the training size) next to the usual running statistics.\n\n"
+            "All accuracies were measured on the JPEG re-encoding of CIFAR-10 (see the README)."),
+        new_code_cell(
+            "# Setup. In Colab: fetch the repository (results files included). Locally: nothing.\n"
+            "import os, sys\n"
+            "if \"google.colab\" in sys.modules and not os.path.exists(\"compare.py\"):\n"
+            f"    !git clone -q https://github.com/{REPO}.git\n"
+            f"    %cd {REPO.split('/')[1]}"),
+        new_code_cell(
+            "from compare import (RESULTS_DIR, STUDY_DIR, load_runs, load_study, most_confused_lines,\n"
+            "                     per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"
+            "                     plot_variant_curves, study_findings, study_table)\n\n"
+            "runs = load_runs(RESULTS_DIR)    # {variant: [20-epoch runs]}\n"
+            "study = load_study(STUDY_DIR)    # {variant: {batch size: [accuracy per seed]}}"),
+        new_markdown_cell("## Accuracy vs batch size\n\nBatchNorm normalizes with the statistics "
+                          "of the batch while training and with running averages at test time; "
+                          "GroupNorm and LayerNorm normalize each image on its own, so the batch "
+                          "size changes their gradient noise only."),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "print(study_table(study))\n"
+            "print()\n"
+            "print(\"\\n\".join(study_findings(study)))"),
+        new_code_cell("plot_batch_size_study(study, show=True);"),
+        new_markdown_cell("## Per-class accuracy and confusions (20-epoch runs, batch 128)"),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "print(per_class_table(runs))\n"
+            "print()\n"
+            "print(\"\\n\".join(most_confused_lines(runs)))"),
+        new_code_cell("plot_confusion_matrices(runs, show=True);"),
+        new_markdown_cell("## Learning curves (mean over seeds, min–max band)"),
+        new_code_cell("plot_variant_curves(runs, show=True);"),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "import statistics\n"
+            "for variant, rs in runs.items():\n"
+            "    accs = [100 * r[\"final_test_acc\"] for r in rs]\n"
+            "    spread = f\" ± {statistics.stdev(accs):.2f}\" if len(accs) > 1 else \"\"\n"
+            "    print(f\"{variant}: {statistics.mean(accs):.2f}{spread}% over {len(accs)} seeds \"\n"
+            "          f\"({rs[0]['epochs']} epochs, {rs[0]['num_params']:,} parameters)\")"),
+    ]
+    return name, nbformat.v4.new_notebook(cells=cells, metadata={
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        "colab": {"provenance": []},
+    })
+
+
+def all_notebooks():
+    return dict([*(notebook(title, norm) for title, norm in VARIANTS.items()),
+                 compare_notebook()])
+
+
+def has_outputs(path):
+    return path.exists() and any(
+        cell.get("outputs") for cell in nbformat.read(path, as_version=4).cells)
+
+
 def collapse_carriage_returns(text):
     """What a notebook displays for text that redraws a line with \\r (tqdm): the last draw."""
     return "\n".join(re.sub(r"^.*\r(?=[^\r]*$)", "", line) if "\r" in line else line
@@ -136,6 +212,9 @@ def clean(path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("names", nargs="*", help="notebooks to write (default: all four)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite notebooks that hold outputs (the committed full runs)")
     p.add_argument("--clean", nargs="+", metavar="NOTEBOOK",
                    help="clean these executed notebooks instead of rewriting the templates")
     args = p.parse_args()
@@ -144,9 +223,16 @@ def main():
             clean(path)
             print("cleaned", path)
         return
-    for title, norm in VARIANTS.items():
-        name, nb = notebook(title, norm)
-        nbformat.write(nb, ROOT / name)
+    notebooks = all_notebooks()
+    unknown = sorted(set(args.names) - set(notebooks))
+    if unknown:
+        p.error(f"unknown notebook(s) {', '.join(unknown)}; choose from {', '.join(notebooks)}")
+    for name in args.names or notebooks:
+        path = ROOT / name
+        if has_outputs(path) and not args.force:
+            print(f"kept {name}: it holds outputs of a run (--force overwrites them)")
+            continue
+        nbformat.write(notebooks[name], path)
         print("wrote", name)
 
 

@@ -1,34 +1,32 @@
-"""Regenerate README.md's results table and the combined figure from results/*.json.
+"""Regenerate README.md's results tables and the figures in images/ from the results files.
 
-    python tools/report.py            # rewrite the table between the README's results markers
-    python tools/report.py --check    # exit 1 if the README table is out of date (for CI)
+    python tools/report.py            # rewrite the tables between the README's markers
+    python tools/report.py --check    # exit 1 if a README table is out of date (for CI)
 
-No number in the table is typed by hand: every cell comes from a committed results file.
+Writes the results table (results/*.json), the batch-size study section
+(results/batch_size/*.json), images/compare_variants.png, images/confusion_matrices.png and
+images/batch_size_study.png. No number is typed by hand: every cell comes from a results file.
 """
 
 import argparse
-import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "results"
+sys.path.insert(0, str(ROOT))
+
+import compare  # noqa: E402
+from compare import ORDER, load_runs, load_study, study_budget  # noqa: E402
+
 README = ROOT / "README.md"
-FIGURE = ROOT / "images" / "compare_variants.png"
+IMAGES = ROOT / "images"
+FIGURE = IMAGES / "compare_variants.png"
+STUDY_FIGURE = IMAGES / "batch_size_study.png"
+CONFUSION_FIGURE = IMAGES / "confusion_matrices.png"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ("batch", "layer", "group")
+STUDY_START, STUDY_END = "<!-- batch-size:start -->", "<!-- batch-size:end -->"
 TARGETS = {"batch": 85.0, "layer": 83.0, "group": 83.0}  # issue targets, mean of 3 seeds (%)
-
-
-def load_runs(results_dir=RESULTS_DIR):
-    """Full runs only: the files directly in results/ (sub-studies keep their own folders)."""
-    runs = defaultdict(list)
-    for path in sorted(Path(results_dir).glob("*.json")):
-        run = json.loads(path.read_text())
-        runs[run["variant"]].append(run)
-    return runs
 
 
 def table(runs):
@@ -68,57 +66,74 @@ def table(runs):
     return "\n".join(lines)
 
 
-def figure(runs, path=FIGURE):
-    """Test accuracy and loss per epoch of each variant: mean over seeds with a min–max band."""
+def study_section(study, budget, runs):
+    """The batch-size study's table, the facts computed from it, and the per-class tables."""
+    if not budget:
+        return "No batch-size study results yet (results/batch_size/ is empty)."
+    lrs = ", ".join(f"{b}: {lr:g}" for b, lr in budget["lr_by_batch"].items())
+    parts = [
+        compare.study_table(study), "",
+        f"{budget['runs']} runs of {'/'.join(map(str, budget['epochs']))} epochs on "
+        f"{'/'.join(map(str, budget['train_images']))} training images (a stratified subset, "
+        f"drawn per seed), tested on all {'/'.join(map(str, budget['test_images']))} test images; "
+        f"seeds {', '.join(map(str, budget['seeds']))}; peak learning rate by batch size "
+        f"({lrs}); {'; '.join(budget['hardware'])}; data {', '.join(budget['data'])}; "
+        f"{budget['dates'][0]} to {budget['dates'][1]}. Final single-view test accuracy (%), "
+        f"mean ± sample std over seeds.", "",
+        *[f"- {fact}" for fact in compare.study_findings(study)],
+    ]
+    if runs:
+        parts += ["", "Per-class test accuracy (%) of the 20-epoch runs (batch 128), mean over "
+                      "seeds:", "", compare.per_class_table(runs), "",
+                  "Most frequent confusions of the 20-epoch runs (true → predicted, share of "
+                  "the true class's test images, confusion matrices summed over seeds):", "",
+                  *compare.most_confused_lines(runs)]
+    return "\n".join(parts)
+
+
+def replace_between(text, start, end, body):
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the {start} / {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def render_readme(readme_text, runs, study=None, budget=None):
+    text = replace_between(readme_text, START, END, table(runs))
+    if STUDY_START in text or study is not None:
+        text = replace_between(text, STUDY_START, STUDY_END,
+                               study_section(study or {}, budget, runs))
+    return text
+
+
+def write_figures(runs, study):
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    matplotlib.use("Agg")  # files only; the notebooks draw the same figures inline
 
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for variant in [v for v in ORDER if v in runs]:
-        for ax, key, scale in ((ax_acc, "test_acc", 100), (ax_loss, "test_loss", 1)):
-            curves = np.array([np.array(r["history"][key]) * scale for r in runs[variant]])
-            epochs = runs[variant][0]["history"]["epoch"]
-            line, = ax.plot(epochs, curves.mean(0), label=f"{variant} ({len(curves)} seeds)")
-            ax.fill_between(epochs, curves.min(0), curves.max(0), color=line.get_color(),
-                            alpha=0.2)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="test cross-entropy", title="Test loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return fig
-
-
-def render_readme(readme_text, runs):
-    if START not in readme_text or END not in readme_text:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
-    head, rest = readme_text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table(runs)}\n{END}{tail}"
+    if runs:
+        compare.plot_variant_curves(runs, FIGURE)
+        compare.plot_confusion_matrices(runs, CONFUSION_FIGURE)
+    if study:
+        compare.plot_batch_size_study(study, STUDY_FIGURE)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--check", action="store_true", help="only check that README.md is current")
     args = p.parse_args()
-    runs = load_runs()
+    runs, study, budget = load_runs(), load_study(), study_budget()
     text = README.read_text()
-    new = render_readme(text, runs)
+    new = render_readme(text, runs, study, budget)
     if args.check:
         if new != text:
-            sys.exit("README.md results table is out of date: run python tools/report.py")
-        print("README.md results table is current")
+            sys.exit("README.md results tables are out of date: run python tools/report.py")
+        print("README.md results tables are current")
         return
     README.write_text(new)
-    if runs:
-        figure(runs)
-    print(f"README.md table rewritten from {sum(len(r) for r in runs.values())} results files")
+    write_figures(runs, study)
+    print(f"README.md tables rewritten from {sum(len(r) for r in runs.values())} results files "
+          f"and {budget['runs'] if budget else 0} batch-size study files")
 
 
 if __name__ == "__main__":

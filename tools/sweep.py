@@ -1,14 +1,23 @@
-"""Run train.py for every (normalization, seed) pair, skipping runs whose results file exists.
+"""Run train.py for every (normalization, seed[, batch size]) combination, skipping runs whose
+results file exists.
 
+    # the 20-epoch runs of the README's results table
     python tools/sweep.py --norms batch layer group --seeds 0 1 2 --out-dir results
 
-Each run is its own process and writes its results file when it finishes, and each resumes from
-its checkpoint, so an interrupted sweep picks up where it stopped when started again.
+    # the batch-size study: learning rate scaled linearly with the batch size (utils.scaled_lr)
+    python tools/sweep.py --batch-sizes 2 4 8 16 32 64 128 --seeds 0 1 --jobs 2 \\
+        --out-dir results/batch_size --epochs 6 --train-subset 1000
+
+Each run is its own process, writes its results file when it finishes and resumes from its
+checkpoint, so an interrupted sweep picks up where it stopped when started again. Arguments
+not listed here go to train.py unchanged.
 """
 
 import argparse
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,30 +25,87 @@ sys.path.insert(0, str(ROOT))
 
 from model import canonical_norm  # noqa: E402
 from train import run_name  # noqa: E402
+from utils import TrainConfig, scaled_lr  # noqa: E402
 
 
-def main():
+def study_run_name(norm, batch_size, seed):
+    return f"{norm}_bs{batch_size}_seed{seed}"
+
+
+def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr):
+    """[(name, train.py arguments)] in the order to run them: seed by seed, so that a sweep cut
+    short leaves whole seeds; within a seed the small (slow) batches first, to balance --jobs."""
+    runs = []
+    for seed in seeds:
+        for batch_size in sorted(batch_sizes) if batch_sizes else [None]:
+            for norm in map(canonical_norm, norms):
+                args = ["--norm", norm, "--seed", str(seed)]
+                if batch_size is None:
+                    name = run_name(norm, seed)
+                    if base_lr != TrainConfig.lr:
+                        args += ["--lr", repr(base_lr)]
+                else:
+                    name = study_run_name(norm, batch_size, seed)
+                    args += ["--batch-size", str(batch_size),
+                             "--lr", repr(scaled_lr(batch_size, base_lr)), "--run-name", name]
+                runs.append((name, args))
+    return runs
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--norms", nargs="+", default=["batch", "layer", "group"],
                    help="variants to run (default: batch layer group)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds to run (default: 0 1 2)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                   help="run every batch size, with the learning rate scaled linearly from "
+                        "--lr at batch 128; results named <norm>_bs<B>_seed<seed>.json")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help=f"peak learning rate at batch {TrainConfig.batch_size} "
+                        f"(default: {TrainConfig.lr})")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, the CPU threads shared among them (default: 1); "
+                        "with more than 1, each run's output goes to <log-dir>/<name>.log")
+    p.add_argument("--log-dir", default="runs/logs", help="(default: runs/logs)")
     p.add_argument("--out-dir", default="runs", help="results folder (default: runs)")
     p.add_argument("--images-dir", default="runs",
                    help="figure folder (default: runs; images/ keeps the notebooks' seed-0 runs)")
-    args, train_args = p.parse_known_args()  # anything else goes to train.py as it is
+    args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
+    if any(b < 2 for b in args.batch_sizes or []):
+        p.error("--batch-sizes must be at least 2 (BatchNorm cannot normalize a single image)")
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
 
-    for seed in args.seeds:
-        for norm in args.norms:
-            out = Path(args.out_dir) / f"{run_name(canonical_norm(norm), seed)}.json"
-            if out.exists():
-                print(f"skip {out}: already done", flush=True)
-                continue
-            cmd = [sys.executable, str(ROOT / "train.py"), "--norm", norm, "--seed", str(seed),
-                   "--out-dir", args.out_dir, "--images-dir", args.images_dir, "--resume",
-                   "--no-progress", *train_args]
-            print("+", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+    todo = []
+    for name, run_args in plan(args.norms, args.seeds, args.batch_sizes, args.lr):
+        out = Path(args.out_dir) / f"{name}.json"
+        if out.exists():
+            print(f"skip {out}: already done", flush=True)
+            continue
+        todo.append((name, [sys.executable, str(ROOT / "train.py"), *run_args,
+                            "--out-dir", args.out_dir, "--images-dir", args.images_dir,
+                            "--resume", "--no-progress", *train_args]))
+
+    env = dict(os.environ)
+    if args.jobs > 1:  # share the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+
+    def run(job):
+        name, cmd = job
+        print("+", " ".join(cmd), flush=True)
+        if args.jobs == 1:
+            return name, subprocess.run(cmd, env=env).returncode
+        with open(Path(args.log_dir) / f"{name}.log", "a") as log:
+            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {name}", flush=True)
+        return name, code
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        failed = [name for name, code in pool.map(run, todo) if code != 0]
+    if failed:
+        sys.exit(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""Read the committed results files and compare the variants; no training.
+
+Used by S8_Compare.ipynb and by tools/report.py (which writes README.md's tables and the PNGs in
+images/ from the same functions, so the notebook and the README cannot disagree).
+
+    results/<norm>_seed<seed>.json              20-epoch runs at batch 128 (the results table)
+    results/batch_size/<norm>_bs<B>_seed<s>.json the batch-size study (shorter budget)
+"""
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from utils import finish_figure  # one save-then-show rule for every figure
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+STUDY_DIR = RESULTS_DIR / "batch_size"
+ORDER = ("batch", "layer", "group")  # table rows and figure order
+BN_BATCH_STATS = "batch (batch stats)"  # BN evaluated with train-mode statistics
+
+
+# ---------------------------------------------------------------------------------- loading
+
+def load_runs(results_dir=RESULTS_DIR):
+    """{variant: [run, ...]} of the files directly in `results_dir` (not its sub-studies)."""
+    runs = defaultdict(list)
+    for path in sorted(Path(results_dir).glob("*.json")):
+        run = json.loads(path.read_text())
+        runs[run["variant"]].append(run)
+    return {v: sorted(runs[v], key=lambda r: r["seed"])
+            for v in sorted(runs, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))}
+
+
+def load_study(study_dir=STUDY_DIR):
+    """The batch-size study as {variant: {batch_size: [final test accuracy (%), one per seed]}},
+    with BatchNorm's accuracy under batch statistics as the extra variant BN_BATCH_STATS."""
+    study = defaultdict(lambda: defaultdict(list))
+    for path in sorted(Path(study_dir).glob("*.json")):
+        run = json.loads(path.read_text())
+        batch_size = run["train_config"]["batch_size"]
+        study[run["variant"]][batch_size].append(100 * run["final_test_acc"])
+        if run.get("final_test_acc_batch_stats") is not None:
+            study[BN_BATCH_STATS][batch_size].append(100 * run["final_test_acc_batch_stats"])
+    return {v: dict(sorted(by_batch.items())) for v, by_batch in study.items()}
+
+
+def study_budget(study_dir=STUDY_DIR):
+    """What every run of the study shares (epochs, images, lr rule inputs, hardware, dates)."""
+    runs = [json.loads(p.read_text()) for p in sorted(Path(study_dir).glob("*.json"))]
+    if not runs:
+        return None
+    return {"runs": len(runs),
+            "epochs": sorted({r["epochs"] for r in runs}),
+            "train_images": sorted({r["data"]["train_images"] for r in runs}),
+            "test_images": sorted({r["data"]["test_images"] for r in runs}),
+            "lr_by_batch": dict(sorted({r["train_config"]["batch_size"]: r["train_config"]["lr"]
+                                        for r in runs}.items())),
+            "seeds": sorted({r["seed"] for r in runs}),
+            "hardware": sorted({r["hardware"].get("gpu") or r["hardware"]["cpu"] for r in runs}),
+            "data": sorted({Path(r["data"]["source"].split(" ")[0]).name for r in runs}),
+            "dates": (min(r["date"][:10] for r in runs), max(r["date"][:10] for r in runs))}
+
+
+def _mean_std(values):
+    if len(values) > 1:
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return f"{values[0]:.2f}" if values else "–"
+
+
+# ------------------------------------------------------------------------- batch-size study
+
+def study_table(study):
+    """Markdown: one row per batch size, mean ± std (%) over seeds for each variant."""
+    if not study:
+        return "(no batch-size study results yet)"
+    columns = [v for v in (*ORDER, BN_BATCH_STATS) if v in study]
+    names = {"batch": "BN (running stats)", BN_BATCH_STATS: "BN (batch stats)",
+             "layer": "LN", "group": "GN"}
+    batch_sizes = sorted({b for v in columns for b in study[v]})
+    lines = ["| batch size | " + " | ".join(names[v] for v in columns) + " | seeds |",
+             "|---|" + "---|" * (len(columns) + 1)]
+    for b in batch_sizes:
+        seeds = sorted({len(study[v].get(b, [])) for v in columns})
+        lines.append(f"| {b} | " + " | ".join(_mean_std(study[v].get(b, [])) for v in columns)
+                     + f" | {'/'.join(map(str, seeds))} |")
+    return "\n".join(lines)
+
+
+def study_findings(study):
+    """Plain sentences of the facts the README's conclusion rests on, computed from the files:
+    BN's drop from the largest to the smallest batch, GN's and LN's, and where BN falls below."""
+    means = {v: {b: statistics.mean(a) for b, a in by_batch.items() if a}
+             for v, by_batch in study.items()}
+    if "batch" not in means or len(means["batch"]) < 2:
+        return []
+    small, large = min(means["batch"]), max(means["batch"])
+    facts = []
+    for v, label in (("batch", "BN"), ("group", "GN"), ("layer", "LN")):
+        if v in means and small in means[v] and large in means[v]:
+            drop = means[v][large] - means[v][small]
+            facts.append(f"{label}: {means[v][large]:.2f}% at batch {large}, "
+                         f"{means[v][small]:.2f}% at batch {small} "
+                         f"({'−' if drop >= 0 else '+'}{abs(drop):.2f} points).")
+    others = [v for v in ("group", "layer") if v in means]
+    below = [b for b in sorted(means["batch"])
+             if others and all(b in means[v] for v in others)
+             and means["batch"][b] < max(means[v][b] for v in others)]
+    if below:
+        facts.append("BN (running stats) has a lower mean than the better of GN/LN at batch "
+                     f"size{'s' if len(below) > 1 else ''} {', '.join(map(str, below))}.")
+    else:
+        facts.append("BN (running stats) has the highest mean at every batch size measured.")
+    if BN_BATCH_STATS in means and small in means[BN_BATCH_STATS]:
+        gaps = {b: means[BN_BATCH_STATS][b] - means["batch"][b]
+                for b in means[BN_BATCH_STATS] if b in means["batch"]}
+        facts.append("BN evaluated with batch statistics minus running statistics: "
+                     + ", ".join(f"{g:+.2f} at {b}" for b, g in sorted(gaps.items()))
+                     + " (points).")
+    return facts
+
+
+def plot_batch_size_study(study, path=None, show=False):
+    """Test accuracy vs batch size (log scale): mean line and one dot per seed per variant."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = {"batch": ("BN (running stats)", "-"), BN_BATCH_STATS: ("BN (batch stats)", "--"),
+              "layer": ("LN", "-"), "group": ("GN", "-")}
+    for v in (v for v in (*ORDER, BN_BATCH_STATS) if v in study):
+        label, style = styles[v]
+        sizes = sorted(study[v])
+        line, = ax.plot(sizes, [statistics.mean(study[v][b]) for b in sizes], style,
+                        marker="o", label=label)
+        for b in sizes:
+            ax.scatter([b] * len(study[v][b]), study[v][b], color=line.get_color(), s=10,
+                       alpha=0.5)
+    ax.set_xscale("log", base=2)
+    sizes = sorted({b for v in study for b in study[v]})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set(xlabel="batch size (images per step, log scale)", ylabel="test accuracy (%)",
+           title="Test accuracy vs batch size (mean line, one dot per seed)")
+    ax.grid(alpha=0.3)
+    if study:
+        ax.legend()
+    fig.tight_layout()
+    return finish_figure(fig, path, show)
+
+
+# ------------------------------------------------------------------ per-class / confusions
+
+def summed_confusion(runs_of_variant):
+    """Confusion counts (row = true class, column = predicted) summed over seeds."""
+    return np.sum([np.array(r["confusion_matrix"]) for r in runs_of_variant], axis=0)
+
+
+def class_names(runs):
+    first = next(iter(runs.values()))[0]
+    return list(first["per_class_acc"])
+
+
+def per_class_table(runs):
+    """Markdown: per-class test accuracy (%) of each variant, mean over its seeds."""
+    variants = [v for v in ORDER if v in runs]
+    lines = ["| class | " + " | ".join(f"{v} (n={len(runs[v])})" for v in variants) + " |",
+             "|---|" + "---|" * len(variants)]
+    for cls in class_names(runs):
+        lines.append(f"| {cls} | " + " | ".join(
+            f"{100 * statistics.mean(r['per_class_acc'][cls] for r in runs[v]):.1f}"
+            for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def most_confused(runs, top=3):
+    """{variant: [(true class, predicted class, share of the true class's test images (%))]},
+    the largest off-diagonal cells of the confusion matrix summed over seeds."""
+    classes = class_names(runs)
+    out = {}
+    for v in (v for v in ORDER if v in runs):
+        counts = summed_confusion(runs[v]).astype(float)
+        share = 100 * counts / counts.sum(1, keepdims=True)
+        np.fill_diagonal(share, -1)
+        cells = np.dstack(np.unravel_index(np.argsort(-share, axis=None), share.shape))[0][:top]
+        out[v] = [(classes[i], classes[j], float(share[i, j])) for i, j in cells]
+    return out
+
+
+def most_confused_lines(runs, top=3):
+    return [f"- {v}: " + "; ".join(f"{t} → {p} {s:.1f}%" for t, p, s in pairs)
+            for v, pairs in most_confused(runs, top).items()]
+
+
+def plot_confusion_matrices(runs, path=None, show=False):
+    """One row-normalized confusion matrix (%) per variant, summed over seeds."""
+    import matplotlib.pyplot as plt
+
+    classes = class_names(runs)
+    variants = [v for v in ORDER if v in runs]
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 5), squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        counts = summed_confusion(runs[v]).astype(float)
+        share = 100 * counts / counts.sum(1, keepdims=True)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 50 else "black")
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set(xlabel="predicted", ylabel="true",
+               title=f"{v} norm ({len(runs[v])} seeds, % of true class)")
+    fig.tight_layout()
+    return finish_figure(fig, path, show)
+
+
+# -------------------------------------------------------------------------- learning curves
+
+def plot_variant_curves(runs, path=None, show=False):
+    """Test accuracy and loss per epoch of each variant: mean over seeds with a min–max band."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in [v for v in ORDER if v in runs]:
+        for ax, key, scale in ((ax_acc, "test_acc", 100), (ax_loss, "test_loss", 1)):
+            curves = np.array([np.array(r["history"][key]) * scale for r in runs[variant]])
+            epochs = runs[variant][0]["history"]["epoch"]
+            line, = ax.plot(epochs, curves.mean(0), label=f"{variant} ({len(curves)} seeds)")
+            ax.fill_between(epochs, curves.min(0), curves.max(0), color=line.get_color(),
+                            alpha=0.2)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="test cross-entropy", title="Test loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return finish_figure(fig, path, show)

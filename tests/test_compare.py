@@ -1,0 +1,146 @@
+import json
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+
+from conftest import ROOT
+import compare
+
+sys.path.insert(0, str(ROOT / "tools"))
+import report  # noqa: E402
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+
+
+def study_run(variant, batch_size, seed, acc, batch_stats_acc=None):
+    return {"variant": variant, "seed": seed, "epochs": 6, "final_test_acc": acc,
+            "final_test_acc_batch_stats": batch_stats_acc,
+            "train_config": {"batch_size": batch_size, "lr": 0.1 * batch_size / 128},
+            "data": {"source": "cifar10-jpeg.tar.gz (archive)", "train_images": 10000,
+                     "test_images": 10000},
+            "hardware": {"cpu": "Some CPU"}, "date": f"2026-11-2{seed}T10:00:00+00:00"}
+
+
+@pytest.fixture
+def study_dir(tmp_path):
+    """BN collapses at batch 2 (and is far worse with batch statistics); GN and LN hold."""
+    accs = {("batch", 2): (0.40, 0.50), ("batch", 128): (0.70, 0.72),
+            ("group", 2): (0.60, 0.62), ("group", 128): (0.66, 0.68),
+            ("layer", 2): (0.58, 0.60), ("layer", 128): (0.64, 0.66)}
+    for (variant, b), pair in accs.items():
+        for seed, acc in enumerate(pair):
+            stats = acc - 0.2 if variant == "batch" and b == 2 else (
+                acc - 0.01 if variant == "batch" else None)
+            run = study_run(variant, b, seed, acc, stats)
+            (tmp_path / f"{variant}_bs{b}_seed{seed}.json").write_text(json.dumps(run))
+    return tmp_path
+
+
+def full_run(variant, seed, confusion):
+    confusion = np.asarray(confusion)
+    per_class = (confusion.diagonal() / confusion.sum(1)).tolist()
+    return {"variant": variant, "seed": seed, "epochs": 2, "num_params": 46538,
+            "final_test_acc": float(confusion.trace() / confusion.sum()),
+            "confusion_matrix": confusion.tolist(), "per_class_acc": dict(zip(CLASSES, per_class)),
+            "history": {"epoch": [1, 2], "test_acc": [0.5, 0.7], "test_loss": [1.2, 0.9]}}
+
+
+def cat_dog_confusion(cat_as_dog):
+    cm = np.eye(10, dtype=int) * 90 + 1  # 10 off-diagonal mistakes per class, 1 in each cell
+    cm[3, 3] -= cat_as_dog
+    cm[3, 5] += cat_as_dog  # cats taken for dogs
+    return cm
+
+
+def test_study_is_loaded_by_variant_and_batch_size_with_bn_batch_stats(study_dir):
+    study = compare.load_study(study_dir)
+    assert study["batch"][2] == pytest.approx([40, 50])
+    assert study["group"][128] == pytest.approx([66, 68])
+    assert study[compare.BN_BATCH_STATS][2] == pytest.approx([20, 30])
+    assert compare.BN_BATCH_STATS in study and list(study["layer"]) == [2, 128]
+
+
+def test_study_table_has_mean_std_per_batch_size(study_dir):
+    text = compare.study_table(compare.load_study(study_dir))
+    lines = text.splitlines()
+    assert lines[0] == "| batch size | BN (running stats) | LN | GN | BN (batch stats) | seeds |"
+    assert lines[2] == "| 2 | 45.00 ± 7.07 | 59.00 ± 1.41 | 61.00 ± 1.41 | 25.00 ± 7.07 | 2 |"
+    assert lines[3].startswith("| 128 | 71.00 ± 1.41 | 65.00 ± 1.41 | 67.00 ± 1.41 | 70.00 ± ")
+
+
+def test_study_findings_name_the_drop_and_where_bn_falls_below(study_dir):
+    facts = compare.study_findings(compare.load_study(study_dir))
+    assert facts[0] == "BN: 71.00% at batch 128, 45.00% at batch 2 (−26.00 points)."
+    assert facts[1] == "GN: 67.00% at batch 128, 61.00% at batch 2 (−6.00 points)."
+    assert "lower mean than the better of GN/LN at batch size 2." in facts[3]
+    assert facts[4].endswith("-20.00 at 2, -1.00 at 128 (points).")
+
+
+def test_study_figure_uses_a_log_batch_axis_and_plots_the_means(study_dir):
+    fig = compare.plot_batch_size_study(compare.load_study(study_dir))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    lines = {l.get_label(): l for l in ax.lines}
+    assert set(lines) == {"BN (running stats)", "BN (batch stats)", "LN", "GN"}
+    assert list(lines["BN (running stats)"].get_xdata()) == [2, 128]
+    assert list(lines["BN (running stats)"].get_ydata()) == pytest.approx([45, 71])
+    assert lines["BN (batch stats)"].get_linestyle() == "--"
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 4 * 2 * 2  # every seed a dot
+
+
+def test_budget_reports_what_the_study_runs_share(study_dir):
+    budget = compare.study_budget(study_dir)
+    assert budget["runs"] == 12 and budget["epochs"] == [6] and budget["seeds"] == [0, 1]
+    assert budget["lr_by_batch"] == {2: pytest.approx(0.0015625), 128: pytest.approx(0.1)}
+    assert compare.study_budget(study_dir / "missing") is None
+
+
+def test_most_confused_pairs_come_from_summed_confusion_matrices():
+    runs = {"batch": [full_run("batch", 0, cat_dog_confusion(20)),
+                      full_run("batch", 1, cat_dog_confusion(10))],
+            "group": [full_run("group", 0, cat_dog_confusion(0))]}
+    pairs = compare.most_confused(runs, top=1)
+    assert pairs["batch"][0][:2] == ("cat", "dog")
+    assert pairs["batch"][0][2] == pytest.approx(100 * (21 + 11) / 200)
+    assert compare.most_confused_lines(runs, top=1)[0] == "- batch: cat → dog 16.0%"
+    table = compare.per_class_table(runs).splitlines()
+    assert table[0] == "| class | batch (n=2) | group (n=1) |"
+    assert table[5] == "| cat | 76.0 | 91.0 |"
+
+
+def test_confusion_figure_shows_row_percentages_per_variant():
+    runs = {"batch": [full_run("batch", 0, cat_dog_confusion(20))],
+            "layer": [full_run("layer", 0, cat_dog_confusion(0))]}
+    fig = compare.plot_confusion_matrices(runs)
+    assert len(fig.axes) == 2
+    shown = fig.axes[0].images[0].get_array()
+    assert np.allclose(np.asarray(shown).sum(1), 100)
+    assert shown[3, 5] == pytest.approx(21.0)
+
+
+def test_combined_curves_draw_mean_and_band(tmp_path):
+    runs = {"batch": [full_run("batch", 0, cat_dog_confusion(0)),
+                      full_run("batch", 1, cat_dog_confusion(0))]}
+    runs["batch"][1]["history"]["test_acc"] = [0.7, 0.9]
+    fig = compare.plot_variant_curves(runs, tmp_path / "c.png")
+    acc_ax = fig.axes[0]
+    assert list(acc_ax.lines[0].get_ydata()) == pytest.approx([60, 80])
+    assert len(acc_ax.collections) == 1  # the min-max band
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_readme_study_section_is_rewritten_between_its_markers(study_dir):
+    study, budget = compare.load_study(study_dir), compare.study_budget(study_dir)
+    text = (f"a\n{report.START}\n{report.END}\nb\n{report.STUDY_START}\nold\n"
+            f"{report.STUDY_END}\nc\n")
+    out = report.render_readme(text, {}, study, budget)
+    section = out.split(report.STUDY_START)[1].split(report.STUDY_END)[0]
+    assert "old" not in section and "| 2 | 45.00 ± 7.07 |" in section
+    assert "12 runs of 6 epochs on 10000 training images" in section
+    assert "(2: 0.0015625, 128: 0.1)" in section
+    assert out.endswith("\nc\n")
