@@ -59,9 +59,15 @@ def study_budget(study_dir=STUDY_DIR):
             "lr_by_batch": dict(sorted({r["train_config"]["batch_size"]: r["train_config"]["lr"]
                                         for r in runs}.items())),
             "seeds": sorted({r["seed"] for r in runs}),
-            "hardware": sorted({r["hardware"].get("gpu") or r["hardware"]["cpu"] for r in runs}),
+            "hardware": sorted({r["hardware"].get("gpu") or threads(r["hardware"]) for r in runs}),
             "data": sorted({Path(r["data"]["source"].split(" ")[0]).name for r in runs}),
             "dates": (min(r["date"][:10] for r in runs), max(r["date"][:10] for r in runs))}
+
+
+def threads(hardware):
+    """"AMD EPYC, 2 threads": the CPU and how many threads torch used."""
+    n = hardware.get("cpu_threads")
+    return hardware["cpu"] if n is None else f"{hardware['cpu']}, {n} thread{'s' * (n != 1)}"
 
 
 def _mean_std(values):
@@ -83,9 +89,10 @@ def study_table(study):
     lines = ["| batch size | " + " | ".join(names[v] for v in columns) + " | seeds |",
              "|---|" + "---|" * (len(columns) + 1)]
     for b in batch_sizes:
-        seeds = sorted({len(study[v].get(b, [])) for v in columns})
+        counts = sorted({len(study[v][b]) for v in columns if study[v].get(b)})
+        seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
         lines.append(f"| {b} | " + " | ".join(_mean_std(study[v].get(b, [])) for v in columns)
-                     + f" | {'/'.join(map(str, seeds))} |")
+                     + f" | {seeds} |")
     return "\n".join(lines)
 
 

@@ -144,3 +144,12 @@ def test_readme_study_section_is_rewritten_between_its_markers(study_dir):
     assert "12 runs of 6 epochs on 10000 training images" in section
     assert "(2: 0.0015625, 128: 0.1)" in section
     assert out.endswith("\nc\n")
+
+
+def test_unfinished_study_shows_missing_cells_and_seed_counts(study_dir):
+    (study_dir / "group_bs2_seed0.json").unlink()
+    (study_dir / "group_bs2_seed1.json").unlink()
+    (study_dir / "layer_bs2_seed1.json").unlink()
+    row = compare.study_table(compare.load_study(study_dir)).splitlines()[2]
+    assert row == "| 2 | 45.00 ± 7.07 | 58.00 | – | 25.00 ± 7.07 | 1–2 |"
+    assert compare.threads({"cpu": "X", "cpu_threads": 1}) == "X, 1 thread"

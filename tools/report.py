@@ -39,8 +39,7 @@ def table(runs):
         mean = statistics.mean(accs)
         spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else \
             f"{mean:.2f} (1 seed)"
-        hw = sorted({r["hardware"].get("gpu") or f"{r['hardware']['cpu']}, "
-                     f"{r['hardware']['cpu_threads']} threads" for r in rs})
+        hw = sorted({r["hardware"].get("gpu") or compare.threads(r["hardware"]) for r in rs})
         data = sorted({f"{Path(r['data']['source'].split(' ')[0]).name} "
                        f"(sha256 {r['data']['sha256'][:12]}…)" for r in rs})
         epochs = sorted({r["epochs"] for r in rs})
