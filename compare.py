@@ -134,13 +134,15 @@ def plot_batch_size_study(study, path=None, show=False):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    styles = {"batch": ("BN (running stats)", "-"), BN_BATCH_STATS: ("BN (batch stats)", "--"),
-              "layer": ("LN", "-"), "group": ("GN", "-")}
+    # BN's two evaluations share a colour; the dashed one is the train-mode (batch stats) one.
+    styles = {"batch": ("BN (running stats)", "-", "C0"),
+              BN_BATCH_STATS: ("BN (batch stats)", "--", "C0"),
+              "layer": ("LN", "-", "C1"), "group": ("GN", "-", "C2")}
     for v in (v for v in (*ORDER, BN_BATCH_STATS) if v in study):
-        label, style = styles[v]
+        label, style, colour = styles[v]
         sizes = sorted(study[v])
         line, = ax.plot(sizes, [statistics.mean(study[v][b]) for b in sizes], style,
-                        marker="o", label=label)
+                        color=colour, marker="o", label=label)
         for b in sizes:
             ax.scatter([b] * len(study[v][b]), study[v][b], color=line.get_color(), s=10,
                        alpha=0.5)
