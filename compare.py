@@ -107,10 +107,10 @@ def study_findings(study):
     facts = []
     for v, label in (("batch", "BN"), ("group", "GN"), ("layer", "LN")):
         if v in means and small in means[v] and large in means[v]:
-            drop = means[v][large] - means[v][small]
-            facts.append(f"{label}: {means[v][large]:.2f}% at batch {large}, "
+            change = means[v][small] - means[v][large]
+            facts.append(f"{label}: {means[v][large]:.2f}% at batch {large} → "
                          f"{means[v][small]:.2f}% at batch {small} "
-                         f"({'−' if drop >= 0 else '+'}{abs(drop):.2f} points).")
+                         f"({'+' if change >= 0 else '−'}{abs(change):.2f} points).")
     others = [v for v in ("group", "layer") if v in means]
     below = [b for b in sorted(means["batch"])
              if others and all(b in means[v] for v in others)

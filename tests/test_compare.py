@@ -75,8 +75,8 @@ def test_study_table_has_mean_std_per_batch_size(study_dir):
 
 def test_study_findings_name_the_drop_and_where_bn_falls_below(study_dir):
     facts = compare.study_findings(compare.load_study(study_dir))
-    assert facts[0] == "BN: 71.00% at batch 128, 45.00% at batch 2 (−26.00 points)."
-    assert facts[1] == "GN: 67.00% at batch 128, 61.00% at batch 2 (−6.00 points)."
+    assert facts[0] == "BN: 71.00% at batch 128 → 45.00% at batch 2 (−26.00 points)."
+    assert facts[1] == "GN: 67.00% at batch 128 → 61.00% at batch 2 (−6.00 points)."
     assert "lower mean than the better of GN/LN at batch size 2." in facts[3]
     assert facts[4].endswith("-20.00 at 2, -1.00 at 128 (points).")
 

@@ -83,7 +83,7 @@ def main(argv=None):
         if out.exists():
             print(f"skip {out}: already done", flush=True)
             continue
-        todo.append((name, [sys.executable, str(ROOT / "train.py"), *run_args,
+        todo.append((name, out, [sys.executable, str(ROOT / "train.py"), *run_args,
                             "--out-dir", args.out_dir, "--images-dir", args.images_dir,
                             "--resume", "--no-progress", *train_args]))
 
@@ -93,7 +93,10 @@ def main(argv=None):
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
 
     def run(job):
-        name, cmd = job
+        name, out, cmd = job
+        if out.exists():  # another sweep over the same folder finished it meanwhile
+            print(f"skip {out}: done by another sweep", flush=True)
+            return name, 0
         print("+", " ".join(cmd), flush=True)
         if args.jobs == 1:
             return name, subprocess.run(cmd, env=env).returncode
