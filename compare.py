@@ -7,14 +7,13 @@ images/ from the same functions, so the notebook and the README cannot disagree)
     results/batch_size/<norm>_bs<B>_seed<s>.json the batch-size study (shorter budget)
 """
 
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from utils import finish_figure  # one save-then-show rule for every figure
+from utils import finish_figure, load_results  # one save-then-show rule for every figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
@@ -24,11 +23,20 @@ BN_BATCH_STATS = "batch (batch stats)"  # BN evaluated with train-mode statistic
 
 # ---------------------------------------------------------------------------------- loading
 
+def read_results(folder):
+    """Every results file directly in `folder` (not its sub-folders), in file-name order."""
+    return [load_results(path) for path in sorted(Path(folder).glob("*.json"))]
+
+
+def data_file(run):
+    """The file name of the data copy a run read ("cifar10-jpeg.tar.gz")."""
+    return Path(run["data"]["source"].split(" ")[0]).name
+
+
 def load_runs(results_dir=RESULTS_DIR):
     """{variant: [run, ...]} of the files directly in `results_dir` (not its sub-studies)."""
     runs = defaultdict(list)
-    for path in sorted(Path(results_dir).glob("*.json")):
-        run = json.loads(path.read_text())
+    for run in read_results(results_dir):
         runs[run["variant"]].append(run)
     return {v: sorted(runs[v], key=lambda r: r["seed"])
             for v in sorted(runs, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))}
@@ -38,8 +46,7 @@ def load_study(study_dir=STUDY_DIR):
     """The batch-size study as {variant: {batch_size: [final test accuracy (%), one per seed]}},
     with BatchNorm's accuracy under batch statistics as the extra variant BN_BATCH_STATS."""
     study = defaultdict(lambda: defaultdict(list))
-    for path in sorted(Path(study_dir).glob("*.json")):
-        run = json.loads(path.read_text())
+    for run in read_results(study_dir):
         batch_size = run["train_config"]["batch_size"]
         study[run["variant"]][batch_size].append(100 * run["final_test_acc"])
         if run.get("final_test_acc_batch_stats") is not None:
@@ -49,7 +56,7 @@ def load_study(study_dir=STUDY_DIR):
 
 def study_budget(study_dir=STUDY_DIR):
     """What every run of the study shares (epochs, images, lr rule inputs, hardware, dates)."""
-    runs = [json.loads(p.read_text()) for p in sorted(Path(study_dir).glob("*.json"))]
+    runs = read_results(study_dir)
     if not runs:
         return None
     return {"runs": len(runs),
@@ -60,7 +67,7 @@ def study_budget(study_dir=STUDY_DIR):
                                         for r in runs}.items())),
             "seeds": sorted({r["seed"] for r in runs}),
             "hardware": sorted({r["hardware"].get("gpu") or threads(r["hardware"]) for r in runs}),
-            "data": sorted({Path(r["data"]["source"].split(" ")[0]).name for r in runs}),
+            "data": sorted({data_file(r) for r in runs}),
             "dates": (min(r["date"][:10] for r in runs), max(r["date"][:10] for r in runs))}
 
 
@@ -160,9 +167,11 @@ def plot_batch_size_study(study, path=None, show=False):
 
 # ------------------------------------------------------------------ per-class / confusions
 
-def summed_confusion(runs_of_variant):
-    """Confusion counts (row = true class, column = predicted) summed over seeds."""
-    return np.sum([np.array(r["confusion_matrix"]) for r in runs_of_variant], axis=0)
+def confusion_share(runs_of_variant):
+    """Confusion matrix summed over seeds, as % of each true class (row = true, column =
+    predicted)."""
+    counts = np.sum([np.array(r["confusion_matrix"]) for r in runs_of_variant], axis=0)
+    return 100 * counts / counts.sum(1, keepdims=True)
 
 
 def class_names(runs):
@@ -188,8 +197,7 @@ def most_confused(runs, top=3):
     classes = class_names(runs)
     out = {}
     for v in (v for v in ORDER if v in runs):
-        counts = summed_confusion(runs[v]).astype(float)
-        share = 100 * counts / counts.sum(1, keepdims=True)
+        share = confusion_share(runs[v])
         np.fill_diagonal(share, -1)
         cells = np.dstack(np.unravel_index(np.argsort(-share, axis=None), share.shape))[0][:top]
         out[v] = [(classes[i], classes[j], float(share[i, j])) for i, j in cells]
@@ -209,8 +217,7 @@ def plot_confusion_matrices(runs, path=None, show=False):
     variants = [v for v in ORDER if v in runs]
     fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 5), squeeze=False)
     for ax, v in zip(axes[0], variants):
-        counts = summed_confusion(runs[v]).astype(float)
-        share = 100 * counts / counts.sum(1, keepdims=True)
+        share = confusion_share(runs[v])
         ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
         for i in range(len(classes)):
             for j in range(len(classes)):

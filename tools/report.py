@@ -40,8 +40,8 @@ def table(runs):
         spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else \
             f"{mean:.2f} (1 seed)"
         hw = sorted({r["hardware"].get("gpu") or compare.threads(r["hardware"]) for r in rs})
-        data = sorted({f"{Path(r['data']['source'].split(' ')[0]).name} "
-                       f"(sha256 {r['data']['sha256'][:12]}…)" for r in rs})
+        data = sorted({f"{compare.data_file(r)} (sha256 {r['data']['sha256'][:12]}…)"
+                       for r in rs})
         epochs = sorted({r["epochs"] for r in rs})
         params = sorted({r["num_params"] for r in rs})
         target = TARGETS[variant]

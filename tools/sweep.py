@@ -80,9 +80,6 @@ def main(argv=None):
     todo = []
     for name, run_args in plan(args.norms, args.seeds, args.batch_sizes, args.lr):
         out = Path(args.out_dir) / f"{name}.json"
-        if out.exists():
-            print(f"skip {out}: already done", flush=True)
-            continue
         todo.append((name, out, [sys.executable, str(ROOT / "train.py"), *run_args,
                             "--out-dir", args.out_dir, "--images-dir", args.images_dir,
                             "--resume", "--no-progress", *train_args]))
@@ -94,8 +91,8 @@ def main(argv=None):
 
     def run(job):
         name, out, cmd = job
-        if out.exists():  # another sweep over the same folder finished it meanwhile
-            print(f"skip {out}: done by another sweep", flush=True)
+        if out.exists():  # checked just before the run: another sweep may have finished it
+            print(f"skip {out}: already done", flush=True)
             return name, 0
         print("+", " ".join(cmd), flush=True)
         if args.jobs == 1:
@@ -108,7 +105,7 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         failed = [name for name, code in pool.map(run, todo) if code != 0]
     if failed:
-        sys.exit(f"{len(failed)} of {len(todo)} runs failed: {', '.join(failed)}")
+        sys.exit(f"{len(failed)} of {len(todo)} planned runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
