@@ -1,17 +1,23 @@
 """Training and evaluation throughput: the usual DataLoader pipeline vs this repository's path.
 
     python bench.py                       # CPU (or the best device), BatchNorm model, 3 repetitions
-    python bench.py --device cuda --steps 200
+    python bench.py --device cuda --steps 200 --variants repo+compile repo+graphs
     python bench.py --profile             # where the time of this repository's training step goes
-    python bench.py --variants repo+nchw repo+bf16 repo+compile   # what else was tried
-
-Variants of the repository's path (`--variants`, joined with "+"): nchw (contiguous instead of
-channels_last), bf16 (bf16 autocast on the CPU), compile (torch.compile of the model).
+    python bench.py --variants repo+fp32 repo+bf16 repo+compile repo+nchw   # what else was tried
 
 "usual": PIL images -> RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize in a
-         DataLoader (batch 128, shuffle, num_workers=2), NCHW model, plain training step.
-"repo":  uint8 tensors on the device, normalized and augmented per batch (dataset.TensorLoader),
-         channels_last model, the training step of utils.train_one_epoch.
+         DataLoader (batch 128, shuffle, num_workers=2), NCHW model, fp32, plain training step.
+"repo":  the default path: uint8 tensors on the device, normalized and augmented per batch
+         (dataset.TensorLoader), channels_last model, the training step of
+         utils.train_one_epoch, at the precision the policy picks for this device
+         (precision.resolve_precision("auto"); printed in the table).
+
+Variants of the repository's path (`--variants`, options joined with "+"): fp32, bf16, fp16
+(force a precision instead of the policy's), compile (torch.compile of the model), graphs
+(torch.compile with mode="reduce-overhead", i.e. CUDA graphs; CUDA only), nchw (contiguous
+instead of channels_last). A compiled variant's one-time compile cost is reported separately
+("first-step s": the untimed warm-up steps and first evaluation, compilation included), never
+mixed into its throughput.
 
 Every measurement runs in its own subprocess (so peak RSS belongs to one pipeline), and the
 repetitions alternate between pipelines so that drift in machine load hits both alike. Figures
@@ -19,7 +25,6 @@ are medians over repetitions; seconds per epoch are 50,000 images / training thr
 """
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -31,43 +36,57 @@ import time
 import torch
 
 TRAIN_IMAGES = 50_000
+PRECISION_OPTIONS = ("fp32", "bf16", "fp16")
+VARIANT_OPTIONS = {*PRECISION_OPTIONS, "compile", "graphs", "nchw"}
 
 
 def worker(args):
     """Measure one pipeline; print one JSON line."""
     from dataset import load_cifar10
     from model import build_model
+    from precision import make_grad_scaler, resolve_precision
     from utils import TrainConfig, evaluate, get_device, make_loaders, make_optimizer
     from utils import train_one_epoch
 
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
     model = build_model(args.norm, seed=0)
-    config = TrainConfig(batch_size=args.batch_size)
+    config = TrainConfig(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
     options = set(args.pipeline.split("+")[1:])
-    step_model, precision = model, contextlib.nullcontext()
+    unknown = options - VARIANT_OPTIONS
+    if unknown:
+        sys.exit(f"unknown variant option(s) {sorted(unknown)}; choose from "
+                 f"{sorted(VARIANT_OPTIONS)}")
+    step_model, precision = model, "fp32"
     if args.pipeline.startswith("repo"):
         channels_last = "nchw" not in options
         model.to(device, memory_format=torch.channels_last if channels_last
                  else torch.contiguous_format)
         train_loader, test_loader = make_loaders(data, config, device, channels_last)
-        stream, eval_fn = _forever(train_loader), lambda: evaluate(model, test_loader)
-        if "compile" in options:
-            step_model = torch.compile(model)  # compiled during the untimed warm-up steps
-        if "bf16" in options:
-            precision = torch.autocast(device.type, dtype=torch.bfloat16)
+        forced = options & set(PRECISION_OPTIONS)
+        precision = resolve_precision(forced.pop() if forced else "auto", device)
+        if "compile" in options or "graphs" in options:
+            # compiled during the untimed warm-up steps; "graphs" adds CUDA graphs on top
+            mode = "reduce-overhead" if "graphs" in options else None
+            step_model = torch.compile(model, mode=mode)
+        stream = _forever(train_loader)
+        eval_fn = lambda: evaluate(step_model, test_loader, precision)  # noqa: E731
     else:
         model.to(device)
         stream, eval_fn = _usual_pipeline(data, args, device, model)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, device)
+    scaler = make_grad_scaler(device, precision)
 
     def train_steps(n):  # the real training step, over n batches of the stream
-        with precision:
-            train_one_epoch(step_model, Steps(stream, n, device), optimizer,
-                            label_smoothing=config.label_smoothing)
+        train_one_epoch(step_model, Steps(stream, n, device), optimizer,
+                        label_smoothing=config.label_smoothing, precision=precision,
+                        scaler=scaler)
 
+    t0 = time.perf_counter()
     train_steps(args.warmup)
+    eval_fn()  # a compiled model compiles again for eval mode: keep that out of the timing too
     _sync(device)
+    first_time = time.perf_counter() - t0
     t0 = time.perf_counter()
     train_steps(args.steps)
     _sync(device)
@@ -78,9 +97,10 @@ def worker(args):
     _sync(device)
     eval_time = time.perf_counter() - t0
 
-    out = {"pipeline": args.pipeline,
+    out = {"pipeline": args.pipeline, "precision": precision,
            "train_ips": args.steps * args.batch_size / train_time,
            "eval_ips": len(data.test_y) / eval_time,
+           "first_s": first_time,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -158,6 +178,7 @@ def profile(args):
 
     from dataset import load_cifar10
     from model import build_model
+    from precision import make_grad_scaler, resolve_precision
     from utils import TrainConfig, get_device, make_loaders, make_optimizer, train_one_epoch
 
     device = get_device(args.device)
@@ -165,11 +186,19 @@ def profile(args):
     model = build_model(args.norm, seed=0).to(device, memory_format=torch.channels_last)
     config = TrainConfig(batch_size=args.batch_size)
     stream = _forever(make_loaders(data, config, device)[0])
-    optimizer = make_optimizer(model, config)
-    train_one_epoch(model, Steps(stream, args.warmup, device), optimizer)
+    optimizer = make_optimizer(model, config, device)
+    precision = resolve_precision("auto", device)
+    scaler = make_grad_scaler(device, precision)
+    print(f"profiling the default path: precision {precision}")
+
+    def steps(n):
+        train_one_epoch(model, Steps(stream, n, device), optimizer, precision=precision,
+                        scaler=scaler)
+
+    steps(args.warmup)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        train_one_epoch(model, Steps(stream, args.steps, device), optimizer)
+        steps(args.steps)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
@@ -184,12 +213,15 @@ def main():
     p.add_argument("--norm", default="batch", help="model variant (default: batch)")
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: $CIFAR10_DATA)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
+    p.add_argument("--eval-batch-size", type=int, default=1000,
+                   help="evaluation batch of the repository's path (default: 1000)")
     p.add_argument("--steps", type=int, default=60, help="timed training steps (default: 60)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per pipeline (default: 3)")
     p.add_argument("--workers", type=int, default=2, help="usual pipeline's DataLoader workers")
     p.add_argument("--variants", nargs="*", default=[], metavar="repo+OPTION",
-                   help="extra pipelines: repo+nchw, repo+bf16, repo+compile (see above)")
+                   help="extra pipelines: repo+fp32, repo+bf16, repo+fp16, repo+compile, "
+                        "repo+graphs, repo+nchw, or combinations such as repo+bf16+compile")
     p.add_argument("--profile", action="store_true",
                    help="profile this repository's training steps instead (operator table)")
     p.add_argument("--worker", dest="pipeline", default=None, help=argparse.SUPPRESS)
@@ -200,14 +232,22 @@ def main():
         return profile(args)
 
     from utils import get_device, hardware_info
-    hw = hardware_info(get_device(args.device))
-    print(f"machine: {hw.get('gpu', hw['cpu'])} ({hw['device']}), {hw['cpu_threads']} threads, "
-          f"torch {hw['torch']}, python {hw['python']}, {os.cpu_count()} CPUs; "
+    from precision import resolve_precision
+
+    device = get_device(args.device)
+    hw = hardware_info(device)
+    isa = (f", {hw['cpu_capability']}, native bf16: {'yes' if hw['cpu_native_bf16'] else 'no'}"
+           if device.type == "cpu" else f", compute capability {hw['gpu_capability']}"
+           if device.type == "cuda" else "")
+    print(f"machine: {hw.get('gpu', hw['cpu'])} ({hw['device']}{isa}), {hw['cpu_threads']} "
+          f"threads, torch {hw['torch']}, python {hw['python']}, {os.cpu_count()} CPUs; "
+          f"policy's precision: {resolve_precision('auto', device)}; "
           f"model {args.norm}, batch {args.batch_size}, {args.steps} timed steps, "
           f"median of {args.reps}")
     runs = {name: [] for name in ["usual", "repo", *args.variants]}
     base = [sys.executable, __file__, "--device", str(args.device or ""), "--norm", args.norm,
-            "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
+            "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
+            "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--workers", str(args.workers)] + \
         (["--data", args.data] if args.data else [])
     for rep in range(args.reps):
@@ -217,25 +257,33 @@ def main():
             if out.returncode or not lines:
                 sys.exit(f"{pipeline} run failed:\n{out.stdout}\n{out.stderr}")
             runs[pipeline].append(json.loads(lines[-1][len("RESULT "):]))
-            print(f"  rep {rep + 1} {pipeline:12s}: {runs[pipeline][-1]['train_ips']:8.0f} img/s",
+            print(f"  rep {rep + 1} {pipeline:18s}: {runs[pipeline][-1]['train_ips']:8.0f} img/s",
                   flush=True)
 
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "pipeline"}
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]
+                  if k not in ("pipeline", "precision")} | {"precision": rs[0]["precision"]}
            for name, rs in runs.items()}
     mem_key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in med["repo"] else None
-    header = f"{'pipeline':12s} {'train img/s':>12s} {'s/epoch':>8s} {'eval img/s':>11s} " \
-             f"{'peak RSS MB':>12s}" + (f" {'CUDA max MB':>12s}" if mem_key else "")
+    width = max(12, *map(len, runs))
+    header = f"{'pipeline':{width}s} {'precision':>9s} {'train img/s':>12s} {'s/epoch':>8s} " \
+             f"{'eval img/s':>11s} {'first-step s':>12s} {'peak RSS MB':>12s}" + \
+             (f" {'CUDA max MB':>12s}" if mem_key else "")
     print("\n" + header + "\n" + "-" * len(header))
     for name, m in med.items():
-        print(f"{name:12s} {m['train_ips']:12.0f} {TRAIN_IMAGES / m['train_ips']:8.1f} "
-              f"{m['eval_ips']:11.0f} {m['peak_rss_mb']:12.0f}"
-              + (f" {m[mem_key]:12.0f}" if mem_key else ""))
+        print(f"{name:{width}s} {m['precision']:>9s} {m['train_ips']:12.0f} "
+              f"{TRAIN_IMAGES / m['train_ips']:8.1f} {m['eval_ips']:11.0f} {m['first_s']:12.1f} "
+              f"{m['peak_rss_mb']:12.0f}" + (f" {m[mem_key]:12.0f}" if mem_key else ""))
     print()
     for name in runs:
         if name != "usual":
             print(f"speed-up of {name} over usual: training "
                   f"{med[name]['train_ips'] / med['usual']['train_ips']:.2f}x, evaluation "
                   f"{med[name]['eval_ips'] / med['usual']['eval_ips']:.2f}x")
+    for name in runs:
+        if {"compile", "graphs"} & set(name.split("+")):
+            print(f"one-time compile cost of {name}: first steps and evaluation took "
+                  f"{med[name]['first_s']:.1f} s against {med['repo']['first_s']:.1f} s for repo "
+                  f"(+{med[name]['first_s'] - med['repo']['first_s']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +34,10 @@ CACHE_VERSION = 1  # bump when the cache layout changes, so old caches are rebui
 
 class DatasetError(RuntimeError):
     """A data problem the user has to fix; the message says where and how."""
+
+
+class DatasetWarning(UserWarning):
+    """Data that was accepted but changed on the way in (e.g. grayscale images made RGB)."""
 
 
 @dataclass
@@ -224,6 +229,7 @@ def _decode_splits(files, where):
     from PIL import Image, UnidentifiedImageError
 
     out = {}
+    converted = []  # (name, mode) of every image that was not RGB
     for split in SPLITS:
         found = files.get(split, {})
         if not found:
@@ -246,6 +252,8 @@ def _decode_splits(files, where):
             for name, blob in images:
                 try:
                     with Image.open(io.BytesIO(blob)) as im:
+                        if im.mode != "RGB":
+                            converted.append((name, im.mode))
                         im = im.convert("RGB")
                 except (UnidentifiedImageError, OSError, ValueError) as err:
                     raise DatasetError(f"cannot decode image {name} ({err}): replace or remove "
@@ -257,6 +265,13 @@ def _decode_splits(files, where):
                 ys.append(label)
         out[f"{split}_x"] = np.ascontiguousarray(np.stack(xs).transpose(0, 3, 1, 2))
         out[f"{split}_y"] = np.asarray(ys, dtype=np.int64)
+    if converted:
+        # Accepted, since a gray image is still a valid input once its channel is repeated, but
+        # said once and loudly: CIFAR-10 has no such images, so this may be the wrong dataset.
+        name, mode = converted[0]
+        warnings.warn(f"{len(converted)} image(s) in {where} are not RGB and were converted to "
+                      f"RGB (first: {name}, mode {mode}); CIFAR-10's images are all RGB, so check "
+                      f"that this is the intended dataset", DatasetWarning, stacklevel=2)
     return out
 
 

@@ -3,31 +3,63 @@
     python train.py --norm group --epochs 20
     python train.py --norm batch --dry-run          # one epoch on a small subset, into a temp dir
     python train.py --norm layer --resume           # continue an interrupted run
+
+Runs with different settings get different names (batch_seed0, batch_seed0_e1_subset20, ...),
+so no run can replace another's checkpoint or results; an existing checkpoint or results file
+of the same name is only continued (--resume) or replaced (--overwrite) on request.
 """
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
-from model import NORM_ALIASES, build_model
-from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_misclassified,
-                   fit, get_device, make_results, make_test_loader, plot_history,
-                   plot_misclassified, predict, save_json_atomic, show_summary)
+from model import NORM_ALIASES, ModelConfig, build_model
+from precision import PRECISIONS
+from utils import (EXECUTION_FIELDS, CheckpointError, NonFiniteLossError, TrainConfig,
+                   collect_misclassified, fit, get_device, load_results, make_results,
+                   make_test_loader, plot_history, plot_misclassified, predict,
+                   refuse_to_replace_checkpoint, save_json_atomic, show_summary)
 
 DEFAULTS = TrainConfig()
+MODEL_DEFAULTS = ModelConfig()
 RESULTS_DIR = Path("results")
+# Settings that change what a run computes, with the short tag they add to its default name.
+NAME_TAGS = (("epochs", "e"), ("batch_size", "bs"), ("lr", "lr"), ("weight_decay", "wd"),
+             ("label_smoothing", "ls"), ("dropout", "drop"), ("groups", "g"),
+             ("subset", "subset"), ("train_subset", "trainsub"))
 
 
-def run_name(norm, seed):
-    return f"{norm}_seed{seed}"
+class OutputError(ValueError):
+    """An output location cannot be written, or already holds another run's files."""
+
+
+def run_name(norm, seed, **settings):
+    """`<norm>_seed<seed>` for the default recipe, plus a tag per non-default setting, e.g.
+    run_name("batch", 0, epochs=1, subset=20) == "batch_seed0_e1_subset20"."""
+    defaults = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "lr": DEFAULTS.lr,
+                "weight_decay": DEFAULTS.weight_decay,
+                "label_smoothing": DEFAULTS.label_smoothing, "dropout": MODEL_DEFAULTS.dropout,
+                "groups": MODEL_DEFAULTS.num_groups, "subset": None, "train_subset": None}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"run_name got unknown settings {sorted(unknown)}")
+    if norm != "group":
+        settings.pop("groups", None)  # only GroupNorm reads it
+    tags = [f"{tag}{settings[key]:g}" if isinstance(settings[key], float) else
+            f"{tag}{settings[key]}" for key, tag in NAME_TAGS
+            if settings.get(key, defaults[key]) != defaults[key]]
+    return "_".join([f"{norm}_seed{seed}", *tags])
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--norm", default="batch", choices=sorted(NORM_ALIASES),
                    help="normalization: batch/bn, group/gn or layer/ln (default: batch)")
-    p.add_argument("--groups", type=int, default=4, help="GroupNorm groups (default: 4)")
+    p.add_argument("--groups", type=int, default=MODEL_DEFAULTS.num_groups,
+                   help=f"GroupNorm only: number of channel groups; must divide every stage "
+                        f"width {MODEL_DEFAULTS.widths} (default: {MODEL_DEFAULTS.num_groups})")
     p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
                    help=f"training epochs (default: {DEFAULTS.epochs})")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
@@ -49,6 +81,11 @@ def parse_args(argv=None):
                         help="train on N images per class (stratified), test on the whole test "
                              "set (the batch-size study's budget)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
+                   help="auto: bf16 on CUDA >= 8.0 and on CPUs with native bf16, fp16 with a "
+                        "gradient scaler on older GPUs (T4, V100), else fp32 (default: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (falls back to eager if it fails)")
     p.add_argument("--out-dir", default="runs",
                    help="where the results JSON goes (default: runs/; full runs for the "
                         "README: results/)")
@@ -61,6 +98,8 @@ def parse_args(argv=None):
                         "(default: checkpoints/<run name>.pt)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint if it exists (it must match this run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint and results of this run's name")
     p.add_argument("--dry-run", action="store_true",
                    help="1 epoch on 20 images per class, outputs in a temp dir (for CI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,42 +120,89 @@ def parse_args(argv=None):
     return args
 
 
+def check_writable(folder):
+    """Create `folder` if needed and prove a file can be written there, before any training:
+    a bad output path must fail in the first second, not after the last epoch."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to {folder} ({err.strerror or type(err).__name__}): "
+                          f"choose another folder or fix its permissions") from None
+
+
+def check_previous_results(path, model, config, args):
+    """Refuse to replace a results file unless asked to, or unless this run continues it."""
+    if not path.exists() or args.overwrite:
+        return
+    if not args.resume:
+        raise OutputError(f"{path} already exists; pass --resume to continue that run, "
+                          f"--run-name or --out-dir to keep both, or --overwrite to replace it")
+    try:
+        previous = load_results(path)
+        now = json.loads(json.dumps({"model": model.config.to_dict(),  # as JSON stores it
+                                     "train": config.to_dict()}))
+        same = (previous["model_config"] == now["model"]
+                and all(previous["train_config"].get(k) == v for k, v in now["train"].items()
+                        if k not in EXECUTION_FIELDS))
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise OutputError(f"{path} holds the results of a run with other settings; pass "
+                          f"--run-name or --out-dir to keep both, or --overwrite to replace it")
+
+
 def main(argv=None):
     args = parse_args(argv)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                         seed=args.seed)
+                         seed=args.seed, precision=args.precision, compile=args.compile)
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir
     if (args.subset or args.train_subset) and out_dir.resolve() == RESULTS_DIR.resolve():
         raise SystemExit(f"{RESULTS_DIR}/ holds full runs only; drop --subset or pick --out-dir")
+
+    # Everything that can be checked without the data is checked first (seconds, not minutes).
+    model = build_model(args.norm, seed=args.seed, num_groups=args.groups, dropout=args.dropout)
+    name = args.run_name or run_name(
+        model.config.norm, args.seed, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+        dropout=args.dropout, groups=args.groups, subset=args.subset,
+        train_subset=args.train_subset)
+    checkpoint = Path(args.checkpoint or Path("checkpoints") / f"{name}.pt")
+    for folder in dict.fromkeys((out_dir, images_dir, checkpoint.parent)):
+        check_writable(folder)
+    results_path = out_dir / f"{name}.json"
+    check_previous_results(results_path, model, config, args)
+    refuse_to_replace_checkpoint(checkpoint, args.resume, args.overwrite)
+    device = get_device(args.device)
 
     data = load_cifar10(args.data)
     if args.subset:
         data = data.subset(args.subset, args.subset, seed=args.seed)
     elif args.train_subset:
         data = data.subset(args.train_subset, None, seed=args.seed)
-    model = build_model(args.norm, seed=args.seed, num_groups=args.groups, dropout=args.dropout)
-    name = args.run_name or run_name(model.config.norm, args.seed)
     print(f"{name}: {model.get_num_params():,} trainable parameters")
     show_summary(model)
 
-    device = get_device(args.device)
-    checkpoint = args.checkpoint or Path("checkpoints") / f"{name}.pt"
     history = fit(model, data, config, device, checkpoint_path=checkpoint, resume=args.resume,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, overwrite=args.overwrite)
 
     title = f"{model.config.norm} norm, batch {config.batch_size}, seed {args.seed}"
     plot_history(history, images_dir / f"{name}_curves.png", title=title)
     test_loader = make_test_loader(data, config, device)
-    logits = predict(model, test_loader)  # one pass serves the grid and the confusion matrix
+    precision = history["precision"][-1] or "fp32"
+    logits = predict(model, test_loader, precision)  # serves the grid and the confusion matrix
     mistakes = collect_misclassified(model, test_loader, limit=10, logits=logits)
     plot_misclassified(mistakes, data.classes, images_dir / f"{name}_misclassified.png",
                        title=title)
     results = make_results(model, data, config, history, device, logits=logits)
-    path = save_json_atomic(out_dir / f"{name}.json", results)
+    path = save_json_atomic(results_path, results)
     print(f"final test accuracy {100 * results['final_test_acc']:.2f}% after "
-          f"{results['epochs']} epochs ({results['wall_time_s']:.0f} s); results in {path}, figures in {images_dir}")
+          f"{results['epochs']} epochs ({results['wall_time_s']:.0f} s, {results['precision']}); "
+          f"results in {path}, figures in {images_dir}")
     return results
 
 

@@ -7,7 +7,6 @@ import platform
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import TensorLoader
+from precision import autocast, cpu_has_native_bf16, make_grad_scaler, resolve_precision
 
 RESULTS_FORMAT = 1
 CHECKPOINT_FORMAT = 1
@@ -32,9 +32,20 @@ class TrainConfig:
     pct_start: float = 0.25       # fraction of all steps spent warming up to `lr`
     seed: int = 0                 # model init, data order, augmentation, dropout
     eval_batch_size: int = 1000   # images per evaluation forward pass
+    precision: str = "auto"       # auto|fp32|bf16|fp16; auto picks by device (precision.py)
+    compile: bool = False         # torch.compile the model; off by default: on 2-core CPUs its
+                                  # compile time outweighs a 1.07x gain over 20 epochs (README)
 
     def to_dict(self):
         return asdict(self)
+
+
+# How a run computes, not what it computes: a checkpoint may be resumed under other values.
+EXECUTION_FIELDS = ("precision", "compile")
+
+# Steps between reads of the device-side non-finite-loss flag: one host sync per this many
+# steps instead of one per step, and at most this many steps wasted after a NaN.
+NAN_CHECK_EVERY = 100
 
 
 def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.batch_size):
@@ -48,6 +59,10 @@ def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.ba
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names where and what to do."""
+
+    def __init__(self, message, epoch=None, step=None):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
 
 
 class CheckpointError(RuntimeError):
@@ -77,8 +92,14 @@ def hardware_info(device):
     device = torch.device(device)
     info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cpu":
+        # What decides CPU speed here (README "Speed"): the vector ISA oneDNN dispatches to and
+        # native bf16, which the model name does not tell.
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["cpu_native_bf16"] = cpu_has_native_bf16()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     return info
 
 
@@ -109,25 +130,37 @@ def show_summary(model, input_size=(3, 32, 32)):
     torch.set_rng_state(rng)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (tensor cores). Off elsewhere: a CPU without native bf16 (AVX2 only,
-    like the 2-core machines this repository is tested on) runs bf16 convolutions ~10x slower."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def compile_model(model, enabled):
+    """torch.compile(model) if `enabled`, falling back to the eager model when compilation is
+    unavailable (e.g. an unsupported Python) or fails on the first batch (no C compiler, an
+    unsupported backend): a speed option must never stop a run."""
+    if not enabled:
+        return model
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # a failing graph runs eagerly instead
+        return torch.compile(model)
+    except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+        print(f"torch.compile unavailable ({type(err).__name__}: {err}); running eagerly")
+        return model
 
 
 # -------------------------------------------------------------------------------- training
 
-def make_optimizer(model, config):
+def make_optimizer(model, config, device="cpu"):
     """SGD with Nesterov momentum; weight decay on conv weights only, as norm scales/shifts and
-    biases gain nothing from being pulled towards zero."""
+    biases gain nothing from being pulled towards zero.
+
+    On CUDA the fused kernel: one launch for all parameters, and with fp16 it takes the
+    GradScaler's inf check on the device instead of a host sync per step."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": config.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, momentum=config.momentum, nesterov=True,
+        fused=torch.device(device).type == "cuda" or None,
     )
 
 
@@ -149,28 +182,38 @@ def make_scheduler(optimizer, config, steps_per_epoch):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, epoch=1,
-                    progress=None):
+                    progress=None, precision="fp32", scaler=None):
     """One pass over `loader`; returns {"loss", "acc"} averaged over the images seen.
 
-    Raises NonFiniteLossError at the first NaN/inf loss, before the optimizer steps on it.
+    `precision` is a resolved one ("fp32", "bf16", "fp16"; see precision.py), `scaler` the
+    GradScaler that fp16 needs. Raises NonFiniteLossError naming the first step whose loss was
+    NaN/inf. The check costs no host round-trip per step: the first bad step is remembered on
+    the device and read every NAN_CHECK_EVERY steps and at the end, so the caller's last
+    checkpoint (written only after a clean epoch) is never replaced by a broken model.
     """
     model.train()
-    total_loss = torch.zeros((), dtype=torch.float64, device=loader.device)
-    correct = torch.zeros((), dtype=torch.int64, device=loader.device)
-    seen = 0
+    device = loader.device
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: none so far
+    first_bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+    lrs, seen = [], 0  # lrs: host-side floats, so the error can name the rate of the bad step
     for step, (x, y) in enumerate(loader, start=1):
-        with autocast(loader.device):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch}, step {step}; training stopped. "
-                f"The checkpoint of the last complete epoch is left intact. Lower the learning "
-                f"rate (currently {optimizer.param_groups[0]['lr']:.4g} at this step; --lr)."
-            )
+        is_first_bad = ~torch.isfinite(loss) & (first_bad_step == 0)
+        first_bad_step = torch.where(is_first_bad, step, first_bad_step)
+        first_bad_loss = torch.where(is_first_bad, loss.detach().float(), first_bad_loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skipped when the scaled gradients hold inf/NaN
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.detach() * len(y)
@@ -178,21 +221,33 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
         seen += len(y)
         if progress is not None:
             progress.update(1)
+        if step % NAN_CHECK_EVERY == 0:
+            _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs)
+    _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs)
     return {"loss": total_loss.item() / seen, "acc": correct.item() / seen}
 
 
+def _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs):
+    step = int(first_bad_step)  # the host sync, once per NAN_CHECK_EVERY steps
+    if step:
+        raise NonFiniteLossError(
+            f"loss became {float(first_bad_loss)} at epoch {epoch}, step {step}; training "
+            f"stopped. Lower the learning rate (it was {lrs[step - 1]:.4g} at that step; --lr).",
+            epoch=epoch, step=step)
+
+
 @torch.no_grad()
-def predict(model, loader):
+def predict(model, loader, precision="fp32"):
     """Logits of every image of an (unshuffled) loader, on the CPU, in loader order."""
     model.eval()
-    with autocast(loader.device):
+    with autocast(loader.device, precision):
         return torch.cat([model(x).float().cpu() for x, _ in loader])
 
 
 @torch.no_grad()
-def evaluate(model, loader):
+def evaluate(model, loader, precision="fp32"):
     """{"loss", "acc"} of `model` over an evaluation loader (plain cross-entropy, no smoothing)."""
-    logits = predict(model, loader)
+    logits = predict(model, loader, precision)
     labels = loader.labels.cpu()
     return {"loss": F.cross_entropy(logits, labels).item(),
             "acc": (logits.argmax(1) == labels).float().mean().item()}
@@ -204,7 +259,7 @@ def has_running_stats(model):
 
 
 @torch.no_grad()
-def evaluate_batch_stats(model, data, batch_size, device, seed=0):
+def evaluate_batch_stats(model, data, batch_size, device, seed=0, precision="fp32"):
     """Test accuracy with train-mode normalization: each batch of `batch_size` test images is
     normalized by its own statistics, as during training, instead of BatchNorm's running ones.
 
@@ -219,7 +274,7 @@ def evaluate_batch_stats(model, data, batch_size, device, seed=0):
     loader = TensorLoader(data.test_x[order], data.test_y[order], data.mean, data.std,
                           batch_size, train=False, device=device)
     correct = seen = 0
-    with autocast(loader.device):
+    with autocast(loader.device, precision):
         for x, y in loader:
             if len(y) < 2:
                 break  # BatchNorm cannot normalize a batch of one image: drop such a tail
@@ -241,48 +296,63 @@ def make_loaders(data, config, device, channels_last=True):
 
 
 def run_fingerprint(model, data, config):
-    """What a checkpoint must match to be resumed: architecture, recipe and data."""
-    return {"model": model.config.to_dict(), "train": config.to_dict(),
+    """What a checkpoint must match to be resumed: architecture, recipe and data (not how the
+    arithmetic is done: a CPU fp32 checkpoint may be resumed in bf16 on a GPU)."""
+    train = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
+    return {"model": model.config.to_dict(), "train": train,
             "num_params": model.get_num_params(), "data_sha256": data.sha256,
             "train_images": len(data.train_y), "test_images": len(data.test_y)}
 
 
 def fit(model, data, config, device=None, checkpoint_path=None, resume=False, progress=True,
-        on_epoch_end=None, channels_last=True):
+        on_epoch_end=None, channels_last=True, overwrite=False):
     """Train `model` for config.epochs with one-cycle SGD; return the history.
 
     history = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-               "epoch_time"} (lists, one entry per epoch; times in seconds).
+               "epoch_time", "precision"} (lists, one entry per epoch; times in seconds;
+               precision: the one resolved from config.precision, see precision.py).
     With `checkpoint_path`, a checkpoint is written atomically after every epoch; with
     `resume=True` an existing one is loaded (after checking it belongs to this run) and
     training continues from the epoch after it, reproducing the uninterrupted run on CPU.
-    `on_epoch_end(epoch, history)` is called after each checkpoint.
+    An existing checkpoint is never replaced by a new run unless `overwrite=True`: it may hold
+    hours of another run's work. `on_epoch_end(epoch, history)` is called after each checkpoint.
     """
     device = get_device(device)
+    precision = resolve_precision(config.precision, device)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    refuse_to_replace_checkpoint(checkpoint_path, resume, overwrite)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: pick fastest kernels
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     seed_everything(config.seed)
     train_loader, test_loader = make_loaders(data, config, device, channels_last)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
+    scaler = make_grad_scaler(device, precision)
     history = {k: [] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
-                               "lr", "epoch_time")}
+                               "lr", "epoch_time", "precision")}
     fingerprint = run_fingerprint(model, data, config)
     start_epoch = 1
-    if resume and checkpoint_path and Path(checkpoint_path).exists():
+    if resume and checkpoint_path and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, fingerprint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         train_loader.load_state_dict(state["loader"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         history = state["history"]
+        history.setdefault("precision", [None] * len(history["epoch"]))  # older checkpoints
         start_epoch = state["epoch"] + 1
         print(f"Resumed from {checkpoint_path} after epoch {state['epoch']}; its log so far:")
         for i in range(len(history["epoch"])):
             print(epoch_line(history, i, config.epochs))
+    elif resume:
+        print(f"No checkpoint at {checkpoint_path}: training starts from epoch 1."
+              if checkpoint_path else "No checkpoint path given: training starts from epoch 1.")
+    step_model = compile_model(model, config.compile)  # shares the parameters of `model`
 
     bar = None
     if progress:
@@ -294,13 +364,18 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         for epoch in range(start_epoch, config.epochs + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(model, train_loader, optimizer, scheduler,
-                                    config.label_smoothing, epoch, bar)
-            test = evaluate(model, test_loader)
+            try:
+                train = train_one_epoch(step_model, train_loader, optimizer, scheduler,
+                                        config.label_smoothing, epoch, bar, precision, scaler)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err} {_kept_checkpoint(checkpoint_path, epoch)}",
+                                         err.epoch, err.step) from None
+            test = evaluate(step_model, test_loader, precision)
             for key, value in (("epoch", epoch), ("train_loss", train["loss"]),
                                ("train_acc", train["acc"]), ("test_loss", test["loss"]),
                                ("test_acc", test["acc"]), ("lr", lr),
-                               ("epoch_time", time.perf_counter() - t0)):
+                               ("epoch_time", time.perf_counter() - t0),
+                               ("precision", precision)):
                 history[key].append(value)
             line = epoch_line(history, -1, config.epochs)
             if bar is not None:
@@ -312,6 +387,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "loader": train_loader.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": get_rng_state(), "history": history,
                 })
             if on_epoch_end is not None:
@@ -320,6 +396,25 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         if bar is not None:
             bar.close()
     return history
+
+
+def refuse_to_replace_checkpoint(path, resume, overwrite):
+    """A new run must not silently replace a checkpoint: it may hold hours of another run."""
+    if path is not None and Path(path).exists() and not (resume or overwrite):
+        raise CheckpointError(
+            f"{path} already exists; refusing to replace it. Resume that run (--resume, or "
+            f"RESUME = True in a notebook), use another file (--checkpoint), or start again "
+            f"with --overwrite")
+
+
+def _kept_checkpoint(checkpoint_path, failed_epoch):
+    """What the user still has after a NaN in `failed_epoch`, for the error message."""
+    if checkpoint_path is None:
+        return "No checkpoint was being written."
+    if failed_epoch > 1 and checkpoint_path.exists():
+        return (f"The checkpoint of epoch {failed_epoch - 1}, the last complete one, is left "
+                f"intact at {checkpoint_path}.")
+    return "No epoch had completed, so there is no checkpoint to resume from."
 
 
 def epoch_line(history, i, epochs):
@@ -367,10 +462,11 @@ def load_checkpoint(path, fingerprint=None):
     """Load a checkpoint; refuse a damaged one or one whose fingerprint differs from this run's."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # torch's own text runs to seven lines of unrelated advice
         raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); delete it to start "
-            f"the run from scratch") from None
+            f"checkpoint {path} is unreadable (damaged or not a checkpoint: "
+            f"{type(err).__name__}); delete it to start the run from scratch, or point "
+            f"--checkpoint elsewhere") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (format "
                               f"{CHECKPOINT_FORMAT}); delete it or pass another path")
@@ -395,14 +491,14 @@ def _fingerprint_diff(saved, current, prefix=""):
 
 # -------------------------------------------------------------------------------- analysis
 
-def collect_misclassified(model, loader, limit=10, seed=0, logits=None):
+def collect_misclassified(model, loader, limit=10, seed=0, logits=None, precision="fp32"):
     """A seeded random sample of up to `limit` wrongly classified images of an evaluation loader.
 
     Sampled rather than the first ones, since datasets sorted by class would show one class only.
     Returns {"index", "true", "pred"} (int64 tensors, in dataset order) and "images" (the raw
     uint8 images, i.e. denormalized, (K, 3, H, W)). `logits`: predict(model, loader), if at hand.
     """
-    preds = (predict(model, loader) if logits is None else logits).argmax(1)
+    preds = (predict(model, loader, precision) if logits is None else logits).argmax(1)
     labels = loader.labels.cpu()
     wrong = torch.nonzero(preds != labels).flatten()
     pick = torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))[:limit]
@@ -411,9 +507,9 @@ def collect_misclassified(model, loader, limit=10, seed=0, logits=None):
             "images": loader.images[wrong.to(loader.device)].cpu()}
 
 
-def confusion_matrix(model, loader, num_classes=10, logits=None):
+def confusion_matrix(model, loader, num_classes=10, logits=None, precision="fp32"):
     """(num_classes, num_classes) counts: row = true class, column = predicted class."""
-    preds = (predict(model, loader) if logits is None else logits).argmax(1)
+    preds = (predict(model, loader, precision) if logits is None else logits).argmax(1)
     labels = loader.labels.cpu()
     return torch.bincount(labels * num_classes + preds,
                           minlength=num_classes ** 2).view(num_classes, num_classes)
@@ -482,8 +578,10 @@ def make_results(model, data, config, history, device, logits=None, **extra):
     and per-class accuracy are of the final model on the test set (`logits`: its predictions,
     if already computed)."""
     wall_time = sum(history["epoch_time"])
+    precision = run_precision(history) or resolve_precision(config.precision, device)
+    used = precision.split(", ")[-1]  # a resumed run on other hardware: its last precision
     confusion = confusion_matrix(model, make_test_loader(data, config, device),
-                                 len(data.classes), logits)
+                                 len(data.classes), logits, precision=used)
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
     return {
         "format": RESULTS_FORMAT,
@@ -495,8 +593,9 @@ def make_results(model, data, config, history, device, logits=None, **extra):
         # BatchNorm only: the same test set normalized by the statistics of each batch of
         # `batch_size` images, as in training, rather than by the running averages.
         "final_test_acc_batch_stats": (
-            evaluate_batch_stats(model, data, config.batch_size, device, config.seed)
+            evaluate_batch_stats(model, data, config.batch_size, device, config.seed, used)
             if has_running_stats(model) else None),
+        "precision": precision,
         "wall_time_s": wall_time,
         "time_per_epoch_s": wall_time / len(history["epoch_time"]),
         "per_class_acc": dict(zip(data.classes, per_class)),
@@ -511,6 +610,16 @@ def make_results(model, data, config, history, device, logits=None, **extra):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def run_precision(history):
+    """The precision(s) a run's epochs used, in order: "bf16", or "fp32, bf16" for a run resumed
+    on other hardware; None for histories from before precision was recorded."""
+    used = []
+    for value in history.get("precision", []):
+        if value is not None and value not in used:
+            used.append(value)
+    return ", ".join(used) or None
 
 
 def save_json_atomic(path, payload):

@@ -193,3 +193,19 @@ def test_training_loader_is_seeded_and_drops_the_ragged_tail():
     assert torch.equal(torch.cat([yb for _, yb in test]), y)
     first = next(iter(test))[0]
     assert torch.allclose(first, (x[:16].float() / 255 - 0.5) / 0.25)
+
+
+def test_grayscale_images_are_converted_with_one_warning_naming_count_and_path(image_tree,
+                                                                             cache_dir):
+    root, pixels = image_tree
+    gray = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 256
+    for i in (0, 1):
+        Image.fromarray(gray.astype(np.uint8), mode="L").save(root / "train" / "cat" / f"{i:04d}.png")
+    with pytest.warns(dataset.DatasetWarning) as caught:
+        data = load_cifar10(root, cache_dir=cache_dir, verbose=False)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "2 image(s)" in message and "cat/0000.png" in message and "mode L" in message
+    cat = data.train_x[9]  # the first training image of class "cat", now RGB
+    assert cat.shape == (3, 32, 32) and torch.equal(cat[0], cat[1]) and torch.equal(cat[0], cat[2])
+    assert torch.equal(cat[0], torch.from_numpy(gray.astype(np.uint8)))

@@ -70,8 +70,7 @@ def test_sweep_skips_runs_whose_results_exist(tmp_path):
 
 def test_readme_results_tables_are_generated_from_the_committed_results():
     readme = (ROOT / "README.md").read_text()
-    current = report.render_readme(readme, report.load_runs(), report.load_study(),
-                                   report.study_budget())
+    current = report.render_current(readme)
     assert current == readme, "README.md's results tables are stale: run python tools/report.py"
 
 
@@ -86,7 +85,12 @@ def test_sweep_plans_the_batch_size_study_with_linearly_scaled_learning_rates():
     args = dict(zip(runs[0][1][::2], runs[0][1][1::2]))
     assert args == {"--norm": "batch", "--seed": "0", "--batch-size": "2",
                     "--lr": repr(0.1 * 2 / 128), "--run-name": "batch_bs2_seed0"}
-    assert sweep.plan(["layer"], [3]) == [("layer_seed3", ["--norm", "layer", "--seed", "3"])]
+    assert sweep.plan(["layer"], [3]) == [
+        ("layer_seed3", ["--norm", "layer", "--seed", "3", "--run-name", "layer_seed3"])]
+    # A non-default rate gets its own name, so it cannot be mistaken for the default run.
+    assert sweep.plan(["gn"], [0], base_lr=0.2) == [
+        ("group_seed0_lr0.2", ["--norm", "group", "--seed", "0", "--lr", "0.2",
+                               "--run-name", "group_seed0_lr0.2"])]
 
 
 def test_sweep_skips_finished_study_runs_and_refuses_batch_size_one(tmp_path):
@@ -117,3 +121,84 @@ def test_notebook_writer_keeps_executed_notebooks(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["make_notebooks.py", "--force", name])
     make_notebooks.main()
     assert not make_notebooks.has_outputs(tmp_path / name)
+
+
+def readme_commands():
+    """(block number, command) for every command in README.md's bash blocks, with backslash
+    continuations joined and `&&` chains split; export lines are kept as commands."""
+    import re
+
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = []
+    for number, block in enumerate(blocks):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            commands += [(number, part.strip()) for part in line.split("&&") if part.strip()]
+    return commands
+
+
+def test_readme_commands_run_as_written_from_a_fresh_clone():
+    """Every python call goes through the venv the setup command makes, every flag exists, and
+    every command that reads CIFAR-10 is told where the local copy is."""
+    import re
+    import subprocess
+
+    commands = readme_commands()
+    assert commands, "README.md has no bash blocks"
+    exported, helps = set(), {}
+    for block, command in commands:
+        if command.startswith("export CIFAR10_DATA="):
+            exported.add(block)
+            continue
+        words = command.split()
+        python = next((w for w in words if re.fullmatch(r"(\S*/)?python3?", w)), None)
+        if python is None:
+            continue
+        assert python in (".venv/bin/python", "python3"), f"bare {python}: {command}"
+        if python == "python3":
+            assert "-m venv" in command, f"runs outside the venv: {command}"
+            continue
+        script = words[words.index(python) + 1]
+        if script == "-m":
+            continue
+        assert (ROOT / script).is_file(), f"no such script {script}: {command}"
+        if script not in helps:
+            helps[script] = subprocess.run([sys.executable, str(ROOT / script), "--help"],
+                                           capture_output=True, text=True, cwd=ROOT).stdout
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", command):
+            assert flag in helps[script], f"{script} has no {flag}: {command}"
+        if script in ("train.py", "bench.py", "tools/sweep.py"):
+            assert "CIFAR10_DATA=" in command or "--data" in command or block in exported, \
+                f"needs the data's location (CIFAR10_DATA or --data): {command}"
+
+
+@pytest.mark.parametrize("name", ["S8_BatchNorm.ipynb", "S8_LayerNorm.ipynb",
+                                  "S8_GroupNorm.ipynb", "S8_Compare.ipynb"])
+def test_colab_setup_cell_stops_at_once_while_the_repository_url_is_a_placeholder(
+        name, tmp_path, monkeypatch):
+    import nbformat
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    cell = next(c for c in nbformat.read(ROOT / name, as_version=4).cells
+                if c.cell_type == "code" and "google.colab" in c.source)
+    shell_calls = []
+
+    class FakeShell:
+        def system(self, cmd):
+            shell_calls.append(cmd)
+
+        def run_line_magic(self, magic, arg):
+            shell_calls.append(f"%{magic} {arg}")
+
+    def run(source):
+        code = TransformerManager().transform_cell(source)
+        exec(compile(code, name, "exec"), {"get_ipython": FakeShell})
+
+    monkeypatch.chdir(tmp_path)  # no model.py / compare.py here: a fresh Colab runtime
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    with pytest.raises(RuntimeError, match=r"REPO is still the placeholder .*Set REPO in "
+                                           r"tools/make_notebooks.py"):
+        run(cell.source)
+    assert shell_calls == []  # nothing cloned or installed before the message
+    run(cell.source.replace("YOUR-GITHUB-USER/", "someone/", 1))
+    assert shell_calls[0] == "git clone -q https://github.com/{REPO}.git"

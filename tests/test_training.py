@@ -92,26 +92,6 @@ def test_checkpoint_of_another_configuration_is_refused(tiny_data, tmp_path):
             resume=True, progress=False)
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tiny_data, tmp_path,
-                                                                     monkeypatch):
-    import utils
-
-    config = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0)
-    steps_per_epoch = len(tiny_data.train_y) // config.batch_size
-    # A sane first epoch, then a learning rate of 0.05 * 1e12 from the first step of epoch 2.
-    monkeypatch.setattr(utils, "one_cycle",
-                        lambda step, *a: 1.0 if step < steps_per_epoch else 1e12)
-    ckpt = tmp_path / "run.pt"
-    with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step \d+; training stopped.*"
-                                                 r"Lower the learning rate"):
-        fit(build_model("layer", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
-            progress=False)
-    state = load_checkpoint(ckpt)
-    assert state["epoch"] == 1 and len(state["history"]["test_acc"]) == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no half-written temp file
-
-
 def test_collect_misclassified_returns_only_wrong_predictions(tiny_data):
     class AlwaysCat(torch.nn.Module):
         def forward(self, x):
@@ -226,3 +206,31 @@ def test_learning_rate_scales_linearly_with_the_batch_size():
     assert scaled_lr(128) == TrainConfig.lr
     assert scaled_lr(2) == pytest.approx(TrainConfig.lr / 64)
     assert scaled_lr(256, base_lr=0.2) == pytest.approx(0.4)
+
+
+def test_nan_in_the_first_epoch_does_not_promise_a_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import utils
+
+    monkeypatch.setattr(utils, "one_cycle", lambda step, *a: 1e12)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(build_model("batch", seed=0), tiny_data, TrainConfig(epochs=2, batch_size=20),
+            "cpu", checkpoint_path=ckpt, progress=False)
+    assert "at epoch 1" in str(err.value)
+    assert "No epoch had completed, so there is no checkpoint" in str(err.value)
+    assert "left intact" not in str(err.value) and not ckpt.exists()
+
+
+def test_fit_never_replaces_an_existing_checkpoint_unless_told_to(tiny_data, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    one_epoch = TrainConfig(**{**SHORT.to_dict(), "epochs": 1})
+    fit(build_model("batch", seed=0), tiny_data, one_epoch, "cpu", checkpoint_path=ckpt,
+        progress=False)
+    before = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match=r"run.pt already exists; refusing to replace it"):
+        fit(build_model("group", seed=0), tiny_data, one_epoch, "cpu", checkpoint_path=ckpt,
+            progress=False)
+    assert ckpt.read_bytes() == before
+    fit(build_model("group", seed=0), tiny_data, one_epoch, "cpu", checkpoint_path=ckpt,
+        progress=False, overwrite=True)
+    assert load_checkpoint(ckpt)["fingerprint"]["model"]["norm"] == "group"

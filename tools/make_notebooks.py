@@ -18,8 +18,10 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where the repository is published; the Colab badge and setup cell use it.
+# Where the repository is published; the Colab badge and setup cell use it. Until it is set,
+# the Colab setup cell stops at once and says what to do (README "Publishing").
 REPO = "YOUR-GITHUB-USER/s8-normalization"
+PLACEHOLDER_OWNER = "YOUR-GITHUB-USER"
 VARIANTS = {"BatchNorm": "batch", "LayerNorm": "layer", "GroupNorm": "group"}
 INTRO = {
     "batch": "BatchNorm normalizes each channel over the batch and the image, and keeps running "
@@ -29,6 +31,25 @@ INTRO = {
     "group": "GroupNorm normalizes each image over groups of channels (4 groups here) and their "
              "pixels; no batch statistics.",
 }
+
+
+def colab_setup_cell(entry_module, extra_install=""):
+    """Clone the repository in Colab (locally: nothing), refusing the placeholder URL up front
+    rather than dying later at the first import with ModuleNotFoundError."""
+    return new_code_cell(
+        "# Setup. In Colab: fetch the repository" + (" and the one package Colab lacks" if
+                                                     extra_install else "") + ". Locally: nothing.\n"
+        "import os, sys\n"
+        f"REPO = \"{REPO}\"  # set in tools/make_notebooks.py, then regenerate the notebooks\n"
+        f"if \"google.colab\" in sys.modules and not os.path.exists(\"{entry_module}\"):\n"
+        f"    if REPO.startswith(\"{PLACEHOLDER_OWNER}/\"):\n"
+        "        raise RuntimeError(\n"
+        "            f\"REPO is still the placeholder {REPO!r}, so there is nothing to clone. Set REPO \"\n"
+        "            \"in tools/make_notebooks.py to the GitHub repository you published, regenerate \"\n"
+        "            \"the notebooks (README: Publishing), or set REPO in this cell to it.\")\n"
+        "    !git clone -q https://github.com/{REPO}.git\n"
+        "    %cd {REPO.split('/')[1]}"
+        + (f"\n    !pip install -q {extra_install}" if extra_install else ""))
 
 
 def notebook(title, norm):
@@ -44,13 +65,7 @@ def notebook(title, norm):
             f"With `S8_SMOKE=1` (or `CI` set) the notebook trains 1 epoch on a small stratified "
             f"subset and writes its figures to a temporary folder; otherwise it trains the full "
             f"20 epochs and writes `images/` and `results/`."),
-        new_code_cell(
-            "# Setup. In Colab: fetch the repository and the one package Colab lacks. Locally: nothing.\n"
-            "import os, sys\n"
-            "if \"google.colab\" in sys.modules and not os.path.exists(\"model.py\"):\n"
-            f"    !git clone -q https://github.com/{REPO}.git\n"
-            f"    %cd {REPO.split('/')[1]}\n"
-            "    !pip install -q torchsummary"),
+        colab_setup_cell("model.py", extra_install="torchsummary"),
         new_code_cell(
             "# Configuration\n"
             "import os, tempfile\n"
@@ -62,6 +77,7 @@ def notebook(title, norm):
             "SUBSET = 200 if SMOKE else None   # training images per class (stratified); None = all\n"
             "DATA = os.environ.get(\"CIFAR10_DATA\")  # archive or folder; None downloads (Colab)\n"
             "RESUME = True                     # continue from the checkpoint after a disconnect\n"
+            "PRECISION = \"auto\"                # auto: bf16 on A100/H100/L4 and bf16-capable CPUs, fp16 on T4\n"
             "# Smoke runs never write into images/ or results/: those hold full runs only.\n"
             "OUT = Path(tempfile.mkdtemp()) if SMOKE else Path(\".\")\n"
             "IMAGES_DIR, RESULTS_DIR = OUT / \"images\", OUT / \"results\"\n"
@@ -85,7 +101,7 @@ def notebook(title, norm):
             "print(f\"{model.config.norm}: {model.get_num_params():,} trainable parameters\")\n"
             "show_summary(model)"),
         new_code_cell(
-            "config = TrainConfig(epochs=EPOCHS, seed=SEED)\n"
+            "config = TrainConfig(epochs=EPOCHS, seed=SEED, precision=PRECISION)\n"
             "run = f\"{model.config.norm}_seed{SEED}\"\n"
             "history = fit(model, data, config, device, checkpoint_path=CHECKPOINT_DIR / f\"{run}.pt\",\n"
             "              resume=RESUME)"),
@@ -94,7 +110,8 @@ def notebook(title, norm):
             "plot_history(history, IMAGES_DIR / f\"{run}_curves.png\", title=title, show=True);"),
         new_code_cell(
             "_, test_loader = make_loaders(data, config, device)\n"
-            "mistakes = collect_misclassified(model, test_loader, limit=10)\n"
+            "mistakes = collect_misclassified(model, test_loader, limit=10,\n"
+            "                                 precision=history[\"precision\"][-1])\n"
             "plot_misclassified(mistakes, data.classes, IMAGES_DIR / f\"{run}_misclassified.png\",\n"
             "                   title=title, show=True);"),
         new_code_cell(
@@ -102,7 +119,8 @@ def notebook(title, norm):
             "save_json_atomic(RESULTS_DIR / f\"{run}.json\", results)\n"
             "print(f\"{run}: final test accuracy {100 * results['final_test_acc']:.2f}% after \"\n"
             "      f\"{results['epochs']} epochs, {results['time_per_epoch_s']:.1f} s/epoch on \"\n"
-            "      f\"{results['hardware'].get('gpu', results['hardware']['cpu'])}, \"\n"
+            "      f\"{results['hardware'].get('gpu', results['hardware']['cpu'])} in \"\n"
+            "      f\"{results['precision']}, \"\n"
             "      f\"data: {results['data']['source']}\")"),
     ]
     nb = new_notebook(cells=cells, metadata={
@@ -130,12 +148,7 @@ def compare_notebook():
             "also record the test accuracy with *batch* statistics (train-mode normalization, "
             "batches of the training size) next to the usual running statistics.\n\n"
             "All accuracies were measured on the JPEG re-encoding of CIFAR-10 (see the README)."),
-        new_code_cell(
-            "# Setup. In Colab: fetch the repository (results files included). Locally: nothing.\n"
-            "import os, sys\n"
-            "if \"google.colab\" in sys.modules and not os.path.exists(\"compare.py\"):\n"
-            f"    !git clone -q https://github.com/{REPO}.git\n"
-            f"    %cd {REPO.split('/')[1]}"),
+        colab_setup_cell("compare.py"),
         new_code_cell(
             "from compare import (RESULTS_DIR, STUDY_DIR, load_runs, load_study, most_confused_lines,\n"
             "                     per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"

@@ -4,11 +4,14 @@
     python tools/report.py --check    # exit 1 if a README table is out of date (for CI)
 
 Writes the results table (results/*.json), the batch-size study section
-(results/batch_size/*.json), images/compare_variants.png, images/confusion_matrices.png and
-images/batch_size_study.png. No number is typed by hand: every cell comes from a results file.
+(results/batch_size/*.json), the precision check (results/precision/*.json against the fp32
+runs), the speed tables (results/bench/*.txt, bench.py's outputs), images/compare_variants.png,
+images/confusion_matrices.png and images/batch_size_study.png. No number is typed by hand:
+every cell comes from a results file.
 """
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -26,13 +29,17 @@ STUDY_FIGURE = IMAGES / "batch_size_study.png"
 CONFUSION_FIGURE = IMAGES / "confusion_matrices.png"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 STUDY_START, STUDY_END = "<!-- batch-size:start -->", "<!-- batch-size:end -->"
+PRECISION_START, PRECISION_END = "<!-- precision:start -->", "<!-- precision:end -->"
+SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+PRECISION_DIR = ROOT / "results" / "precision"
+BENCH_DIR = ROOT / "results" / "bench"
 TARGETS = {"batch": 85.0, "layer": 83.0, "group": 83.0}  # issue targets, mean of 3 seeds (%)
 
 
 def table(runs):
     lines = ["| variant | seeds | test acc. mean ± std (%) | best | worst | target | params | "
-             "epochs | s/epoch (median) | hardware | data |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "epochs | s/epoch (median) | hardware | precision | data |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in [v for v in ORDER if v in runs]:
         rs = sorted(runs[variant], key=lambda r: r["seed"])
         accs = [100 * r["final_test_acc"] for r in rs]
@@ -44,6 +51,7 @@ def table(runs):
                        for r in rs})
         epochs = sorted({r["epochs"] for r in rs})
         params = sorted({r["num_params"] for r in rs})
+        precisions = sorted({run_precision(r) for r in rs})
         target = TARGETS[variant]
         verdict = "met" if len(accs) >= 3 and mean >= target else (
             "not met" if len(accs) >= 3 else f"needs 3 seeds ({len(accs)} so far)")
@@ -52,7 +60,7 @@ def table(runs):
             f"{max(accs):.2f} | {min(accs):.2f} | ≥ {target:.0f}: {verdict} | "
             f"{', '.join(f'{p:,}' for p in params)} | {', '.join(map(str, epochs))} | "
             f"{statistics.median(t for r in rs for t in r['history']['epoch_time']):.1f} | "
-            f"{'; '.join(hw)} | "
+            f"{'; '.join(hw)} | {', '.join(precisions)} | "
             f"{'; '.join(data)} |")
     dates = sorted(r["date"][:10] for rs in runs.values() for r in rs)
     if dates:
@@ -90,6 +98,96 @@ def study_section(study, budget, runs):
     return "\n".join(parts)
 
 
+def run_precision(run):
+    """The precision a results file records; files from before the policy ran fp32 (CPU
+    autocast was off then), so they say nothing and mean fp32."""
+    return run.get("precision") or "fp32"
+
+
+def precision_section(checks, runs):
+    """Each run of results/precision/ against the seed spread of the results table's runs of
+    the same variant (the fp32 reference)."""
+    if not checks:
+        return "No precision-check runs yet (results/precision/ is empty)."
+    lines = ["| run | precision | hardware | test acc. (%) | reference runs: precision, seeds "
+             "| reference mean ± std (range) | within the reference range? |",
+             "|---|---|---|---|---|---|---|"]
+    for run in sorted(checks, key=lambda r: (ORDER.index(r["variant"]), r["seed"])):
+        ref = sorted(runs.get(run["variant"], []), key=lambda r: r["seed"])
+        accs = [100 * r["final_test_acc"] for r in ref]
+        acc = 100 * run["final_test_acc"]
+        ref_precision = sorted({run_precision(r) for r in ref})
+        verdict = "yes" if accs and min(accs) <= acc <= max(accs) else (
+            "no" if accs else "no reference runs")
+        lines.append(
+            f"| {run['variant']} seed {run['seed']} | {run['precision']} | "
+            f"{compare.threads(run['hardware'])}, {run['hardware'].get('cpu_capability', '?')}, "
+            f"native bf16: {'yes' if run['hardware'].get('cpu_native_bf16') else 'no'} | "
+            f"{acc:.2f} | {', '.join(ref_precision)}, {', '.join(str(r['seed']) for r in ref)} | "
+            f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} "
+            f"({min(accs):.2f}–{max(accs):.2f}) | {verdict} |" if len(accs) > 1 else
+            f"| {run['variant']} seed {run['seed']} | {run['precision']} | - | {acc:.2f} | - | "
+            f"- | {verdict} |")
+    for run in checks:
+        same_seed = [r for r in runs.get(run["variant"], []) if r["seed"] == run["seed"]]
+        for ref in same_seed:
+            n = min(5, len(run["history"]["train_loss"]), len(ref["history"]["train_loss"]))
+            fmt = lambda r: ", ".join(f"{v:.4f}" for v in r["history"]["train_loss"][:n])  # noqa: E731
+            lines += ["", f"Training loss of the first {n} epochs, {run['variant']} seed "
+                          f"{run['seed']}: {fmt(run)} in {run['precision']}; {fmt(ref)} in "
+                          f"{run_precision(ref)}."]
+    return "\n".join(lines)
+
+
+def parse_bench(path):
+    """bench.py's output file: {"machine", "command", "date", "rows": [{pipeline, precision,
+    train_ips, s_epoch, eval_ips, first_s}]}. Reads the older format (no precision and
+    first-step columns, whose runs were fp32 unless named +bf16) too."""
+    text = path.read_text()
+    meta = dict(re.findall(r"^# (\w[\w ]*): (.*)$", text, re.M))
+    machine = re.search(r"^machine: (.*)$", text, re.M)
+    rows = []
+    for line in text[text.index("\npipeline"):].splitlines()[3:]:
+        words = line.split()
+        if len(words) < 5 or words[0].startswith("speed-up"):
+            break
+        name, rest = words[0], words[1:]
+        precision = rest.pop(0) if rest[0] in ("fp32", "bf16", "fp16") else (
+            "bf16" if "bf16" in name.split("+") else "fp32")
+        numbers = [float(w) for w in rest]
+        first = numbers[3] if len(numbers) >= 5 else None
+        rows.append({"pipeline": name, "precision": precision, "train_ips": numbers[0],
+                     "s_epoch": numbers[1], "eval_ips": numbers[2], "first_s": first})
+    return {"machine": machine.group(1) if machine else "?", "kind": meta.get("machine kind"),
+            "command": meta.get("command", "?"), "date": meta.get("date", "?"), "rows": rows}
+
+
+def speed_section(bench_files):
+    """One row group per benchmark output file (one machine kind each), newest first."""
+    benches = [parse_bench(f) for f in bench_files]
+    benches = [b for b in benches if b["rows"]]
+    if not benches:
+        return "No benchmark outputs yet (results/bench/ is empty)."
+    lines = ["| machine kind | pipeline | precision | train img/s | s/epoch | × usual (train) | "
+             "eval img/s | first-step s |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for bench in sorted(benches, key=lambda b: b["date"], reverse=True):
+        usual = next(r for r in bench["rows"] if r["pipeline"] == "usual")
+        for row in bench["rows"]:
+            default = " (default)" if row["pipeline"] == "repo" else ""
+            first = f"{row['first_s']:.1f}" if row["first_s"] is not None else "-"
+            lines.append(
+                f"| {bench['kind']} | {row['pipeline']}{default} | {row['precision']} | "
+                f"{row['train_ips']:.0f} | {row['s_epoch']:.1f} | "
+                f"{row['train_ips'] / usual['train_ips']:.2f} | {row['eval_ips']:.0f} | {first} |")
+        notes.append(f"- {bench['kind']}: `{bench['command']}` ({bench['date']}; "
+                     f"{bench['machine'].split(';')[0]})")
+    return "\n".join(lines + ["", "Medians of the repetitions; s/epoch = 50,000 / train img/s "
+                               "(training only); first-step s = the untimed warm-up steps and "
+                               "first evaluation, where a compiled variant pays its compile "
+                               "time. Sources, newest first:", ""] + notes)
+
+
 def replace_between(text, start, end, body):
     if start not in text or end not in text:
         raise SystemExit(f"README.md lacks the {start} / {end} markers")
@@ -98,12 +196,32 @@ def replace_between(text, start, end, body):
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def render_readme(readme_text, runs, study=None, budget=None):
+def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench_files=None):
     text = replace_between(readme_text, START, END, table(runs))
     if STUDY_START in text or study is not None:
         text = replace_between(text, STUDY_START, STUDY_END,
                                study_section(study or {}, budget, runs))
+    if PRECISION_START in text or checks is not None:
+        text = replace_between(text, PRECISION_START, PRECISION_END,
+                               precision_section(checks or [], runs))
+    if SPEED_START in text or bench_files is not None:
+        text = replace_between(text, SPEED_START, SPEED_END, speed_section(bench_files or []))
     return text
+
+
+def load_precision_checks(folder=PRECISION_DIR):
+    return compare.read_results(folder) if folder.is_dir() else []
+
+
+def bench_files(folder=BENCH_DIR):
+    """The benchmark outputs that hold a pipeline table (profiles do not)."""
+    return sorted(f for f in folder.glob("*.txt") if "\npipeline" in f.read_text())
+
+
+def render_current(text):
+    """README text with every generated section rebuilt from the committed files."""
+    return render_readme(text, load_runs(), load_study(), study_budget(),
+                         load_precision_checks(), bench_files())
 
 
 def write_figures(runs, study):
@@ -123,7 +241,7 @@ def main():
     args = p.parse_args()
     runs, study, budget = load_runs(), load_study(), study_budget()
     text = README.read_text()
-    new = render_readme(text, runs, study, budget)
+    new = render_current(text)
     if args.check:
         if new != text:
             sys.exit("README.md results tables are out of date: run python tools/report.py")

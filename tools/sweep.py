@@ -41,13 +41,14 @@ def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr):
             for norm in map(canonical_norm, norms):
                 args = ["--norm", norm, "--seed", str(seed)]
                 if batch_size is None:
-                    name = run_name(norm, seed)
+                    name = run_name(norm, seed, lr=base_lr)
                     if base_lr != TrainConfig.lr:
                         args += ["--lr", repr(base_lr)]
                 else:
                     name = study_run_name(norm, batch_size, seed)
                     args += ["--batch-size", str(batch_size),
-                             "--lr", repr(scaled_lr(batch_size, base_lr)), "--run-name", name]
+                             "--lr", repr(scaled_lr(batch_size, base_lr))]
+                args += ["--run-name", name]  # the name the sweep checks for, whatever else
                 runs.append((name, args))
     return runs
 
