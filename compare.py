@@ -72,9 +72,14 @@ def study_budget(study_dir=STUDY_DIR):
 
 
 def threads(hardware):
-    """"AMD EPYC, 2 threads": the CPU and how many threads torch used."""
+    """"AMD EPYC (AVX512, native bf16), 2 threads": the CPU, what decides its speed where the
+    results file recorded it (older files did not), and how many threads torch used."""
+    cpu = hardware["cpu"]
+    if "cpu_capability" in hardware:
+        bf16 = ", native bf16" if hardware.get("cpu_native_bf16") else ""
+        cpu = f"{cpu} ({hardware['cpu_capability']}{bf16})"
     n = hardware.get("cpu_threads")
-    return hardware["cpu"] if n is None else f"{hardware['cpu']}, {n} thread{'s' * (n != 1)}"
+    return cpu if n is None else f"{cpu}, {n} thread{'s' * (n != 1)}"
 
 
 def _mean_std(values):

@@ -29,6 +29,7 @@ CACHE_ENV_VAR = "S8_CACHE_DIR"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLITS = ("train", "test")
+VALIDATION_SEED = 2026  # fixed: every tuning run holds out the same validation images
 CACHE_VERSION = 1  # bump when the cache layout changes, so old caches are rebuilt
 
 
@@ -57,6 +58,26 @@ class CIFAR10Data:
         train = stratified_subset(self.train_x, self.train_y, train_per_class, seed)
         test = stratified_subset(self.test_x, self.test_y, test_per_class, seed)
         return replace(self, train_x=train[0], train_y=train[1], test_x=test[0], test_y=test[1])
+
+    def validation_split(self, per_class=500, seed=VALIDATION_SEED):
+        """Hold out `per_class` training images of every class as a validation set.
+
+        Returns data whose train_* are the remaining training images and whose test_* are the
+        held-out ones, so that settings are chosen without ever looking at the test set. The
+        split is fixed by `seed`, independent of any run's seed; mean/std are recomputed from
+        the remaining training images only."""
+        order = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(seed))
+        held = torch.zeros(len(self.train_y), dtype=torch.bool)
+        for label in torch.unique(self.train_y).tolist():
+            members = order[self.train_y[order] == label]
+            if len(members) <= per_class:
+                raise DatasetError(f"cannot hold out {per_class} images of class {label}: only "
+                                   f"{len(members)} exist")
+            held[members[:per_class]] = True
+        mean, std = channel_stats(self.train_x[~held])
+        return replace(self, train_x=self.train_x[~held], train_y=self.train_y[~held],
+                       test_x=self.train_x[held], test_y=self.train_y[held], mean=mean, std=std,
+                       source=f"{self.source}, validation split ({per_class}/class, seed {seed})")
 
     def describe(self):
         mean = ", ".join(f"{m:.4f}" for m in self.mean)

@@ -65,16 +65,29 @@ def get_norm_layer(name, num_groups=4):
     return group_norm
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "celu": nn.CELU}
+
+
+def get_activation(name):
+    """The activation module class for `name` (relu, gelu, silu, celu); fail with the list."""
+    key = str(name).strip().lower()
+    if key not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[key]
+
+
 @dataclass
 class ModelConfig:
     norm: str = "batch"       # "batch"/"bn", "group"/"gn" or "layer"/"ln"
     num_groups: int = 4       # GroupNorm groups; must divide every width below
     widths: tuple = (16, 28, 32)  # channels of stage 1 (32x32), stage 2 (16x16), stage 3 (8x8)
     dropout: float = 0.0      # Dropout2d after each 3x3 block; 0 disables it
+    activation: str = "relu"  # after each norm: relu, gelu, silu or celu
     num_classes: int = 10
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
+        get_activation(self.activation)  # an unknown name fails here, with the list
         self.widths = tuple(int(w) for w in self.widths)
         if len(self.widths) != 3:
             raise ValueError(f"widths needs 3 stage widths, got {self.widths!r}")
@@ -84,9 +97,9 @@ class ModelConfig:
 
 
 class ConvBlock(nn.Sequential):
-    """3x3 conv (no bias: the norm's shift replaces it) -> norm -> ReLU [-> Dropout2d]."""
+    """3x3 conv (no bias: the norm's shift replaces it) -> norm -> activation [-> Dropout2d]."""
 
-    def __init__(self, name, c_in, c_out, norm_layer, dropout):
+    def __init__(self, name, c_in, c_out, norm_layer, dropout, activation=nn.ReLU):
         try:
             norm = norm_layer(c_out)
         except ValueError as err:
@@ -94,7 +107,7 @@ class ConvBlock(nn.Sequential):
         layers = [
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
             norm,
-            nn.ReLU(inplace=True),
+            activation(),
         ]
         if dropout > 0:
             layers.append(nn.Dropout2d(dropout))
@@ -108,7 +121,8 @@ class Net(nn.Module):
         self.config = config
         w1, w2, w3 = config.widths
         norm = get_norm_layer(config.norm, config.num_groups)
-        block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout)
+        block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout,
+                        activation=get_activation(config.activation))
 
         self.C1 = block("C1", 3, w1)
         self.C2 = block("C2", w1, w1)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
-from model import NORM_ALIASES, ModelConfig, build_model
+from model import ACTIVATIONS, NORM_ALIASES, ModelConfig, build_model
 from precision import PRECISIONS
 from utils import (EXECUTION_FIELDS, CheckpointError, NonFiniteLossError, TrainConfig,
                    collect_misclassified, fit, get_device, load_results, make_results,
@@ -27,29 +27,43 @@ MODEL_DEFAULTS = ModelConfig()
 RESULTS_DIR = Path("results")
 # Settings that change what a run computes, with the short tag they add to its default name.
 NAME_TAGS = (("epochs", "e"), ("batch_size", "bs"), ("lr", "lr"), ("weight_decay", "wd"),
-             ("label_smoothing", "ls"), ("dropout", "drop"), ("groups", "g"),
-             ("subset", "subset"), ("train_subset", "trainsub"))
+             ("label_smoothing", "ls"), ("pct_start", "ws"), ("dropout", "drop"),
+             ("groups", "g"), ("widths", "w"), ("activation", ""), ("pad", "pad"),
+             ("flip", "flip"), ("subset", "subset"), ("train_subset", "trainsub"),
+             ("validation", "val"))
+NAME_DEFAULTS = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "lr": DEFAULTS.lr,
+                 "weight_decay": DEFAULTS.weight_decay,
+                 "label_smoothing": DEFAULTS.label_smoothing, "pct_start": DEFAULTS.pct_start,
+                 "dropout": MODEL_DEFAULTS.dropout, "groups": MODEL_DEFAULTS.num_groups,
+                 "widths": MODEL_DEFAULTS.widths, "activation": MODEL_DEFAULTS.activation,
+                 "pad": DEFAULTS.pad, "flip": DEFAULTS.flip, "subset": None,
+                 "train_subset": None, "validation": None}
 
 
 class OutputError(ValueError):
     """An output location cannot be written, or already holds another run's files."""
 
 
+def _tag_value(value):
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return "-".join(map(str, value))
+    return str(value)
+
+
 def run_name(norm, seed, **settings):
     """`<norm>_seed<seed>` for the default recipe, plus a tag per non-default setting, e.g.
     run_name("batch", 0, epochs=1, subset=20) == "batch_seed0_e1_subset20"."""
-    defaults = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "lr": DEFAULTS.lr,
-                "weight_decay": DEFAULTS.weight_decay,
-                "label_smoothing": DEFAULTS.label_smoothing, "dropout": MODEL_DEFAULTS.dropout,
-                "groups": MODEL_DEFAULTS.num_groups, "subset": None, "train_subset": None}
-    unknown = set(settings) - set(defaults)
+    unknown = set(settings) - set(NAME_DEFAULTS)
     if unknown:
         raise TypeError(f"run_name got unknown settings {sorted(unknown)}")
     if norm != "group":
         settings.pop("groups", None)  # only GroupNorm reads it
-    tags = [f"{tag}{settings[key]:g}" if isinstance(settings[key], float) else
-            f"{tag}{settings[key]}" for key, tag in NAME_TAGS
-            if settings.get(key, defaults[key]) != defaults[key]]
+    tags = [tag + _tag_value(settings[key]) for key, tag in NAME_TAGS
+            if key in settings and _tag_value(settings[key]) != _tag_value(NAME_DEFAULTS[key])]
     return "_".join([f"{norm}_seed{seed}", *tags])
 
 
@@ -70,7 +84,20 @@ def parse_args(argv=None):
                    help=f"weight decay of conv weights (default: {DEFAULTS.weight_decay})")
     p.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing,
                    help=f"label smoothing (default: {DEFAULTS.label_smoothing})")
+    p.add_argument("--pct-start", type=float, default=DEFAULTS.pct_start,
+                   help=f"fraction of the steps spent warming up (default: {DEFAULTS.pct_start})")
     p.add_argument("--dropout", type=float, default=0.0, help="Dropout2d rate (default: 0)")
+    p.add_argument("--widths", type=int, nargs=3, default=MODEL_DEFAULTS.widths,
+                   metavar=("W32", "W16", "W8"),
+                   help=f"channels at 32x32, 16x16 and 8x8 (default: "
+                        f"{' '.join(map(str, MODEL_DEFAULTS.widths))}); keep the parameter "
+                        f"count under 50,000")
+    p.add_argument("--activation", default=MODEL_DEFAULTS.activation,
+                   choices=sorted(ACTIVATIONS), help="after each norm (default: relu)")
+    p.add_argument("--pad", type=int, default=DEFAULTS.pad,
+                   help=f"random-crop padding in pixels, 0 for none (default: {DEFAULTS.pad})")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no random horizontal flips while training")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed (default: 0)")
     p.add_argument("--data", default=None,
                    help=f"CIFAR-10 archive or folder (default: ${DATA_ENV_VAR}, else download)")
@@ -80,6 +107,10 @@ def parse_args(argv=None):
     subset.add_argument("--train-subset", type=int, default=None, metavar="N",
                         help="train on N images per class (stratified), test on the whole test "
                              "set (the batch-size study's budget)")
+    p.add_argument("--validation", type=int, nargs="?", const=500, default=None, metavar="N",
+                   help="hold out N training images per class (default N: 500; a fixed split) "
+                        "and evaluate on them instead of the test set: for choosing settings "
+                        "(tools/tune.py)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
                    help="auto: bf16 on CUDA >= 8.0 and on CPUs with native bf16, fp16 with a "
@@ -114,7 +145,7 @@ def parse_args(argv=None):
         p.error("--epochs must be at least 1")
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2 (BatchNorm cannot normalize a single image)")
-    for flag in ("subset", "train_subset"):
+    for flag in ("subset", "train_subset", "validation"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1 image per class")
     return args
@@ -158,19 +189,18 @@ def main(argv=None):
     args = parse_args(argv)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                         seed=args.seed, precision=args.precision, compile=args.compile)
+                         pct_start=args.pct_start, seed=args.seed, pad=args.pad, flip=args.flip,
+                         precision=args.precision, compile=args.compile)
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir
     if (args.subset or args.train_subset) and out_dir.resolve() == RESULTS_DIR.resolve():
         raise SystemExit(f"{RESULTS_DIR}/ holds full runs only; drop --subset or pick --out-dir")
 
     # Everything that can be checked without the data is checked first (seconds, not minutes).
-    model = build_model(args.norm, seed=args.seed, num_groups=args.groups, dropout=args.dropout)
+    model = build_model(args.norm, seed=args.seed, num_groups=args.groups, dropout=args.dropout,
+                        widths=tuple(args.widths), activation=args.activation)
     name = args.run_name or run_name(
-        model.config.norm, args.seed, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-        dropout=args.dropout, groups=args.groups, subset=args.subset,
-        train_subset=args.train_subset)
+        model.config.norm, args.seed, **{key: getattr(args, key) for key in NAME_DEFAULTS})
     checkpoint = Path(args.checkpoint or Path("checkpoints") / f"{name}.pt")
     for folder in dict.fromkeys((out_dir, images_dir, checkpoint.parent)):
         check_writable(folder)
@@ -180,6 +210,8 @@ def main(argv=None):
     device = get_device(args.device)
 
     data = load_cifar10(args.data)
+    if args.validation:  # before any subset, so that the held-out images never train
+        data = data.validation_split(args.validation)
     if args.subset:
         data = data.subset(args.subset, args.subset, seed=args.seed)
     elif args.train_subset:
@@ -198,7 +230,8 @@ def main(argv=None):
     mistakes = collect_misclassified(model, test_loader, limit=10, logits=logits)
     plot_misclassified(mistakes, data.classes, images_dir / f"{name}_misclassified.png",
                        title=title)
-    results = make_results(model, data, config, history, device, logits=logits)
+    results = make_results(model, data, config, history, device, logits=logits,
+                           eval_set="validation" if args.validation else "test")
     path = save_json_atomic(results_path, results)
     print(f"final test accuracy {100 * results['final_test_acc']:.2f}% after "
           f"{results['epochs']} epochs ({results['wall_time_s']:.0f} s, {results['precision']}); "

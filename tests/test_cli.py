@@ -67,6 +67,10 @@ def test_run_names_differ_whenever_the_settings_do():
     assert run_name("group", 1, lr=0.2, groups=8) == "group_seed1_lr0.2_g8"
     assert run_name("layer", 0, groups=8) == "layer_seed0"  # only GroupNorm reads --groups
     assert run_name("batch", 0, epochs=20, batch_size=128) == "batch_seed0"  # defaults: no tag
+    assert run_name("batch", 0, widths=[24, 32, 28], activation="gelu", pad=2, flip=False,
+                    validation=500) == "batch_seed0_w24-32-28_gelu_pad2_flip0_val500"
+    assert run_name("batch", 0, widths=(16, 28, 32), activation="relu", flip=True) == \
+        "batch_seed0"
 
 
 def test_a_short_run_never_touches_a_full_runs_checkpoint_or_results(image_tree, tmp_path):
@@ -156,3 +160,25 @@ def test_precision_flag_is_recorded_in_the_results(image_tree, tmp_path):
     assert json.loads(open(results_path).read())["precision"] == "fp16"
     bad = run_train("--precision", "half", cwd=tmp_path, env_cache=tmp_path / "c")
     assert bad.returncode == 2 and "invalid choice: 'half'" in bad.stderr
+
+
+def test_validation_runs_are_scored_on_held_out_training_images(image_tree, tmp_path):
+    from PIL import Image as PILImage
+
+    root = image_tree[0]
+    for cls in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"):  # 6 training images per class, so that 1 per class can be held out
+        for i in range(3, 6):
+            PILImage.new("RGB", (32, 32), (i * 40, 0, 0)).save(root / "train" / cls / f"{i:04d}.png")
+    archive = make_archive(root, tmp_path / "six.tar.gz")
+    out = run_train("--dry-run", "--train-subset", "5", "--validation", "1", "--widths", "24", "32",
+                    "28", "--activation", "silu", "--pad", "2", "--no-flip", "--no-progress",
+                    "--data", str(archive), cwd=tmp_path, env_cache=tmp_path / "c")
+    assert out.returncode == 0, out.stderr
+    path = next(p.rstrip(",;") for p in out.stdout.split() if ".json" in p)
+    results = json.loads(open(path).read())
+    assert results["eval_set"] == "validation"
+    assert results["data"]["test_images"] == 10 and results["data"]["train_images"] == 50
+    assert results["model_config"]["widths"] == [24, 32, 28]
+    assert results["model_config"]["activation"] == "silu"
+    assert (results["train_config"]["pad"], results["train_config"]["flip"]) == (2, False)

@@ -209,3 +209,25 @@ def test_grayscale_images_are_converted_with_one_warning_naming_count_and_path(i
     cat = data.train_x[9]  # the first training image of class "cat", now RGB
     assert cat.shape == (3, 32, 32) and torch.equal(cat[0], cat[1]) and torch.equal(cat[0], cat[2])
     assert torch.equal(cat[0], torch.from_numpy(gray.astype(np.uint8)))
+
+
+def test_validation_split_holds_out_a_fixed_stratified_set_never_trained_on():
+    from conftest import synthetic_data
+
+    data = synthetic_data(per_class=20, test_per_class=5)
+    split = data.validation_split(per_class=4)
+    assert len(split.test_y) == 40 and len(split.train_y) == 160
+    assert torch.bincount(split.test_y).tolist() == [4] * 10
+    # Held-out images are training images, and none of them is still in the training part.
+    train_rows = {tuple(x.flatten().tolist()) for x in split.train_x}
+    held_rows = [tuple(x.flatten().tolist()) for x in split.test_x]
+    all_train = {tuple(x.flatten().tolist()) for x in data.train_x}
+    assert all(r in all_train and r not in train_rows for r in held_rows)
+    # Fixed: the same split every time, whatever the global RNG state (a run's seed).
+    torch.manual_seed(123)
+    assert torch.equal(data.validation_split(per_class=4).test_x, split.test_x)
+    # Normalization statistics come from the images that train, not the held-out ones.
+    assert np.allclose(split.mean, channel_stats(split.train_x)[0])
+    assert "validation split (4/class" in split.source
+    with pytest.raises(DatasetError, match="cannot hold out 20 images of class 0"):
+        data.validation_split(per_class=20)

@@ -81,3 +81,27 @@ def test_readme_states_the_real_parameter_count():
 
     count = build_model("batch").get_num_params()
     assert f"**{count:,} trainable parameters**" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "celu"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_activation_builds_trains_and_keeps_the_parameter_count(norm, activation):
+    from model import ACTIVATIONS
+
+    model = build_model(norm, seed=0, activation=activation)
+    assert model.get_num_params() == build_model(norm).get_num_params()
+    assert sum(isinstance(m, ACTIVATIONS[activation]) for m in model.modules()) == 7  # C1 C2 C4 C5 C7 C8 C9
+    loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_activation_names_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"unknown activation 'tanh'; accepted: relu, gelu"):
+        build_model("batch", activation="tanh")
+
+
+@pytest.mark.parametrize("widths", [(24, 32, 28), (28, 32, 28)])
+@pytest.mark.parametrize("norm", NORMS)
+def test_the_studys_wider_networks_stay_under_50k_parameters(norm, widths):
+    assert build_model(norm, widths=widths).get_num_params() < 50_000

@@ -202,3 +202,63 @@ def test_colab_setup_cell_stops_at_once_while_the_repository_url_is_a_placeholde
     assert shell_calls == []  # nothing cloned or installed before the message
     run(cell.source.replace("YOUR-GITHUB-USER/", "someone/", 1))
     assert shell_calls[0] == "git clone -q https://github.com/{REPO}.git"
+
+
+def test_tuning_plan_runs_every_configuration_on_the_validation_split():
+    import tune
+
+    runs = tune.plan(["base", "lr0.2"], [0, 1], epochs=5, norm="bn")
+    assert [name for name, _ in runs] == ["batch_base_e5_seed0", "batch_base_e5_seed1",
+                                          "batch_lr0.2_e5_seed0", "batch_lr0.2_e5_seed1"]
+    for name, args in runs:
+        assert "--validation" in args and args[args.index("--run-name") + 1] == name
+        assert args[args.index("--epochs") + 1] == "5"
+    assert runs[2][1][runs[2][1].index("--lr") + 1] == "0.2"
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        tune.plan(["nonsense"], [0], epochs=5)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "group"])
+def test_every_tuning_configuration_is_a_legal_network_for_every_variant(norm):
+    """Under 50,000 parameters, group count dividing every width: the assignment's limits."""
+    import tune
+    import train
+
+    for config, flags in tune.CONFIGS.items():
+        args = train.parse_args(["--norm", norm, *flags])
+        model = __import__("model").build_model(args.norm, num_groups=args.groups,
+                                                widths=tuple(args.widths),
+                                                activation=args.activation)
+        assert model.get_num_params() < 50_000, config
+
+
+def fake_tuning_run(acc, seed, epochs=5, tta=None):
+    return {"final_test_acc": acc, "final_test_acc_flip_tta": tta or acc + 0.01, "seed": seed,
+            "num_params": 46538, "date": "2026-11-22T00:00:00", "precision": "bf16",
+            "hardware": {"cpu": "Some CPU", "cpu_threads": 1},
+            "data": {"train_images": 45000, "test_images": 5000}}
+
+
+def test_ablation_table_compares_each_lever_with_the_current_recipe_beyond_seed_spread():
+    groups = {("batch", "base", 5): [fake_tuning_run(0.70, 0), fake_tuning_run(0.71, 1)],
+              ("batch", "lr0.2", 5): [fake_tuning_run(0.74, 0), fake_tuning_run(0.75, 1)],
+              ("batch", "ls0", 5): [fake_tuning_run(0.705, 0), fake_tuning_run(0.72, 1)]}
+    text = report.tuning_section(groups)
+    row = lambda config: next(l for l in text.splitlines() if f"| {config} |" in l)  # noqa: E731
+    assert "| 74.50 (74.00–75.00) | +4.00 | yes |" in row("lr0.2")
+    assert "| +0.75 | no |" in row("ls0")  # within the larger seed range (1.5 points)
+    assert "`--lr 0.2`" in row("lr0.2") and "(current recipe)" in row("base")
+    assert "scored on the 5000 held-out validation images (never the test set)" in text
+
+
+def test_proxy_check_reports_rank_agreement_between_budgets():
+    groups = {}
+    for config, short, full in (("base", 0.70, 0.80), ("lr0.2", 0.74, 0.83),
+                                ("ls0", 0.72, 0.79)):
+        groups[("batch", config, 5)] = [fake_tuning_run(short, 0)]
+        groups[("batch", config, 20)] = [fake_tuning_run(full, 0, epochs=20)]
+    text = report.tuning_section(groups)
+    assert "Ranked at 5: lr0.2, ls0, base; at 20: lr0.2, base, ls0." in text
+    assert "Spearman rank correlation 0.50." in text
+    assert report.spearman([1, 2, 3], [10, 20, 30]) == 1.0
+    assert report.spearman([1, 2, 3], [30, 20, 10]) == -1.0

@@ -234,3 +234,34 @@ def test_fit_never_replaces_an_existing_checkpoint_unless_told_to(tiny_data, tmp
     fit(build_model("group", seed=0), tiny_data, one_epoch, "cpu", checkpoint_path=ckpt,
         progress=False, overwrite=True)
     assert load_checkpoint(ckpt)["fingerprint"]["model"]["norm"] == "group"
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror(tiny_data):
+    model = build_model("group", seed=0).eval()
+    _, test_loader = make_loaders(tiny_data, TrainConfig(eval_batch_size=64), "cpu")
+    x = torch.cat([x for x, _ in test_loader])
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(3))) / 2
+    assert torch.allclose(predict(model, test_loader, flip_tta=True), expected, atol=1e-5)
+    assert not torch.allclose(predict(model, test_loader), expected, atol=1e-5)
+
+
+def test_results_record_flip_tta_accuracy_beside_single_view(tiny_data):
+    config = TrainConfig(epochs=1, batch_size=50)
+    model = build_model("layer", seed=0)
+    history = fit(model, tiny_data, config, "cpu", progress=False)
+    results = make_results(model, tiny_data, config, history, "cpu")
+    _, test_loader = make_loaders(tiny_data, config, "cpu")
+    tta = predict(model, test_loader, flip_tta=True).argmax(1)
+    assert results["final_test_acc_flip_tta"] == pytest.approx(
+        (tta == tiny_data.test_y).float().mean().item())
+    assert results["final_test_acc"] == history["test_acc"][-1]  # single view is unchanged
+
+
+def test_augmentation_strength_reaches_the_training_loader(tiny_data):
+    train, _ = make_loaders(tiny_data, TrainConfig(pad=0, flip=False, batch_size=50), "cpu")
+    assert (train.pad, train.flip) == (0, False)
+    x, y = next(iter(train))  # without crop or flip, batches are the normalized images
+    images = (tiny_data.train_x.float() / 255 - train.mean) / train.std
+    assert all(any(torch.allclose(img, ref) for ref in images[tiny_data.train_y == label])
+               for img, label in zip(x[:5], y[:5]))

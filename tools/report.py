@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tools"))
+
 import compare  # noqa: E402
 from compare import ORDER, load_runs, load_study, study_budget  # noqa: E402
 
@@ -31,6 +33,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 STUDY_START, STUDY_END = "<!-- batch-size:start -->", "<!-- batch-size:end -->"
 PRECISION_START, PRECISION_END = "<!-- precision:start -->", "<!-- precision:end -->"
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
+TUNING_DIR = ROOT / "results" / "tuning"
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
 TARGETS = {"batch": 85.0, "layer": 83.0, "group": 83.0}  # issue targets, mean of 3 seeds (%)
@@ -121,8 +125,7 @@ def precision_section(checks, runs):
             "no" if accs else "no reference runs")
         lines.append(
             f"| {run['variant']} seed {run['seed']} | {run['precision']} | "
-            f"{compare.threads(run['hardware'])}, {run['hardware'].get('cpu_capability', '?')}, "
-            f"native bf16: {'yes' if run['hardware'].get('cpu_native_bf16') else 'no'} | "
+            f"{compare.threads(run['hardware'])} | "
             f"{acc:.2f} | {', '.join(ref_precision)}, {', '.join(str(r['seed']) for r in ref)} | "
             f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} "
             f"({min(accs):.2f}–{max(accs):.2f}) | {verdict} |" if len(accs) > 1 else
@@ -188,6 +191,88 @@ def speed_section(bench_files):
                                "time. Sources, newest first:", ""] + notes)
 
 
+def load_tuning(folder=TUNING_DIR):
+    """{(norm, config, epochs): [runs]} from results/tuning/<norm>_<config>_e<E>_seed<S>.json."""
+    groups = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        match = re.fullmatch(r"(batch|layer|group)_(.+)_e(\d+)_seed(\d+)", path.stem)
+        if match:
+            norm, config, epochs, _ = match.groups()
+            groups.setdefault((norm, config, int(epochs)), []).append(compare.load_results(path))
+    return groups
+
+
+def _accs(runs, key="final_test_acc"):
+    return [100 * r[key] for r in runs]
+
+
+def spearman(xs, ys):
+    """Rank correlation of two equally long lists (no ties expected among accuracy means)."""
+    rank = lambda v: {x: i for i, x in enumerate(sorted(v))}  # noqa: E731
+    rx, ry = rank(xs), rank(ys)
+    n = len(xs)
+    return 1 - 6 * sum((rx[x] - ry[y]) ** 2 for x, y in zip(xs, ys)) / (n * (n * n - 1))
+
+
+def tuning_section(groups):
+    """The ablation table (each configuration against the current recipe, same norm and budget)
+    and the proxy check (configurations run at two budgets: do they rank alike?)."""
+    import tune
+
+    if not groups:
+        return "No tuning runs yet (results/tuning/ is empty)."
+    lines = ["| variant | configuration | change from the current recipe | params | epochs | seeds "
+             "| val. acc. mean (min–max) | Δ vs current | beats the seed spread? | "
+             "flip-TTA val. acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(tune.CONFIGS)
+    for key in sorted(groups, key=lambda k: (ORDER.index(k[0]), k[2],
+                                             order.index(k[1]) if k[1] in order else 99)):
+        norm, config, epochs = key
+        runs, base = groups[key], groups.get((norm, "base", epochs), [])
+        accs, base_accs = _accs(runs), _accs(base)
+        mean = statistics.mean(accs)
+        if base_accs and config != "base":
+            delta = mean - statistics.mean(base_accs)
+            spread = max(max(accs) - min(accs), max(base_accs) - min(base_accs))
+            verdict = ("yes" if abs(delta) > spread else "no") if len(accs) > 1 and \
+                len(base_accs) > 1 else "needs 2 seeds"
+            delta_cell = f"{delta:+.2f}"
+        else:
+            delta_cell, verdict = "-", "-"
+        change = " ".join(tune.CONFIGS.get(config, ["?"])) or "(current recipe)"
+        lines.append(
+            f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
+            f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
+            f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {delta_cell} | {verdict} | "
+            f"{statistics.mean(_accs(runs, 'final_test_acc_flip_tta')):.2f} |")
+    runs_all = [r for rs in groups.values() for r in rs]
+    dates = sorted(r["date"][:10] for r in runs_all)
+    hardware = sorted({f"{compare.threads(r['hardware'])}, {r['precision']}" for r in runs_all})
+    train_images = sorted({r["data"]["train_images"] for r in runs_all})
+    val_images = sorted({r["data"]["test_images"] for r in runs_all})
+    lines += ["", f"{len(runs_all)} runs, each trained on {'/'.join(map(str, train_images))} "
+                  f"training images and scored on the {'/'.join(map(str, val_images))} held-out "
+                  f"validation images (never the test set); single-view validation accuracy "
+                  f"after the last epoch. A change beats the seed spread when its difference "
+                  f"from the current recipe exceeds the larger min–max range of the two. "
+                  f"{'; '.join(hardware)}; {dates[0]} to {dates[-1]}."]
+    budgets = sorted({k[2] for k in groups})
+    for norm in ORDER:
+        for short, full in [(a, b) for a in budgets for b in budgets if a < b]:
+            both = [c for (n, c, e) in groups if n == norm and e == short
+                    and (norm, c, full) in groups]
+            if len(both) < 3:
+                continue
+            means = {e: [statistics.mean(_accs(groups[(norm, c, e)])) for c in both]
+                     for e in (short, full)}
+            ranked = lambda e: ", ".join(c for _, c in sorted(zip(means[e], both), reverse=True))  # noqa: E731
+            lines += ["", f"Proxy check ({norm}): {len(both)} configurations at {short} and "
+                          f"{full} epochs. Ranked at {short}: {ranked(short)}; at {full}: "
+                          f"{ranked(full)}. Spearman rank correlation "
+                          f"{spearman(means[short], means[full]):.2f}."]
+    return "\n".join(lines)
+
+
 def replace_between(text, start, end, body):
     if start not in text or end not in text:
         raise SystemExit(f"README.md lacks the {start} / {end} markers")
@@ -196,7 +281,8 @@ def replace_between(text, start, end, body):
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench_files=None):
+def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench_files=None,
+                  tuning=None):
     text = replace_between(readme_text, START, END, table(runs))
     if STUDY_START in text or study is not None:
         text = replace_between(text, STUDY_START, STUDY_END,
@@ -204,6 +290,8 @@ def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench
     if PRECISION_START in text or checks is not None:
         text = replace_between(text, PRECISION_START, PRECISION_END,
                                precision_section(checks or [], runs))
+    if TUNING_START in text or tuning is not None:
+        text = replace_between(text, TUNING_START, TUNING_END, tuning_section(tuning or {}))
     if SPEED_START in text or bench_files is not None:
         text = replace_between(text, SPEED_START, SPEED_END, speed_section(bench_files or []))
     return text
@@ -221,7 +309,7 @@ def bench_files(folder=BENCH_DIR):
 def render_current(text):
     """README text with every generated section rebuilt from the committed files."""
     return render_readme(text, load_runs(), load_study(), study_budget(),
-                         load_precision_checks(), bench_files())
+                         load_precision_checks(), bench_files(), load_tuning())
 
 
 def write_figures(runs, study):

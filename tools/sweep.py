@@ -78,17 +78,25 @@ def main(argv=None):
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
 
+    run_all(plan(args.norms, args.seeds, args.batch_sizes, args.lr), args.out_dir,
+            args.images_dir, train_args, args.jobs, args.log_dir)
+
+
+def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs"):
+    """Run train.py for each (name, arguments) of `runs`, `jobs` at a time, skipping those whose
+    results file exists and resuming from their checkpoints; exit non-zero if any failed, after
+    trying all of them (one diverged or broken run must not stop a night's sweep)."""
     todo = []
-    for name, run_args in plan(args.norms, args.seeds, args.batch_sizes, args.lr):
-        out = Path(args.out_dir) / f"{name}.json"
+    for name, run_args in runs:
+        out = Path(out_dir) / f"{name}.json"
         todo.append((name, out, [sys.executable, str(ROOT / "train.py"), *run_args,
-                            "--out-dir", args.out_dir, "--images-dir", args.images_dir,
-                            "--resume", "--no-progress", *train_args]))
+                                 "--out-dir", str(out_dir), "--images-dir", str(images_dir),
+                                 "--resume", "--no-progress", *train_args]))
 
     env = dict(os.environ)
-    if args.jobs > 1:  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    if jobs > 1:  # share the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
 
     def run(job):
         name, out, cmd = job
@@ -96,14 +104,14 @@ def main(argv=None):
             print(f"skip {out}: already done", flush=True)
             return name, 0
         print("+", " ".join(cmd), flush=True)
-        if args.jobs == 1:
+        if jobs == 1:
             return name, subprocess.run(cmd, env=env).returncode
-        with open(Path(args.log_dir) / f"{name}.log", "a") as log:
+        with open(Path(log_dir) / f"{name}.log", "a") as log:
             code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         print(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {name}", flush=True)
         return name, code
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         failed = [name for name, code in pool.map(run, todo) if code != 0]
     if failed:
         sys.exit(f"{len(failed)} of {len(todo)} planned runs failed: {', '.join(failed)}")

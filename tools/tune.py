@@ -1,0 +1,94 @@
+"""The recipe study: settings screened on a validation split, never on the test set.
+
+    # the screen: each lever alone from the current recipe, 2 seeds, a 5-epoch proxy budget
+    python tools/tune.py --epochs 5 --seeds 0 1 --jobs 2
+    # the proxy check: some of the screen's configurations again at the full 20 epochs
+    python tools/tune.py --configs base lr0.2 ls0 --epochs 20 --seeds 0
+    python tools/tune.py --list          # the configurations and their train.py arguments
+
+Every run is `train.py --validation`: it trains on 45,000 training images and is scored on the
+5,000 held out (500 per class, a fixed split: dataset.CIFAR10Data.validation_split), with the
+one-cycle schedule compressed into --epochs. One results file per run,
+results/tuning/<norm>_<config>_e<epochs>_seed<seed>.json; finished runs are skipped and
+interrupted ones resume from their checkpoints, so the study can be stopped and restarted at
+will. `tools/report.py` turns the files into the README's ablation table.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from model import canonical_norm  # noqa: E402
+from sweep import run_all  # noqa: E402
+
+OUT_DIR = ROOT / "results" / "tuning"
+
+# One lever at a time from the current recipe (utils.TrainConfig, model.ModelConfig), in the
+# order worth running first: the runs of 20 epochs say the network under-fits (train accuracy
+# at or below test accuracy), so capacity and optimisation come before regularisation.
+CONFIGS = {
+    "base": [],
+    "w24-32-28": ["--widths", "24", "32", "28"],    # 47,778 parameters
+    "w28-32-28": ["--widths", "28", "32", "28"],    # 49,902 parameters
+    "lr0.2": ["--lr", "0.2"],
+    "lr0.4": ["--lr", "0.4"],
+    "bs256": ["--batch-size", "256", "--lr", "0.2"],  # rate scaled with the batch
+    "ls0": ["--label-smoothing", "0"],
+    "wd2e-4": ["--weight-decay", "2e-4"],
+    "gelu": ["--activation", "gelu"],
+    "warmup0.4": ["--pct-start", "0.4"],
+    "pad2": ["--pad", "2"],
+    "bs64": ["--batch-size", "64", "--lr", "0.05"],
+    "lr0.05": ["--lr", "0.05"],
+    "wd1e-3": ["--weight-decay", "1e-3"],
+    "silu": ["--activation", "silu"],
+    "warmup0.1": ["--pct-start", "0.1"],
+}
+
+
+def tuning_run_name(norm, config, epochs, seed):
+    return f"{norm}_{config}_e{epochs}_seed{seed}"
+
+
+def plan(configs, seeds, epochs, norm="batch"):
+    """[(name, train.py arguments)], configuration by configuration, so that a study cut short
+    leaves configurations with all their seeds rather than many with one."""
+    norm = canonical_norm(norm)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
+    return [(name, ["--norm", norm, "--seed", str(seed), "--epochs", str(epochs),
+                    "--validation", *CONFIGS[config], "--run-name", name])
+            for config in configs for seed in seeds
+            for name in [tuning_run_name(norm, config, epochs, seed)]]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                   help="configurations to run (default: all, in the order of --list)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="(default: 0 1)")
+    p.add_argument("--epochs", type=int, default=5,
+                   help="budget; the schedule is compressed into it (default: 5, the proxy)")
+    p.add_argument("--norm", default="batch", help="variant to tune (default: batch)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
+    p.add_argument("--out-dir", default=str(OUT_DIR), help="(default: results/tuning)")
+    p.add_argument("--images-dir", default="runs/tuning", help="(default: runs/tuning)")
+    p.add_argument("--list", action="store_true", help="print the configurations and stop")
+    args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
+    if args.list:
+        for name, flags in CONFIGS.items():
+            print(f"{name:12s} {' '.join(flags) or '(the current recipe)'}")
+        return
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    run_all(plan(args.configs, args.seeds, args.epochs, args.norm), args.out_dir,
+            args.images_dir, train_args, args.jobs, log_dir="runs/logs/tuning")
+
+
+if __name__ == "__main__":
+    main()
