@@ -27,13 +27,15 @@ MODEL_DEFAULTS = ModelConfig()
 RESULTS_DIR = Path("results")
 # Settings that change what a run computes, with the short tag they add to its default name.
 NAME_TAGS = (("epochs", "e"), ("batch_size", "bs"), ("lr", "lr"), ("weight_decay", "wd"),
-             ("label_smoothing", "ls"), ("pct_start", "ws"), ("dropout", "drop"),
+             ("label_smoothing", "ls"), ("pct_start", "ws"), ("ema", "ema"),
+             ("dropout", "drop"),
              ("groups", "g"), ("widths", "w"), ("activation", ""), ("pad", "pad"),
              ("flip", "flip"), ("subset", "subset"), ("train_subset", "trainsub"),
              ("validation", "val"))
 NAME_DEFAULTS = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "lr": DEFAULTS.lr,
                  "weight_decay": DEFAULTS.weight_decay,
                  "label_smoothing": DEFAULTS.label_smoothing, "pct_start": DEFAULTS.pct_start,
+                 "ema": DEFAULTS.ema_decay,
                  "dropout": MODEL_DEFAULTS.dropout, "groups": MODEL_DEFAULTS.num_groups,
                  "widths": MODEL_DEFAULTS.widths, "activation": MODEL_DEFAULTS.activation,
                  "pad": DEFAULTS.pad, "flip": DEFAULTS.flip, "subset": None,
@@ -86,6 +88,9 @@ def parse_args(argv=None):
                    help=f"label smoothing (default: {DEFAULTS.label_smoothing})")
     p.add_argument("--pct-start", type=float, default=DEFAULTS.pct_start,
                    help=f"fraction of the steps spent warming up (default: {DEFAULTS.pct_start})")
+    p.add_argument("--ema", type=float, default=DEFAULTS.ema_decay, metavar="DECAY",
+                   help="evaluate an exponential moving average of the weights with this decay "
+                        "per step, e.g. 0.99; 0 disables it (default: 0)")
     p.add_argument("--dropout", type=float, default=0.0, help="Dropout2d rate (default: 0)")
     p.add_argument("--widths", type=int, nargs=3, default=MODEL_DEFAULTS.widths,
                    metavar=("W32", "W16", "W8"),
@@ -189,7 +194,8 @@ def main(argv=None):
     args = parse_args(argv)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                         pct_start=args.pct_start, seed=args.seed, pad=args.pad, flip=args.flip,
+                         pct_start=args.pct_start, ema_decay=args.ema, seed=args.seed,
+                         pad=args.pad, flip=args.flip,
                          precision=args.precision, compile=args.compile)
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir

@@ -32,6 +32,8 @@ class TrainConfig:
     pct_start: float = 0.25       # fraction of all steps spent warming up to `lr`
     seed: int = 0                 # model init, data order, augmentation, dropout
     eval_batch_size: int = 1000   # images per evaluation forward pass
+    ema_decay: float = 0.0        # evaluate an exponential moving average of the weights (and
+                                  # BatchNorm statistics) with this decay per step; 0: off
     pad: int = 4                  # random-crop padding in pixels (reflect); 0 disables the crop
     flip: bool = True             # random horizontal flips while training
     precision: str = "auto"       # auto|fp32|bf16|fp16; auto picks by device (precision.py)
@@ -184,11 +186,11 @@ def make_scheduler(optimizer, config, steps_per_epoch):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.0, epoch=1,
-                    progress=None, precision="fp32", scaler=None):
+                    progress=None, precision="fp32", scaler=None, ema=None):
     """One pass over `loader`; returns {"loss", "acc"} averaged over the images seen.
 
     `precision` is a resolved one ("fp32", "bf16", "fp16"; see precision.py), `scaler` the
-    GradScaler that fp16 needs. Raises NonFiniteLossError naming the first step whose loss was
+    GradScaler that fp16 needs, `ema` an EMA of the weights (make_ema) updated after each step. Raises NonFiniteLossError naming the first step whose loss was
     NaN/inf. The check costs no host round-trip per step: the first bad step is remembered on
     the device and read every NAN_CHECK_EVERY steps and at the end, so the caller's last
     checkpoint (written only after a clean epoch) is never replaced by a broken model.
@@ -218,6 +220,8 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)  # a compiled model yields the same parameters
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -227,6 +231,20 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
             _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs)
     _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs)
     return {"loss": total_loss.item() / seen, "acc": correct.item() / seen}
+
+
+def make_ema(model, decay):
+    """An exponential moving average of `model`'s weights and buffers (BatchNorm's running
+    statistics move with the weights they belong to), or None when `decay` is 0.
+
+    Averaging over the last ~1/(1-decay) steps smooths out the noise of the final steps; the
+    one-cycle schedule's low final learning rate already does some of that, which is why it is
+    a lever to measure rather than a default."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs):
@@ -317,7 +335,8 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     history = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                "epoch_time", "precision"} (lists, one entry per epoch; times in seconds;
                precision: the one resolved from config.precision, see precision.py).
-    With `checkpoint_path`, a checkpoint is written atomically after every epoch; with
+    With config.ema_decay, every evaluation uses the weight average, and `model` holds it
+    when fit returns. With `checkpoint_path`, a checkpoint is written atomically after every epoch; with
     `resume=True` an existing one is loaded (after checking it belongs to this run) and
     training continues from the epoch after it, reproducing the uninterrupted run on CPU.
     An existing checkpoint is never replaced by a new run unless `overwrite=True`: it may hold
@@ -336,6 +355,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     scaler = make_grad_scaler(device, precision)
+    ema = make_ema(model, config.ema_decay)
     history = {k: [] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
                                "lr", "epoch_time", "precision")}
     fingerprint = run_fingerprint(model, data, config)
@@ -348,6 +368,8 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         train_loader.load_state_dict(state["loader"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         history = state["history"]
         history.setdefault("precision", [None] * len(history["epoch"]))  # older checkpoints
@@ -372,11 +394,12 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
             lr = optimizer.param_groups[0]["lr"]
             try:
                 train = train_one_epoch(step_model, train_loader, optimizer, scheduler,
-                                        config.label_smoothing, epoch, bar, precision, scaler)
+                                        config.label_smoothing, epoch, bar, precision, scaler,
+                                        ema)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(f"{err} {_kept_checkpoint(checkpoint_path, epoch)}",
                                          err.epoch, err.step) from None
-            test = evaluate(step_model, test_loader, precision)
+            test = evaluate(step_model if ema is None else ema.module, test_loader, precision)
             for key, value in (("epoch", epoch), ("train_loss", train["loss"]),
                                ("train_acc", train["acc"]), ("test_loss", test["loss"]),
                                ("test_acc", test["acc"]), ("lr", lr),
@@ -394,6 +417,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "loader": train_loader.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                     "rng": get_rng_state(), "history": history,
                 })
             if on_epoch_end is not None:
@@ -401,6 +425,8 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     finally:
         if bar is not None:
             bar.close()
+    if ema is not None:  # the caller gets the weights that were evaluated
+        model.load_state_dict(ema.module.state_dict())
     return history
 
 

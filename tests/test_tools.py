@@ -262,3 +262,15 @@ def test_proxy_check_reports_rank_agreement_between_budgets():
     assert "Spearman rank correlation 0.50." in text
     assert report.spearman([1, 2, 3], [10, 20, 30]) == 1.0
     assert report.spearman([1, 2, 3], [30, 20, 10]) == -1.0
+
+
+def test_tuning_combinations_join_the_flags_of_their_parts():
+    import tune
+
+    assert tune.config_flags("lr0.2+ls0") == ["--lr", "0.2", "--label-smoothing", "0"]
+    (name, args), = tune.plan(["w24-32-28+ema0.99"], [1], epochs=5)
+    assert name == "batch_w24-32-28+ema0.99_e5_seed1"
+    assert args[args.index("--widths") + 1: args.index("--widths") + 4] == ["24", "32", "28"]
+    assert args[args.index("--ema") + 1] == "0.99"
+    with pytest.raises(SystemExit, match=r"unknown configuration\(s\) \['lr9'\]"):
+        tune.config_flags("lr0.2+lr9")

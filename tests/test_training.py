@@ -265,3 +265,40 @@ def test_augmentation_strength_reaches_the_training_loader(tiny_data):
     images = (tiny_data.train_x.float() / 255 - train.mean) / train.std
     assert all(any(torch.allclose(img, ref) for ref in images[tiny_data.train_y == label])
                for img, label in zip(x[:5], y[:5]))
+
+
+def test_ema_evaluates_and_returns_the_weight_average(tiny_data):
+    plain_model = build_model("batch", seed=0)
+    plain = fit(plain_model, tiny_data, SHORT, "cpu", progress=False)
+    # A decay of ~0 makes the average the current weights: the same run, through the EMA path.
+    near_zero = TrainConfig(**{**SHORT.to_dict(), "ema_decay": 1e-12})
+    same = fit(build_model("batch", seed=0), tiny_data, near_zero, "cpu", progress=False)
+    assert same["test_acc"] == plain["test_acc"]
+    assert same["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
+    # A real decay evaluates other weights, and fit hands back those weights.
+    ema_model = build_model("batch", seed=0)
+    averaged = fit(ema_model, tiny_data, TrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9}),
+                   "cpu", progress=False)
+    assert averaged["train_loss"] == plain["train_loss"]  # training itself is untouched
+    assert averaged["test_loss"] != plain["test_loss"]
+    assert not torch.equal(ema_model.C1[0].weight, plain_model.C1[0].weight)
+    _, test_loader = make_loaders(tiny_data, SHORT, "cpu")
+    assert evaluate(ema_model, test_loader, averaged["precision"][-1])["loss"] == \
+        pytest.approx(averaged["test_loss"][-1], rel=1e-5)
+
+
+def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
+    config = TrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9})
+    full = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
+
+    def stop_after_epoch_1(epoch, history):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+            progress=False, on_epoch_end=stop_after_epoch_1)
+    resumed = fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+                  resume=True, progress=False)
+    assert same_history(resumed, full)

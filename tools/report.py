@@ -226,7 +226,7 @@ def tuning_section(groups):
              "flip-TTA val. acc. |", "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(tune.CONFIGS)
     for key in sorted(groups, key=lambda k: (ORDER.index(k[0]), k[2],
-                                             order.index(k[1]) if k[1] in order else 99)):
+                                             order.index(k[1]) if k[1] in order else 99, k[1])):
         norm, config, epochs = key
         runs, base = groups[key], groups.get((norm, "base", epochs), [])
         accs, base_accs = _accs(runs), _accs(base)
@@ -239,7 +239,10 @@ def tuning_section(groups):
             delta_cell = f"{delta:+.2f}"
         else:
             delta_cell, verdict = "-", "-"
-        change = " ".join(tune.CONFIGS.get(config, ["?"])) or "(current recipe)"
+        try:
+            change = " ".join(tune.config_flags(config)) or "(current recipe)"
+        except SystemExit:  # a configuration renamed since its runs: say so, do not guess
+            change = "(no longer defined in tools/tune.py)"
         lines.append(
             f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
             f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "

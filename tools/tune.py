@@ -2,6 +2,8 @@
 
     # the screen: each lever alone from the current recipe, 2 seeds, a 5-epoch proxy budget
     python tools/tune.py --epochs 5 --seeds 0 1 --jobs 2
+    # a combination of screened levers: names joined with "+"
+    python tools/tune.py --configs w24-32-28+lr0.2+ls0 --epochs 5 --seeds 0 1
     # the proxy check: some of the screen's configurations again at the full 20 epochs
     python tools/tune.py --configs base lr0.2 ls0 --epochs 20 --seeds 0
     python tools/tune.py --list          # the configurations and their train.py arguments
@@ -47,7 +49,19 @@ CONFIGS = {
     "wd1e-3": ["--weight-decay", "1e-3"],
     "silu": ["--activation", "silu"],
     "warmup0.1": ["--pct-start", "0.1"],
+    "ema0.99": ["--ema", "0.99"],     # an average over the last ~100 steps
+    "ema0.998": ["--ema", "0.998"],   # ~500 steps: about 1.4 epochs at batch 128
 }
+
+
+def config_flags(config):
+    """train.py flags of a configuration: a name of CONFIGS, or names joined with "+" (a
+    combination; a later name's flag wins where two set the same one)."""
+    parts = config.split("+")
+    unknown = [c for c in parts if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
+    return [flag for part in parts for flag in CONFIGS[part]]
 
 
 def tuning_run_name(norm, config, epochs, seed):
@@ -58,11 +72,9 @@ def plan(configs, seeds, epochs, norm="batch"):
     """[(name, train.py arguments)], configuration by configuration, so that a study cut short
     leaves configurations with all their seeds rather than many with one."""
     norm = canonical_norm(norm)
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
+    flags = {config: config_flags(config) for config in configs}
     return [(name, ["--norm", norm, "--seed", str(seed), "--epochs", str(epochs),
-                    "--validation", *CONFIGS[config], "--run-name", name])
+                    "--validation", *flags[config], "--run-name", name])
             for config in configs for seed in seeds
             for name in [tuning_run_name(norm, config, epochs, seed)]]
 
