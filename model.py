@@ -39,22 +39,32 @@ def canonical_norm(name):
     return NORM_ALIASES[key]
 
 
-def get_norm_layer(name, num_groups=4):
+def get_norm_layer(name, num_groups=4, group_size=None):
     """Return a constructor `norm(num_channels) -> nn.Module`, as timm's get_norm_layer does.
 
     "layer" is GroupNorm(1, C): it normalizes each sample over (C, H, W) like
     nn.LayerNorm([C, H, W]) with per-channel affine parameters, but needs no spatial size,
     so the same block works at 32x32, 16x16 and 8x8 and under any input resolution.
+    "group" splits the channels into `num_groups` groups, or, with `group_size`, into groups of
+    `group_size` channels each (C / group_size groups: more groups in wider layers), the two
+    views of the Group Normalization paper's ablation.
     """
     norm = canonical_norm(name)
     if norm == "batch":
         return nn.BatchNorm2d
     if norm == "layer":
         return partial(nn.GroupNorm, 1)
-    if not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    for what, value in (("num_groups", num_groups), ("group_size", group_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
     def group_norm(num_channels):
+        if group_size:
+            if num_channels % group_size:
+                raise ValueError(
+                    f"GroupNorm with groups of {group_size} channels cannot normalize "
+                    f"{num_channels} channels: choose a group size that divides {num_channels}")
+            return nn.GroupNorm(num_channels // group_size, num_channels)
         if num_channels % num_groups:
             raise ValueError(
                 f"GroupNorm with {num_groups} groups cannot normalize {num_channels} channels: "
@@ -80,6 +90,7 @@ def get_activation(name):
 class ModelConfig:
     norm: str = "batch"       # "batch"/"bn", "group"/"gn" or "layer"/"ln"
     num_groups: int = 4       # GroupNorm groups; must divide every width below
+    group_size: int = 0       # if > 0: GroupNorm groups of this many channels, not num_groups
     widths: tuple = (16, 28, 32)  # channels of stage 1 (32x32), stage 2 (16x16), stage 3 (8x8)
     dropout: float = 0.0      # Dropout2d after each 3x3 block; 0 disables it
     activation: str = "relu"  # after each norm: relu, gelu, silu or celu
@@ -120,7 +131,7 @@ class Net(nn.Module):
         config = config or ModelConfig(**overrides)
         self.config = config
         w1, w2, w3 = config.widths
-        norm = get_norm_layer(config.norm, config.num_groups)
+        norm = get_norm_layer(config.norm, config.num_groups, config.group_size or None)
         block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout,
                         activation=get_activation(config.activation))
 

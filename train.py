@@ -29,7 +29,7 @@ RESULTS_DIR = Path("results")
 NAME_TAGS = (("epochs", "e"), ("batch_size", "bs"), ("lr", "lr"), ("weight_decay", "wd"),
              ("label_smoothing", "ls"), ("pct_start", "ws"), ("ema", "ema"),
              ("dropout", "drop"),
-             ("groups", "g"), ("widths", "w"), ("activation", ""), ("pad", "pad"),
+             ("groups", "g"), ("group_size", "gs"), ("widths", "w"), ("activation", ""), ("pad", "pad"),
              ("flip", "flip"), ("subset", "subset"), ("train_subset", "trainsub"),
              ("validation", "val"))
 NAME_DEFAULTS = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "lr": DEFAULTS.lr,
@@ -37,6 +37,7 @@ NAME_DEFAULTS = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "
                  "label_smoothing": DEFAULTS.label_smoothing, "pct_start": DEFAULTS.pct_start,
                  "ema": DEFAULTS.ema_decay,
                  "dropout": MODEL_DEFAULTS.dropout, "groups": MODEL_DEFAULTS.num_groups,
+                 "group_size": MODEL_DEFAULTS.group_size,
                  "widths": MODEL_DEFAULTS.widths, "activation": MODEL_DEFAULTS.activation,
                  "pad": DEFAULTS.pad, "flip": DEFAULTS.flip, "subset": None,
                  "train_subset": None, "validation": None}
@@ -63,7 +64,8 @@ def run_name(norm, seed, **settings):
     if unknown:
         raise TypeError(f"run_name got unknown settings {sorted(unknown)}")
     if norm != "group":
-        settings.pop("groups", None)  # only GroupNorm reads it
+        settings.pop("groups", None)  # only GroupNorm reads these
+        settings.pop("group_size", None)
     tags = [tag + _tag_value(settings[key]) for key, tag in NAME_TAGS
             if key in settings and _tag_value(settings[key]) != _tag_value(NAME_DEFAULTS[key])]
     return "_".join([f"{norm}_seed{seed}", *tags])
@@ -76,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--groups", type=int, default=MODEL_DEFAULTS.num_groups,
                    help=f"GroupNorm only: number of channel groups; must divide every stage "
                         f"width {MODEL_DEFAULTS.widths} (default: {MODEL_DEFAULTS.num_groups})")
+    p.add_argument("--group-size", type=int, default=MODEL_DEFAULTS.group_size, metavar="N",
+                   help="GroupNorm only: groups of N channels each instead of --groups groups; "
+                        "N must divide every stage width (default: 0, off)")
     p.add_argument("--epochs", type=int, default=DEFAULTS.epochs,
                    help=f"training epochs (default: {DEFAULTS.epochs})")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
@@ -203,7 +208,8 @@ def main(argv=None):
         raise SystemExit(f"{RESULTS_DIR}/ holds full runs only; drop --subset or pick --out-dir")
 
     # Everything that can be checked without the data is checked first (seconds, not minutes).
-    model = build_model(args.norm, seed=args.seed, num_groups=args.groups, dropout=args.dropout,
+    model = build_model(args.norm, seed=args.seed, num_groups=args.groups,
+                        group_size=args.group_size, dropout=args.dropout,
                         widths=tuple(args.widths), activation=args.activation)
     name = args.run_name or run_name(
         model.config.norm, args.seed, **{key: getattr(args, key) for key in NAME_DEFAULTS})

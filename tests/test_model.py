@@ -105,3 +105,14 @@ def test_unknown_activation_names_the_accepted_ones():
 @pytest.mark.parametrize("norm", NORMS)
 def test_the_studys_wider_networks_stay_under_50k_parameters(norm, widths):
     assert build_model(norm, widths=widths).get_num_params() < 50_000
+
+
+def test_group_norm_by_group_size_keeps_channels_per_group_fixed():
+    model = build_model("group", group_size=4)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert [(m.num_groups, m.num_channels) for m in norms] == [
+        (4, 16), (4, 16), (7, 28), (7, 28), (8, 32), (8, 32), (8, 32)]
+    assert model.get_num_params() == build_model("group").get_num_params()
+    with pytest.raises(ValueError, match=r"layer C4: GroupNorm with groups of 8 channels cannot "
+                                         r"normalize 28 channels"):
+        build_model("group", group_size=8)

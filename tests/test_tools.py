@@ -227,6 +227,7 @@ def test_every_tuning_configuration_is_a_legal_network_for_every_variant(norm):
     for config, flags in tune.CONFIGS.items():
         args = train.parse_args(["--norm", norm, *flags])
         model = __import__("model").build_model(args.norm, num_groups=args.groups,
+                                                group_size=args.group_size,
                                                 widths=tuple(args.widths),
                                                 activation=args.activation)
         assert model.get_num_params() < 50_000, config
@@ -274,3 +275,15 @@ def test_tuning_combinations_join_the_flags_of_their_parts():
     assert args[args.index("--ema") + 1] == "0.99"
     with pytest.raises(SystemExit, match=r"unknown configuration\(s\) \['lr9'\]"):
         tune.config_flags("lr0.2+lr9")
+
+
+def test_group_only_configurations_are_left_out_of_other_variants_studies(monkeypatch):
+    import tune
+
+    planned = {}
+    monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: planned.setdefault("runs", runs))
+    tune.main(["--norm", "bn", "--seeds", "0"])
+    configs = {name.split("_")[1] for name, _ in planned.pop("runs")}
+    assert configs == set(tune.CONFIGS) - tune.GROUP_ONLY
+    tune.main(["--norm", "gn", "--seeds", "0"])
+    assert {name.split("_")[1] for name, _ in planned["runs"]} == set(tune.CONFIGS)
