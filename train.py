@@ -25,22 +25,19 @@ from utils import (EXECUTION_FIELDS, CheckpointError, NonFiniteLossError, TrainC
 DEFAULTS = TrainConfig()
 MODEL_DEFAULTS = ModelConfig()
 RESULTS_DIR = Path("results")
-# Settings that change what a run computes, with the short tag they add to its default name.
-NAME_TAGS = (("epochs", "e"), ("batch_size", "bs"), ("lr", "lr"), ("weight_decay", "wd"),
-             ("label_smoothing", "ls"), ("pct_start", "ws"), ("ema", "ema"),
-             ("dropout", "drop"),
-             ("groups", "g"), ("group_size", "gs"), ("widths", "w"), ("activation", ""), ("pad", "pad"),
-             ("flip", "flip"), ("subset", "subset"), ("train_subset", "trainsub"),
-             ("validation", "val"))
-NAME_DEFAULTS = {"epochs": DEFAULTS.epochs, "batch_size": DEFAULTS.batch_size, "lr": DEFAULTS.lr,
-                 "weight_decay": DEFAULTS.weight_decay,
-                 "label_smoothing": DEFAULTS.label_smoothing, "pct_start": DEFAULTS.pct_start,
-                 "ema": DEFAULTS.ema_decay,
-                 "dropout": MODEL_DEFAULTS.dropout, "groups": MODEL_DEFAULTS.num_groups,
-                 "group_size": MODEL_DEFAULTS.group_size,
-                 "widths": MODEL_DEFAULTS.widths, "activation": MODEL_DEFAULTS.activation,
-                 "pad": DEFAULTS.pad, "flip": DEFAULTS.flip, "subset": None,
-                 "train_subset": None, "validation": None}
+# Every setting that changes what a run computes: (the tag it adds to the run's default name
+# when it differs from its default, that default), in name order.
+NAME_SETTINGS = {
+    "epochs": ("e", DEFAULTS.epochs), "batch_size": ("bs", DEFAULTS.batch_size),
+    "lr": ("lr", DEFAULTS.lr), "weight_decay": ("wd", DEFAULTS.weight_decay),
+    "label_smoothing": ("ls", DEFAULTS.label_smoothing), "pct_start": ("ws", DEFAULTS.pct_start),
+    "ema": ("ema", DEFAULTS.ema_decay), "dropout": ("drop", MODEL_DEFAULTS.dropout),
+    "groups": ("g", MODEL_DEFAULTS.num_groups), "group_size": ("gs", MODEL_DEFAULTS.group_size),
+    "widths": ("w", MODEL_DEFAULTS.widths), "activation": ("", MODEL_DEFAULTS.activation),
+    "pad": ("pad", DEFAULTS.pad), "flip": ("flip", DEFAULTS.flip),
+    "subset": ("subset", None), "train_subset": ("trainsub", None),
+    "validation": ("val", None),
+}
 
 
 class OutputError(ValueError):
@@ -60,14 +57,14 @@ def _tag_value(value):
 def run_name(norm, seed, **settings):
     """`<norm>_seed<seed>` for the default recipe, plus a tag per non-default setting, e.g.
     run_name("batch", 0, epochs=1, subset=20) == "batch_seed0_e1_subset20"."""
-    unknown = set(settings) - set(NAME_DEFAULTS)
+    unknown = set(settings) - set(NAME_SETTINGS)
     if unknown:
         raise TypeError(f"run_name got unknown settings {sorted(unknown)}")
     if norm != "group":
         settings.pop("groups", None)  # only GroupNorm reads these
         settings.pop("group_size", None)
-    tags = [tag + _tag_value(settings[key]) for key, tag in NAME_TAGS
-            if key in settings and _tag_value(settings[key]) != _tag_value(NAME_DEFAULTS[key])]
+    tags = [tag + _tag_value(settings[key]) for key, (tag, default) in NAME_SETTINGS.items()
+            if key in settings and _tag_value(settings[key]) != _tag_value(default)]
     return "_".join([f"{norm}_seed{seed}", *tags])
 
 
@@ -204,15 +201,17 @@ def main(argv=None):
                          precision=args.precision, compile=args.compile)
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir
-    if (args.subset or args.train_subset) and out_dir.resolve() == RESULTS_DIR.resolve():
-        raise SystemExit(f"{RESULTS_DIR}/ holds full runs only; drop --subset or pick --out-dir")
+    if (args.subset or args.train_subset or args.validation) and \
+            out_dir.resolve() == RESULTS_DIR.resolve():
+        raise SystemExit(f"{RESULTS_DIR}/ holds full runs scored on the test set only; drop "
+                         f"--subset/--train-subset/--validation or pick another --out-dir")
 
     # Everything that can be checked without the data is checked first (seconds, not minutes).
     model = build_model(args.norm, seed=args.seed, num_groups=args.groups,
                         group_size=args.group_size, dropout=args.dropout,
                         widths=tuple(args.widths), activation=args.activation)
     name = args.run_name or run_name(
-        model.config.norm, args.seed, **{key: getattr(args, key) for key in NAME_DEFAULTS})
+        model.config.norm, args.seed, **{key: getattr(args, key) for key in NAME_SETTINGS})
     checkpoint = Path(args.checkpoint or Path("checkpoints") / f"{name}.pt")
     for folder in dict.fromkeys((out_dir, images_dir, checkpoint.parent)):
         check_writable(folder)
@@ -232,7 +231,8 @@ def main(argv=None):
     show_summary(model)
 
     history = fit(model, data, config, device, checkpoint_path=checkpoint, resume=args.resume,
-                  progress=not args.no_progress, overwrite=args.overwrite)
+                  progress=not args.no_progress, overwrite=args.overwrite,
+                  eval_name="val" if args.validation else "test")
 
     title = f"{model.config.norm} norm, batch {config.batch_size}, seed {args.seed}"
     plot_history(history, images_dir / f"{name}_curves.png", title=title)
@@ -242,10 +242,11 @@ def main(argv=None):
     mistakes = collect_misclassified(model, test_loader, limit=10, logits=logits)
     plot_misclassified(mistakes, data.classes, images_dir / f"{name}_misclassified.png",
                        title=title)
+    eval_set = "validation" if args.validation else "test"
     results = make_results(model, data, config, history, device, logits=logits,
-                           eval_set="validation" if args.validation else "test")
+                           eval_set=eval_set)
     path = save_json_atomic(results_path, results)
-    print(f"final test accuracy {100 * results['final_test_acc']:.2f}% after "
+    print(f"final {eval_set} accuracy {100 * results['final_test_acc']:.2f}% after "
           f"{results['epochs']} epochs ({results['wall_time_s']:.0f} s, {results['precision']}); "
           f"results in {path}, figures in {images_dir}")
     return results

@@ -329,7 +329,7 @@ def run_fingerprint(model, data, config):
 
 
 def fit(model, data, config, device=None, checkpoint_path=None, resume=False, progress=True,
-        on_epoch_end=None, channels_last=True, overwrite=False):
+        on_epoch_end=None, channels_last=True, overwrite=False, eval_name="test"):
     """Train `model` for config.epochs with one-cycle SGD; return the history.
 
     history = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
@@ -341,6 +341,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     training continues from the epoch after it, reproducing the uninterrupted run on CPU.
     An existing checkpoint is never replaced by a new run unless `overwrite=True`: it may hold
     hours of another run's work. `on_epoch_end(epoch, history)` is called after each checkpoint.
+    `eval_name` labels the evaluation set in the log ("test", or "val" for a validation split).
     """
     device = get_device(device)
     precision = resolve_precision(config.precision, device)
@@ -376,7 +377,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         start_epoch = state["epoch"] + 1
         print(f"Resumed from {checkpoint_path} after epoch {state['epoch']}; its log so far:")
         for i in range(len(history["epoch"])):
-            print(epoch_line(history, i, config.epochs))
+            print(epoch_line(history, i, config.epochs, eval_name))
     elif resume:
         print(f"No checkpoint at {checkpoint_path}: training starts from epoch 1."
               if checkpoint_path else "No checkpoint path given: training starts from epoch 1.")
@@ -406,7 +407,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
                                ("epoch_time", time.perf_counter() - t0),
                                ("precision", precision)):
                 history[key].append(value)
-            line = epoch_line(history, -1, config.epochs)
+            line = epoch_line(history, -1, config.epochs, eval_name)
             if bar is not None:
                 bar.write(line, file=sys.stdout)  # above the bar, which stays on stderr
             else:
@@ -449,9 +450,10 @@ def _kept_checkpoint(checkpoint_path, failed_epoch):
     return "No epoch had completed, so there is no checkpoint to resume from."
 
 
-def epoch_line(history, i, epochs):
+def epoch_line(history, i, epochs, eval_name="test"):
     return (f"epoch {history['epoch'][i]:2d}/{epochs}: train loss {history['train_loss'][i]:.4f} "
-            f"acc {100 * history['train_acc'][i]:.2f}% | test loss {history['test_loss'][i]:.4f} "
+            f"acc {100 * history['train_acc'][i]:.2f}% | {eval_name} loss "
+            f"{history['test_loss'][i]:.4f} "
             f"acc {100 * history['test_acc'][i]:.2f}% | {history['epoch_time'][i]:.0f} s")
 
 
