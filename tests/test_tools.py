@@ -246,8 +246,8 @@ def test_ablation_table_compares_each_lever_with_the_current_recipe_beyond_seed_
               ("batch", "ls0", 5): [fake_tuning_run(0.705, 0), fake_tuning_run(0.72, 1)]}
     text = report.tuning_section(groups)
     row = lambda config: next(l for l in text.splitlines() if f"| {config} |" in l)  # noqa: E731
-    assert "| 74.50 (74.00–75.00) | +4.00 | yes |" in row("lr0.2")
-    assert "| +0.75 | no |" in row("ls0")  # within the larger seed range (1.5 points)
+    assert "| 74.50 (74.00–75.00) | +4.00 | +4.00, +4.00 | yes |" in row("lr0.2")
+    assert "| +0.75 | +0.50, +1.00 | no |" in row("ls0")  # within the larger seed range (1.5)
     assert "`--lr 0.2`" in row("lr0.2") and "(current recipe)" in row("base")
     assert "scored on the 5000 held-out validation images (never the test set)" in text
 
