@@ -66,14 +66,13 @@ class CIFAR10Data:
         held-out ones, so that settings are chosen without ever looking at the test set. The
         split is fixed by `seed`, independent of any run's seed; mean/std are recomputed from
         the remaining training images only."""
-        order = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(seed))
-        held = torch.zeros(len(self.train_y), dtype=torch.bool)
-        for label in torch.unique(self.train_y).tolist():
-            members = order[self.train_y[order] == label]
-            if len(members) <= per_class:
+        counts = torch.bincount(self.train_y)
+        for label, count in enumerate(counts.tolist()):
+            if count <= per_class:  # something must be left to train on
                 raise DatasetError(f"cannot hold out {per_class} images of class {label}: only "
-                                   f"{len(members)} exist")
-            held[members[:per_class]] = True
+                                   f"{count} exist")
+        held = torch.zeros(len(self.train_y), dtype=torch.bool)
+        held[stratified_indices(self.train_y, per_class, seed)] = True
         mean, std = channel_stats(self.train_x[~held])
         return replace(self, train_x=self.train_x[~held], train_y=self.train_y[~held],
                        test_x=self.train_x[held], test_y=self.train_y[held], mean=mean, std=std,
@@ -86,10 +85,8 @@ class CIFAR10Data:
                 f"images; train mean ({mean}), std ({std})")
 
 
-def stratified_subset(x, y, per_class, seed=0):
-    """The first `per_class` images of each class after a seeded shuffle; None keeps everything."""
-    if per_class is None:
-        return x, y
+def stratified_indices(y, per_class, seed=0):
+    """Sorted indices of the first `per_class` images of each class after a seeded shuffle."""
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     keep = []
     for label in torch.unique(y).tolist():
@@ -98,7 +95,14 @@ def stratified_subset(x, y, per_class, seed=0):
             raise DatasetError(f"asked for {per_class} images of class {label}, "
                                f"only {len(members)} exist")
         keep.append(members[:per_class])
-    keep = torch.cat(keep).sort().values
+    return torch.cat(keep).sort().values
+
+
+def stratified_subset(x, y, per_class, seed=0):
+    """The first `per_class` images of each class after a seeded shuffle; None keeps everything."""
+    if per_class is None:
+        return x, y
+    keep = stratified_indices(y, per_class, seed)
     return x[keep], y[keep]
 
 

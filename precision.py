@@ -48,10 +48,6 @@ def _cpu_flags():
     return set()
 
 
-def cuda_capability(device):
-    return torch.cuda.get_device_capability(device)
-
-
 def resolve_precision(requested, device, *, capability=None, native_bf16=None):
     """The concrete precision ("fp32", "bf16" or "fp16") for `requested` on `device`.
 
@@ -62,7 +58,7 @@ def resolve_precision(requested, device, *, capability=None, native_bf16=None):
         raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     if device.type == "cuda":
-        major, minor = capability or cuda_capability(device)
+        major, minor = capability or torch.cuda.get_device_capability(device)
         if requested == "auto":
             return "bf16" if major >= 8 else "fp16"
         if requested == "bf16" and major < 8:
@@ -91,16 +87,3 @@ def make_grad_scaler(device, precision):
         return None
     return torch.amp.GradScaler(torch.device(device).type)
 
-
-def describe(device, precision):
-    """One line for logs: what was chosen, on what."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = cuda_capability(device)
-        where = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-    elif device.type == "cpu":
-        where = f"CPU ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'})"
-    else:
-        where = device.type
-    scaler = " with a gradient scaler" if precision == "fp16" else ""
-    return f"precision {precision}{scaler} on {where}"

@@ -17,9 +17,9 @@ from pathlib import Path
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
 from model import ACTIVATIONS, NORM_ALIASES, ModelConfig, build_model
 from precision import PRECISIONS
-from utils import (EXECUTION_FIELDS, CheckpointError, NonFiniteLossError, TrainConfig,
+from utils import (CheckpointError, NonFiniteLossError, TrainConfig,
                    collect_misclassified, fit, get_device, load_results, make_results,
-                   make_test_loader, plot_history, plot_misclassified, predict,
+                   make_test_loader, plot_history, plot_misclassified, predict, recipe,
                    refuse_to_replace_checkpoint, save_json_atomic, show_summary)
 
 DEFAULTS = TrainConfig()
@@ -181,10 +181,9 @@ def check_previous_results(path, model, config, args):
     try:
         previous = load_results(path)
         now = json.loads(json.dumps({"model": model.config.to_dict(),  # as JSON stores it
-                                     "train": config.to_dict()}))
+                                     "train": recipe(config)}))
         same = (previous["model_config"] == now["model"]
-                and all(previous["train_config"].get(k) == v for k, v in now["train"].items()
-                        if k not in EXECUTION_FIELDS))
+                and all(previous["train_config"].get(k) == v for k, v in now["train"].items()))
     except (OSError, ValueError, KeyError, TypeError):
         same = False
     if not same:

@@ -319,11 +319,15 @@ def make_loaders(data, config, device, channels_last=True):
     return train, make_test_loader(data, config, device, channels_last)
 
 
+def recipe(config):
+    """What a TrainConfig says a run computes: every field but the EXECUTION_FIELDS."""
+    return {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
+
+
 def run_fingerprint(model, data, config):
     """What a checkpoint must match to be resumed: architecture, recipe and data (not how the
     arithmetic is done: a CPU fp32 checkpoint may be resumed in bf16 on a GPU)."""
-    train = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
-    return {"model": model.config.to_dict(), "train": train,
+    return {"model": model.config.to_dict(), "train": recipe(config),
             "num_params": model.get_num_params(), "data_sha256": data.sha256,
             "train_images": len(data.train_y), "test_images": len(data.test_y)}
 

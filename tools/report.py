@@ -55,7 +55,7 @@ def table(runs):
                        for r in rs})
         epochs = sorted({r["epochs"] for r in rs})
         params = sorted({r["num_params"] for r in rs})
-        precisions = sorted({run_precision(r) for r in rs})
+        precisions = sorted({recorded_precision(r) for r in rs})
         target = TARGETS[variant]
         verdict = "met" if len(accs) >= 3 and mean >= target else (
             "not met" if len(accs) >= 3 else f"needs 3 seeds ({len(accs)} so far)")
@@ -102,7 +102,7 @@ def study_section(study, budget, runs):
     return "\n".join(parts)
 
 
-def run_precision(run):
+def recorded_precision(run):
     """The precision a results file records; files from before the policy ran fp32 (CPU
     autocast was off then), so they say nothing and mean fp32."""
     return run.get("precision") or "fp32"
@@ -120,17 +120,18 @@ def precision_section(checks, runs):
         ref = sorted(runs.get(run["variant"], []), key=lambda r: r["seed"])
         accs = [100 * r["final_test_acc"] for r in ref]
         acc = 100 * run["final_test_acc"]
-        ref_precision = sorted({run_precision(r) for r in ref})
+        ref_precision = sorted({recorded_precision(r) for r in ref})
         verdict = "yes" if accs and min(accs) <= acc <= max(accs) else (
             "no" if accs else "no reference runs")
-        lines.append(
-            f"| {run['variant']} seed {run['seed']} | {run['precision']} | "
-            f"{compare.threads(run['hardware'])} | "
-            f"{acc:.2f} | {', '.join(ref_precision)}, {', '.join(str(r['seed']) for r in ref)} | "
-            f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} "
-            f"({min(accs):.2f}–{max(accs):.2f}) | {verdict} |" if len(accs) > 1 else
-            f"| {run['variant']} seed {run['seed']} | {run['precision']} | - | {acc:.2f} | - | "
-            f"- | {verdict} |")
+        head = f"| {run['variant']} seed {run['seed']} | {run['precision']} |"
+        if len(accs) > 1:
+            lines.append(
+                f"{head} {compare.threads(run['hardware'])} | {acc:.2f} | "
+                f"{', '.join(ref_precision)}, {', '.join(str(r['seed']) for r in ref)} | "
+                f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} "
+                f"({min(accs):.2f}–{max(accs):.2f}) | {verdict} |")
+        else:
+            lines.append(f"{head} - | {acc:.2f} | - | - | {verdict} |")
     for run in checks:
         same_seed = [r for r in runs.get(run["variant"], []) if r["seed"] == run["seed"]]
         for ref in same_seed:
@@ -138,7 +139,7 @@ def precision_section(checks, runs):
             fmt = lambda r: ", ".join(f"{v:.4f}" for v in r["history"]["train_loss"][:n])  # noqa: E731
             lines += ["", f"Training loss of the first {n} epochs, {run['variant']} seed "
                           f"{run['seed']}: {fmt(run)} in {run['precision']}; {fmt(ref)} in "
-                          f"{run_precision(ref)}."]
+                          f"{recorded_precision(ref)}."]
     return "\n".join(lines)
 
 
@@ -317,9 +318,12 @@ def bench_files(folder=BENCH_DIR):
     return sorted(f for f in folder.glob("*.txt") if "\npipeline" in f.read_text())
 
 
-def render_current(text):
-    """README text with every generated section rebuilt from the committed files."""
-    return render_readme(text, load_runs(), load_study(), study_budget(),
+def render_current(text, runs=None, study=None, budget=None):
+    """README text with every generated section rebuilt from the committed files (`runs`,
+    `study`, `budget`: those already loaded, if at hand)."""
+    return render_readme(text, load_runs() if runs is None else runs,
+                         load_study() if study is None else study,
+                         study_budget() if budget is None else budget,
                          load_precision_checks(), bench_files(), load_tuning())
 
 
@@ -340,7 +344,7 @@ def main():
     args = p.parse_args()
     runs, study, budget = load_runs(), load_study(), study_budget()
     text = README.read_text()
-    new = render_current(text)
+    new = render_current(text, runs, study, budget)
     if args.check:
         if new != text:
             sys.exit("README.md results tables are out of date: run python tools/report.py")
