@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import finish_figure, load_results  # one save-then-show rule for every figure
+from model import ModelConfig
+from utils import TrainConfig, finish_figure, load_results, recipe  # one save-then-show rule
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
@@ -22,6 +23,23 @@ BN_BATCH_STATS = "batch (batch stats)"  # BN evaluated with train-mode statistic
 
 
 # ---------------------------------------------------------------------------------- loading
+
+def recipe_changes(run, ignore=()):
+    """How a run's recipe differs from today's defaults (ModelConfig, TrainConfig), as flags
+    would say it ("lr 0.1; activation relu"), or "current": so a row of an earlier recipe says
+    which one it was without anyone typing it. Fields in `ignore` are left out (a study's own
+    variable)."""
+    defaults = {**ModelConfig(norm=run["variant"]).to_dict(), **recipe(TrainConfig())}
+    ran = {**run["model_config"], **run["train_config"]}
+    skip = {"seed", "precision", "compile", "norm", *ignore}
+    changed = [f"{k} {_flag_value(ran[k])}" for k in defaults
+               if k in ran and k not in skip and _flag_value(ran[k]) != _flag_value(defaults[k])]
+    return "; ".join(changed) or "current"
+
+
+def _flag_value(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
 
 def read_results(folder):
     """Every results file directly in `folder` (not its sub-folders), in file-name order."""
@@ -68,6 +86,9 @@ def study_budget(study_dir=STUDY_DIR):
             "seeds": sorted({r["seed"] for r in runs}),
             "hardware": sorted({r["hardware"].get("gpu") or threads(r["hardware"]) for r in runs}),
             "data": sorted({data_file(r) for r in runs}),
+            # the recipe the study ran, but for what it varies (it may predate today's)
+            "recipe": sorted({recipe_changes(r, ignore=("batch_size", "lr", "epochs"))
+                              for r in runs}),
             "dates": (min(r["date"][:10] for r in runs), max(r["date"][:10] for r in runs))}
 
 

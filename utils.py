@@ -23,18 +23,27 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class TrainConfig:
+    # The recipe, kept after the study on a validation split (README, "How the recipe was
+    # chosen"; files in results/tuning/): no lever beat the seed-to-seed spread at 20 epochs.
     epochs: int = 20              # passes over the training set (the assignment allows at most 20)
-    batch_size: int = 128         # images per optimizer step
-    lr: float = 0.1               # peak learning rate of the OneCycle schedule
+    batch_size: int = 128         # images per optimizer step; 64 and 256 (rate scaled) changed
+                                  # validation accuracy by less than the seed spread
+    lr: float = 0.1               # peak learning rate of the OneCycle schedule; 0.4 led at 5 epochs
+                                  # but tied at 20, 0.05 lost at both
     momentum: float = 0.9         # SGD (Nesterov) momentum
-    weight_decay: float = 5e-4    # L2 penalty, applied to conv weights only (not norms, biases)
-    label_smoothing: float = 0.1  # cross-entropy target smoothing
-    pct_start: float = 0.25       # fraction of all steps spent warming up to `lr`
+    weight_decay: float = 5e-4    # L2 penalty, applied to conv weights only (not norms, biases);
+                                  # 2e-4 and 1e-3 changed little
+    label_smoothing: float = 0.1  # cross-entropy target smoothing; 0 lost with both seeds
+                                  # (by less than the seed spread)
+    pct_start: float = 0.25       # fraction of all steps spent warming up to `lr`; 0.1 and 0.4
+                                  # within the seed spread
     seed: int = 0                 # model init, data order, augmentation, dropout
     eval_batch_size: int = 1000   # images per evaluation forward pass
     ema_decay: float = 0.0        # evaluate an exponential moving average of the weights (and
                                   # BatchNorm statistics) with this decay per step; 0: off
-    pad: int = 4                  # random-crop padding in pixels (reflect); 0 disables the crop
+                                  # (0.99 changed nothing, 0.998 lost 3 points at 5 epochs)
+    pad: int = 4                  # random-crop padding in pixels (reflect); 0 disables the crop;
+                                  # 2 (weaker) changed little
     flip: bool = True             # random horizontal flips while training
     precision: str = "auto"       # auto|fp32|bf16|fp16; auto picks by device (precision.py)
     compile: bool = False         # torch.compile the model; off by default: on 2-core CPUs its

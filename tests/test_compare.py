@@ -17,10 +17,15 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
            "truck"]
 
 
-def study_run(variant, batch_size, seed, acc, batch_stats_acc=None):
+def study_run(variant, batch_size, seed, acc, batch_stats_acc=None, **changes):
+    from model import ModelConfig
+    from utils import TrainConfig
+
+    train_config = TrainConfig(seed=seed, batch_size=batch_size, lr=0.1 * batch_size / 128,
+                               epochs=6, **changes).to_dict()
     return {"variant": variant, "seed": seed, "epochs": 6, "final_test_acc": acc,
             "final_test_acc_batch_stats": batch_stats_acc,
-            "train_config": {"batch_size": batch_size, "lr": 0.1 * batch_size / 128},
+            "model_config": ModelConfig(norm=variant).to_dict(), "train_config": train_config,
             "data": {"source": "cifar10-jpeg.tar.gz (archive)", "train_images": 10000,
                      "test_images": 10000},
             "hardware": {"cpu": "Some CPU"}, "date": f"2026-11-2{seed}T10:00:00+00:00"}
@@ -98,6 +103,11 @@ def test_budget_reports_what_the_study_runs_share(study_dir):
     assert budget["runs"] == 12 and budget["epochs"] == [6] and budget["seeds"] == [0, 1]
     assert budget["lr_by_batch"] == {2: pytest.approx(0.0015625), 128: pytest.approx(0.1)}
     assert compare.study_budget(study_dir / "missing") is None
+    # what the study varies (batch size, rate, its short budget) is not a recipe change
+    assert budget["recipe"] == ["current"]
+    run = study_run("batch", 8, 0, 0.5, weight_decay=1e-3)
+    (study_dir / "batch_bs8_seed0.json").write_text(json.dumps(run))
+    assert compare.study_budget(study_dir)["recipe"] == ["current", "weight_decay 0.001"]
 
 
 def test_most_confused_pairs_come_from_summed_confusion_matrices():

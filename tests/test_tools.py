@@ -8,33 +8,82 @@ sys.path.insert(0, str(ROOT / "tools"))
 import report  # noqa: E402
 
 
-def fake_run(variant, seed, acc, epochs=3):
-    return {"variant": variant, "seed": seed, "final_test_acc": acc, "epochs": epochs,
-            "num_params": 46538, "time_per_epoch_s": 40.0, "date": f"2026-11-2{seed}T00:00:00",
-            "hardware": {"cpu": "Some CPU", "cpu_threads": 2},
-            "data": {"source": "cifar10-jpeg.tar.gz (archive)", "sha256": "ab" * 32},
-            "history": {"epoch": [1, 2, 3], "test_acc": [0.5, 0.6, acc],
-                        "epoch_time": [40.0, 41.0, 90.0],
-                        "test_loss": [1.5, 1.2, 1.0]}}
+def fake_run(variant, seed, acc, epochs=3, flip_acc=None, precision=None, **changes):
+    """A results file's fields, today's recipe unless `changes` overrides a config field."""
+    from model import ModelConfig
+    from utils import TrainConfig
+
+    model_config = ModelConfig(norm=variant).to_dict()
+    train_config = TrainConfig(seed=seed).to_dict()
+    for key, value in changes.items():
+        (model_config if key in model_config else train_config)[key] = value
+    run = {"variant": variant, "seed": seed, "final_test_acc": acc, "epochs": epochs,
+           "num_params": 46538, "time_per_epoch_s": 40.0, "date": f"2026-11-2{seed}T00:00:00",
+           "hardware": {"cpu": "Some CPU", "cpu_threads": 2},
+           "data": {"source": "cifar10-jpeg.tar.gz (archive)", "sha256": "ab" * 32},
+           "model_config": model_config, "train_config": train_config,
+           "history": {"epoch": [1, 2, 3], "test_acc": [0.5, 0.6, acc],
+                       "train_acc": [0.4, 0.5, acc - 0.01], "train_loss": [1.9, 1.4, 1.1],
+                       "epoch_time": [40.0, 41.0, 90.0], "test_loss": [1.5, 1.2, 1.0]}}
+    if flip_acc is not None:
+        run["final_test_acc_flip_tta"] = flip_acc
+    if precision:
+        run["precision"] = precision
+    return run
+
+
+def row(text, start):
+    return next(line for line in text.splitlines() if line.startswith(start))
 
 
 def test_table_reports_mean_std_best_worst_from_the_files():
-    runs = {"batch": [fake_run("batch", s, a) for s, a in ((0, 0.80), (1, 0.82), (2, 0.84))],
+    runs = {"batch": [fake_run("batch", s, a, flip_acc=a + 0.01)
+                      for s, a in ((0, 0.80), (1, 0.82), (2, 0.84))],
             "group": [fake_run("group", 0, 0.75)]}
     text = report.table(runs)
-    batch_row = next(l for l in text.splitlines() if l.startswith("| batch"))
-    assert "| 0, 1, 2 | 82.00 ± 2.00 | 84.00 | 80.00 | ≥ 85: not met |" in batch_row
-    group_row = next(l for l in text.splitlines() if l.startswith("| group"))
-    assert "needs 3 seeds (1 so far)" in group_row
+    batch_row = row(text, "| batch")
+    # train acc., test mean ± std, flip-TTA beside it, best, worst, the target and the gap
+    assert ("| current | 0, 1, 2 | 81.00 | 82.00 ± 2.00 | 83.00 | 84.00 | 80.00 | "
+            "≥ 85: not met (-3.00) |") in batch_row
+    assert "needs 3 seeds (1 so far)" in row(text, "| group")
+    assert "| not recorded |" in row(text, "| group")  # an old file: no flip-TTA, never a guess
     assert "Runs dated 2026-11-20 to 2026-11-22" in text
-    assert batch_row.split(" | ")[8] == "41.0"  # median epoch time, not the mean
+    assert batch_row.split(" | ")[11] == "41.0"  # median epoch time, not the mean
+
+
+def test_table_labels_an_earlier_recipe_by_how_it_differs_from_todays_defaults():
+    from utils import TrainConfig
+
+    old_lr = TrainConfig.lr / 2
+    runs = {"batch": [fake_run("batch", s, 0.86) for s in (0, 1, 2)]}
+    before = {"batch": [fake_run("batch", s, 0.81, lr=old_lr, activation="celu")
+                        for s in (0, 1, 2)]}
+    rows = [line for line in report.table(runs, before).splitlines()
+            if line.startswith("| batch")]
+    assert rows[0].startswith("| batch | current |") and "met (+1.00)" in rows[0]
+    assert rows[1].startswith(f"| batch | `activation celu; lr {old_lr}` (before the study) |")
+    assert "results/before-study/" in report.table(runs, before)
+
+
+def test_precision_check_compares_with_the_same_recipe_in_another_precision():
+    from utils import TrainConfig
+
+    check = fake_run("batch", 0, 0.815, precision="bf16", lr=TrainConfig.lr / 2)
+    same_recipe_fp32 = [fake_run("batch", s, a, lr=TrainConfig.lr / 2)
+                        for s, a in ((0, 0.81), (1, 0.82))]
+    other_recipe = [fake_run("batch", s, 0.90, precision="bf16") for s in (0, 1)]
+    text = report.precision_section([check], {"batch": other_recipe},
+                                    {"batch": same_recipe_fp32})
+    assert "| batch seed 0 | bf16 |" in text
+    assert "| fp32, 0, 1 | 81.50 ± 0.71 (81.00–82.00) | yes |" in text
+    assert "90.00" not in text  # another recipe is no reference, whatever its precision
 
 
 def test_readme_section_is_replaced_between_the_markers():
     runs = {"layer": [fake_run("layer", 0, 0.7)]}
     out = report.render_readme(f"intro\n{report.START}\nold\n{report.END}\noutro\n", runs)
     assert out.startswith("intro\n") and out.endswith("outro\n") and "old" not in out
-    assert "| layer | 0 | 70.00 (1 seed) |" in out
+    assert "| layer | current | 0 | 69.00 | 70.00 (1 seed) |" in out
     with pytest.raises(SystemExit, match="markers"):
         report.render_readme("no markers", runs)
 
@@ -45,16 +94,19 @@ def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
 
     nb = nbformat.v4.new_notebook(metadata={"widgets": {"state": {}}})
     cell = nbformat.v4.new_code_cell("x", metadata={"execution": {"iopub.status.busy": "t"}})
-    cell.outputs = [nbformat.v4.new_output("stream", name="stderr",
-                                           text="  0%|    | 0/9\r 50%|#   | 4/9\r100%|####| 9/9\n"),
-                    nbformat.v4.new_output("stream", name="stdout", text="epoch 1: ok\n")]
+    # nbconvert saves each tqdm redraw as an output of its own
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=text)
+                    for text in ("\r  0%|    | 0/9", "\r 50%|#   | 4/9", "\r        ", "\r")]
+    cell.outputs.append(nbformat.v4.new_output("stream", name="stdout", text="epoch 1: ok\n"))
+    cell.outputs += [nbformat.v4.new_output("stream", name="stderr", text=text)
+                     for text in ("\r 50%|#   | 4/9", "\r100%|####| 9/9\n")]
     nb.cells.append(cell)
     path = tmp_path / "n.ipynb"
     nbformat.write(nb, path)
     clean(path)
     out = nbformat.read(path, as_version=4)
     assert "widgets" not in out.metadata and "execution" not in out.cells[0].metadata
-    assert [o["text"] for o in out.cells[0].outputs] == ["100%|####| 9/9\n", "epoch 1: ok\n"]
+    assert [o["text"] for o in out.cells[0].outputs] == ["epoch 1: ok\n", "100%|####| 9/9\n"]
 
 
 def test_sweep_skips_runs_whose_results_exist(tmp_path):
@@ -287,3 +339,15 @@ def test_group_only_configurations_are_left_out_of_other_variants_studies(monkey
     assert configs == set(tune.CONFIGS) - tune.GROUP_ONLY
     tune.main(["--norm", "gn", "--seeds", "0"])
     assert {name.split("_")[1] for name, _ in planned["runs"]} == set(tune.CONFIGS)
+
+
+def test_batch_size_study_says_which_recipe_it_ran():
+    from utils import TrainConfig
+
+    today = {"recipe": ["current"]}
+    assert report.study_recipe(today) == "Recipe: today's defaults."
+    run = fake_run("batch", 0, 0.6, batch_size=8, lr=TrainConfig.lr / 16,
+                   label_smoothing=TrainConfig.label_smoothing + 0.1)
+    label = report.compare.recipe_changes(run, ignore=("batch_size", "lr", "epochs"))
+    assert label == f"label_smoothing {TrainConfig.label_smoothing + 0.1}"
+    assert f"`{label}`" in report.study_recipe({"recipe": [label]})

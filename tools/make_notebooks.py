@@ -117,7 +117,9 @@ def notebook(title, norm):
         new_code_cell(
             "results = make_results(model, data, config, history, device)\n"
             "save_json_atomic(RESULTS_DIR / f\"{run}.json\", results)\n"
-            "print(f\"{run}: final test accuracy {100 * results['final_test_acc']:.2f}% after \"\n"
+            "print(f\"{run}: final test accuracy {100 * results['final_test_acc']:.2f}% \"\n"
+            "      f\"(flip-TTA {100 * results['final_test_acc_flip_tta']:.2f}%), train accuracy \"\n"
+            "      f\"{100 * history['train_acc'][-1]:.2f}% after \"\n"
             "      f\"{results['epochs']} epochs, {results['time_per_epoch_s']:.1f} s/epoch on \"\n"
             "      f\"{results['hardware'].get('gpu', results['hardware']['cpu'])} in \"\n"
             "      f\"{results['precision']}, \"\n"
@@ -206,6 +208,21 @@ def collapse_carriage_returns(text):
                      for line in text.split("\n"))
 
 
+def coalesce_streams(outputs):
+    """Consecutive outputs of one stream joined into one, as a notebook front-end shows them:
+    nbconvert saves each of tqdm's redraws ("\\r" + bar) as an output of its own, which GitHub
+    would list one under another."""
+    merged = []
+    for out in outputs:
+        last = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and last is not None
+                and last.get("output_type") == "stream" and last["name"] == out["name"]):
+            last["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
+
+
 def clean(path):
     """Strip what breaks GitHub's viewer or only adds noise; outputs themselves are kept.
 
@@ -216,10 +233,15 @@ def clean(path):
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if "outputs" in cell:
+            cell.outputs = coalesce_streams(cell.outputs)
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
                 out["text"] = collapse_carriage_returns(out["text"])
             out.get("metadata", {}).pop("widgets", None)
+        if "outputs" in cell:  # a bar cleared to print an epoch line displays as nothing
+            cell.outputs = [o for o in cell.outputs
+                            if o.get("output_type") != "stream" or o["text"]]
     nbformat.write(nb, path)
 
 

@@ -35,21 +35,43 @@ PRECISION_START, PRECISION_END = "<!-- precision:start -->", "<!-- precision:end
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
 TUNING_DIR = ROOT / "results" / "tuning"
+BEFORE_STUDY_DIR = ROOT / "results" / "before-study"  # the runs published before the recipe study
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
 TARGETS = {"batch": 85.0, "layer": 83.0, "group": 83.0}  # issue targets, mean of 3 seeds (%)
 
 
-def table(runs):
-    lines = ["| variant | seeds | test acc. mean ± std (%) | best | worst | target | params | "
-             "epochs | s/epoch (median) | hardware | precision | data |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for variant in [v for v in ORDER if v in runs]:
-        rs = sorted(runs[variant], key=lambda r: r["seed"])
+def _train_acc(run):
+    return 100 * run["history"]["train_acc"][-1]
+
+
+def _flip_acc(run):
+    acc = run.get("final_test_acc_flip_tta")
+    return None if acc is None else 100 * acc
+
+
+BEFORE_NOTE = ("; rows marked (before the study) are the runs published before the recipe study, "
+               "kept in `results/before-study/` for a before/after comparison")
+
+
+def table(runs, before=None):
+    """The results table: today's runs, then (`before`) the runs published before the recipe
+    study, each row labelled with how its recipe differs from today's defaults."""
+    lines = ["| variant | recipe | seeds | train acc. mean (%) | test acc. mean ± std (%) | "
+             "flip-TTA test acc. mean (%) | best | worst | target | params | epochs | "
+             "s/epoch (median) | hardware | precision | data |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = [(v, runs[v], "") for v in ORDER if v in runs]
+    groups += [(v, before[v], " (before the study)") for v in ORDER if v in (before or {})]
+    for variant, group, label in groups:
+        rs = sorted(group, key=lambda r: r["seed"])
         accs = [100 * r["final_test_acc"] for r in rs]
         mean = statistics.mean(accs)
         spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else \
             f"{mean:.2f} (1 seed)"
+        flips = [_flip_acc(r) for r in rs]
+        flip = f"{statistics.mean(flips):.2f}" if None not in flips else "not recorded"
+        recipes = sorted({compare.recipe_changes(r) for r in rs})
         hw = sorted({r["hardware"].get("gpu") or compare.threads(r["hardware"]) for r in rs})
         data = sorted({f"{compare.data_file(r)} (sha256 {r['data']['sha256'][:12]}…)"
                        for r in rs})
@@ -57,23 +79,31 @@ def table(runs):
         params = sorted({r["num_params"] for r in rs})
         precisions = sorted({recorded_precision(r) for r in rs})
         target = TARGETS[variant]
-        verdict = "met" if len(accs) >= 3 and mean >= target else (
-            "not met" if len(accs) >= 3 else f"needs 3 seeds ({len(accs)} so far)")
+        verdict = (f"met (+{mean - target:.2f})" if mean >= target else
+                   f"not met ({mean - target:.2f})") if len(accs) >= 3 else \
+            f"needs 3 seeds ({len(accs)} so far)"
         lines.append(
-            f"| {variant} | {', '.join(str(r['seed']) for r in rs)} | {spread} | "
+            f"| {variant} | {'; '.join(f'`{r}`' if r != 'current' else r for r in recipes)}{label} | "
+            f"{', '.join(str(r['seed']) for r in rs)} | "
+            f"{statistics.mean(map(_train_acc, rs)):.2f} | {spread} | {flip} | "
             f"{max(accs):.2f} | {min(accs):.2f} | ≥ {target:.0f}: {verdict} | "
             f"{', '.join(f'{p:,}' for p in params)} | {', '.join(map(str, epochs))} | "
             f"{statistics.median(t for r in rs for t in r['history']['epoch_time']):.1f} | "
             f"{'; '.join(hw)} | {', '.join(precisions)} | "
             f"{'; '.join(data)} |")
-    dates = sorted(r["date"][:10] for rs in runs.values() for r in rs)
+    dates = sorted(r["date"][:10] for _, rs, _ in groups for r in rs)
     if dates:
         lines.append("")
-        lines.append(f"Single-view test accuracy after the last epoch (no test-time augmentation); "
-                     f"std is the sample standard deviation over seeds; s/epoch is the median "
-                     f"wall time of an epoch (training + test evaluation) over all runs, robust to "
-                     f"the odd epoch slowed by other work on the machine. Runs dated "
-                     f"{dates[0]} to {dates[-1]}; one JSON file per run in `results/`.")
+        lines.append(f"Single-view test accuracy after the last epoch; flip-TTA is the mean over "
+                     f"seeds of the same models scored on the average of each test image's and "
+                     f"its mirror image's logits, a separate column, never a replacement. Train "
+                     f"accuracy is that of the last epoch, on the augmented training batches as "
+                     f"the model saw them while it trained. std is the sample standard deviation "
+                     f"over seeds; s/epoch is the median wall time of an epoch (training + test "
+                     f"evaluation) over all runs, robust to the odd epoch slowed by other work on "
+                     f"the machine. The recipe column says how a row's recipe differs from "
+                     f"today's defaults (`current`: it is today's){BEFORE_NOTE if before else ''}. "
+                     f"Runs dated {dates[0]} to {dates[-1]}; one JSON file per run in `results/`.")
     return "\n".join(lines)
 
 
@@ -90,7 +120,7 @@ def study_section(study, budget, runs):
         f"seeds {', '.join(map(str, budget['seeds']))}; peak learning rate by batch size "
         f"({lrs}); {'; '.join(budget['hardware'])}; data {', '.join(budget['data'])}; "
         f"{budget['dates'][0]} to {budget['dates'][1]}. Final single-view test accuracy (%), "
-        f"mean ± sample std over seeds.", "",
+        f"mean ± sample std over seeds. {study_recipe(budget)}", "",
         *[f"- {fact}" for fact in compare.study_findings(study)],
     ]
     if runs:
@@ -102,22 +132,42 @@ def study_section(study, budget, runs):
     return "\n".join(parts)
 
 
+def study_recipe(budget):
+    """Which recipe a study ran, but for the batch size and rate it varies: today's, or how it
+    differs, so a study run before a recipe change stays labelled with the recipe it used."""
+    recipes = budget.get("recipe") or ["current"]
+    if recipes == ["current"]:
+        return "Recipe: today's defaults."
+    return (f"Recipe: not today's defaults but {' / '.join(f'`{r}`' for r in recipes)}; the "
+            f"comparisons hold within that recipe.")
+
+
 def recorded_precision(run):
     """The precision a results file records; files from before the policy ran fp32 (CPU
     autocast was off then), so they say nothing and mean fp32."""
     return run.get("precision") or "fp32"
 
 
-def precision_section(checks, runs):
-    """Each run of results/precision/ against the seed spread of the results table's runs of
-    the same variant (the fp32 reference)."""
+def same_recipe(a, b):
+    """Whether two runs computed the same thing but for the seed and the precision."""
+    return compare.recipe_changes(a) == compare.recipe_changes(b) and a["variant"] == b["variant"]
+
+
+def precision_section(checks, runs, before=None):
+    """Each run of results/precision/ against the seed spread of the runs of the same variant
+    and recipe in another precision (results/ or results/before-study/): the same computation,
+    done in other arithmetic."""
     if not checks:
         return "No precision-check runs yet (results/precision/ is empty)."
     lines = ["| run | precision | hardware | test acc. (%) | reference runs: precision, seeds "
              "| reference mean ± std (range) | within the reference range? |",
              "|---|---|---|---|---|---|---|"]
+    pool = [r for group in (runs, before or {}) for rs in group.values() for r in rs]
+    references = {id(run): sorted((r for r in pool if same_recipe(r, run)
+                                   and recorded_precision(r) != run["precision"]),
+                                  key=lambda r: r["seed"]) for run in checks}
     for run in sorted(checks, key=lambda r: (ORDER.index(r["variant"]), r["seed"])):
-        ref = sorted(runs.get(run["variant"], []), key=lambda r: r["seed"])
+        ref = references[id(run)]
         accs = [100 * r["final_test_acc"] for r in ref]
         acc = 100 * run["final_test_acc"]
         ref_precision = sorted({recorded_precision(r) for r in ref})
@@ -133,7 +183,7 @@ def precision_section(checks, runs):
         else:
             lines.append(f"{head} - | {acc:.2f} | - | - | {verdict} |")
     for run in checks:
-        same_seed = [r for r in runs.get(run["variant"], []) if r["seed"] == run["seed"]]
+        same_seed = [r for r in references[id(run)] if r["seed"] == run["seed"]]
         for ref in same_seed:
             n = min(5, len(run["history"]["train_loss"]), len(ref["history"]["train_loss"]))
             fmt = lambda r: ", ".join(f"{v:.4f}" for v in r["history"]["train_loss"][:n])  # noqa: E731
@@ -294,14 +344,14 @@ def replace_between(text, start, end, body):
 
 
 def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench_files=None,
-                  tuning=None):
-    text = replace_between(readme_text, START, END, table(runs))
+                  tuning=None, before=None):
+    text = replace_between(readme_text, START, END, table(runs, before))
     if STUDY_START in text or study is not None:
         text = replace_between(text, STUDY_START, STUDY_END,
                                study_section(study or {}, budget, runs))
     if PRECISION_START in text or checks is not None:
         text = replace_between(text, PRECISION_START, PRECISION_END,
-                               precision_section(checks or [], runs))
+                               precision_section(checks or [], runs, before))
     if TUNING_START in text or tuning is not None:
         text = replace_between(text, TUNING_START, TUNING_END, tuning_section(tuning or {}))
     if SPEED_START in text or bench_files is not None:
@@ -324,7 +374,8 @@ def render_current(text, runs=None, study=None, budget=None):
     return render_readme(text, load_runs() if runs is None else runs,
                          load_study() if study is None else study,
                          study_budget() if budget is None else budget,
-                         load_precision_checks(), bench_files(), load_tuning())
+                         load_precision_checks(), bench_files(), load_tuning(),
+                         load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None)
 
 
 def write_figures(runs, study):
