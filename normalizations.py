@@ -1,0 +1,142 @@
+"""What each normalization computes, written out for reading (the model keeps PyTorch's modules).
+
+Every method below does the same three things to an activation tensor x of shape N x C x H x W:
+subtract a mean, divide by a standard deviation (sqrt(variance + eps)), then apply a learned
+per-channel scale (weight) and shift (bias). They differ only in which elements share one mean
+and one variance:
+
+    BatchNorm     one channel, across every image of the batch and every pixel   -> (N, H, W)
+    LayerNorm     one image, across every channel and every pixel                -> (C, H, W)
+    GroupNorm     one image, across one group of C/G channels and every pixel    -> (C/G, H, W)
+    InstanceNorm  one image, one channel, across its pixels                      -> (H, W)
+
+So BatchNorm's output depends on the other images of the batch (and at test time it uses
+running averages collected in training instead), while the other three normalize each image by
+itself, identically in training and at test time. tests/test_normalizations.py checks each
+function against PyTorch's module: outputs, gradients and BatchNorm's running statistics.
+"""
+
+import numpy as np
+import torch
+
+EPS = 1e-5  # PyTorch's default for all four modules
+
+
+def _per_channel(v):
+    """A per-channel vector (C,) shaped to broadcast over N x C x H x W."""
+    return v.reshape(1, -1, 1, 1)
+
+
+def _normalize(x, mean, var, eps):
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=EPS):
+    """nn.BatchNorm2d. Training: each channel's mean and variance over (N, H, W) of this batch,
+    and the running statistics updated in place for evaluation; evaluation: those running
+    statistics, so the output no longer depends on the rest of the batch."""
+    if training:
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)  # the batch is normalized with the biased one
+        n = x.numel() // x.shape[1]  # elements per channel
+        with torch.no_grad():  # the running statistics are bookkeeping, not part of the graph
+            # an exponential moving average; the variance it stores is the unbiased estimate
+            running_mean.mul_(1 - momentum).add_(momentum * mean)
+            running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))
+    else:
+        mean, var = running_mean, running_var
+    x_hat = _normalize(x, _per_channel(mean), _per_channel(var), eps)
+    return x_hat * _per_channel(weight) + _per_channel(bias)
+
+
+def layer_norm(x, weight, bias, eps=EPS):
+    """Each image over all its channels and pixels. `weight`/`bias` of shape (C,) give
+    nn.GroupNorm(1, C), the model's LayerNorm; of shape (C, H, W) they give nn.LayerNorm([C, H, W])
+    (an affine parameter per element, tied to one input size)."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # N x 1 x 1 x 1
+    var = x.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    x_hat = _normalize(x, mean, var, eps)
+    if weight.dim() == 1:
+        weight, bias = _per_channel(weight), _per_channel(bias)
+    return x_hat * weight + bias
+
+
+def group_norm(x, num_groups, weight, bias, eps=EPS):
+    """nn.GroupNorm: each image over each group of C / num_groups consecutive channels and their
+    pixels. num_groups = 1 is LayerNorm (with per-channel affine), num_groups = C InstanceNorm."""
+    n, c, h, w = x.shape
+    if c % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {c} channels; "
+                         f"choose a divisor of {c}")
+    groups = x.reshape(n, num_groups, c // num_groups, h, w)
+    mean = groups.mean(dim=(2, 3, 4), keepdim=True)  # N x G x 1 x 1 x 1
+    var = groups.var(dim=(2, 3, 4), unbiased=False, keepdim=True)
+    x_hat = _normalize(groups, mean, var, eps).reshape(n, c, h, w)
+    return x_hat * _per_channel(weight) + _per_channel(bias)
+
+
+def instance_norm(x, weight, bias, eps=EPS):
+    """nn.InstanceNorm2d(affine=True): each image and channel over its pixels alone."""
+    return group_norm(x, x.shape[1], weight, bias, eps)
+
+
+METHODS = ("batch", "layer", "group", "instance")
+
+
+def shared_statistics_mask(method, shape, anchor=(0, 0, 0), num_groups=4):
+    """Which elements of an N x C x (H*W) tensor share one mean and variance with `anchor`
+    (an (image, channel, pixel) index): a boolean array of `shape`, the set a method normalizes
+    together, as the Group Normalization paper's Figure 2 shades it."""
+    n, c, _ = shape
+    image, channel, _ = anchor
+    images = np.arange(n)[:, None, None]
+    channels = np.arange(c)[None, :, None]
+    same_image = images == image
+    same_channel = channels == channel
+    if method == "batch":
+        mask = same_channel
+    elif method == "layer":
+        mask = same_image
+    elif method == "group":
+        if c % num_groups:
+            raise ValueError(f"num_groups={num_groups} does not divide the {c} channels")
+        per_group = c // num_groups
+        mask = same_image & (channels // per_group == channel // per_group)
+    elif method == "instance":
+        mask = same_image & same_channel
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return np.broadcast_to(mask, shape).copy()
+
+
+def plot_norm_axes(path=None, num_groups=4, shape=(6, 8, 5), show=False):
+    """The activation tensor drawn as an N x C x (H*W) block per method, the elements that share
+    one mean and variance shaded (after Wu & He, 2018, Figure 2). Returns the figure and the
+    masks it drew, {method: boolean array}, so that tests can check what is shaded."""
+    import matplotlib.pyplot as plt
+
+    from utils import finish_figure
+
+    titles = {"batch": "BatchNorm", "layer": "LayerNorm",
+              "group": f"GroupNorm ({num_groups} groups)", "instance": "InstanceNorm"}
+    masks = {m: shared_statistics_mask(m, shape, num_groups=num_groups) for m in METHODS}
+    fig = plt.figure(figsize=(13, 3.6))
+    for i, method in enumerate(METHODS):
+        ax = fig.add_subplot(1, len(METHODS), i + 1, projection="3d")
+        # voxel axes: x = channels, y = pixels (H*W), z = images (batch), as in the paper
+        filled = np.ones((shape[1], shape[2], shape[0]), dtype=bool)
+        shaded = masks[method].transpose(1, 2, 0)
+        colors = np.where(shaded[..., None], np.array([0.18, 0.42, 0.80, 0.95]),
+                          np.array([0.85, 0.85, 0.85, 0.25]))
+        ax.voxels(filled, facecolors=colors, edgecolor=(0.3, 0.3, 0.3, 0.3), linewidth=0.3)
+        ax.set_title(titles[method], fontsize=11)
+        ax.set_xlabel("C", labelpad=-12)
+        ax.set_ylabel("H, W", labelpad=-12)
+        ax.set_zlabel("N", labelpad=-12)
+        ax.set_xticks([]), ax.set_yticks([]), ax.set_zticks([])
+        ax.set_box_aspect(shape[1:] + shape[:1])
+        ax.view_init(elev=22, azim=-58)
+    fig.suptitle("Which activations share one mean and variance (shaded), for one of them",
+                 fontsize=12)
+    finish_figure(fig, path, show)
+    return fig, masks
