@@ -1,6 +1,6 @@
 """Regenerate README.md's results tables and the figures in images/ from the results files.
 
-    python tools/report.py            # rewrite the tables between the README's markers
+    python tools/report.py            # rewrite the README tables, the figures, S8_Compare.ipynb
     python tools/report.py --check    # exit 1 if a README table is out of date (for CI)
 
 Writes the results table (results/*.json), the batch-size study section
@@ -8,11 +8,15 @@ Writes the results table (results/*.json), the batch-size study section
 runs), the speed tables (results/bench/*.txt, bench.py's outputs), images/compare_variants.png,
 images/confusion_matrices.png and images/batch_size_study.png. No number is typed by hand:
 every cell comes from a results file.
+
+It also re-executes S8_Compare.ipynb (it reads the same files, under nbval in CI): a results
+file committed without it leaves the notebook's checked outputs stale and CI red.
 """
 
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -389,9 +393,21 @@ def write_figures(runs, study):
         compare.plot_batch_size_study(study, STUDY_FIGURE)
 
 
+def execute_compare_notebook():
+    """Run S8_Compare.ipynb in place and clean it as every committed notebook is cleaned."""
+    notebook = ROOT / "S8_Compare.ipynb"
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+                    "--inplace", "--ExecutePreprocessor.timeout=-1", str(notebook)],
+                   cwd=ROOT, check=True)
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_notebooks.py"), "--clean",
+                    str(notebook)], cwd=ROOT, check=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--check", action="store_true", help="only check that README.md is current")
+    p.add_argument("--no-notebook", action="store_true",
+                   help="skip re-executing S8_Compare.ipynb (tables and figures only)")
     args = p.parse_args()
     runs, study, budget = load_runs(), load_study(), study_budget()
     text = README.read_text()
@@ -403,6 +419,8 @@ def main():
         return
     README.write_text(new)
     write_figures(runs, study)
+    if not args.no_notebook:
+        execute_compare_notebook()
     print(f"README.md tables rewritten from {sum(len(r) for r in runs.values())} results files "
           f"and {budget['runs'] if budget else 0} batch-size study files")
 
