@@ -5,6 +5,7 @@ images/ from the same functions, so the notebook and the README cannot disagree)
 
     results/<norm>_seed<seed>.json              20-epoch runs at batch 128 (the results table)
     results/batch_size/<norm>_bs<B>_seed<s>.json the batch-size study (shorter budget)
+    results/lr_study/<norm>_lr<lr>_seed<s>.json   the learning-rate study (same budget)
 """
 
 import statistics
@@ -18,7 +19,8 @@ from utils import TrainConfig, finish_figure, load_results, recipe  # one save-t
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
-ORDER = ("batch", "layer", "group")  # table rows and figure order
+LR_STUDY_DIR = RESULTS_DIR / "lr_study"
+ORDER = ("batch", "layer", "group", "none")  # table rows and figure order ("none": LR study)
 BN_BATCH_STATS = "batch (batch stats)"  # BN evaluated with train-mode statistics
 
 
@@ -58,6 +60,13 @@ def load_runs(results_dir=RESULTS_DIR):
         runs[run["variant"]].append(run)
     return {v: sorted(runs[v], key=lambda r: r["seed"])
             for v in sorted(runs, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))}
+
+
+def norm_statistics_runs(runs):
+    """{variant: its lowest-seed run that measured the statistics inside the network} (runs
+    from before norm_stats.py have none, and a variant without such a run is left out)."""
+    return {v: measured[0] for v, rs in runs.items()
+            if (measured := [r for r in rs if r.get("norm_statistics")])}
 
 
 def load_study(study_dir=STUDY_DIR):
@@ -276,5 +285,95 @@ def plot_variant_curves(runs, path=None, show=False):
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    return finish_figure(fig, path, show)
+
+
+# ---------------------------------------------------------------------- learning-rate study
+
+LR_WINDOW = 1.0  # points of accuracy: "within 1 point of the best" rate
+
+
+def load_lr_study(study_dir=LR_STUDY_DIR):
+    """{variant: {peak lr: [run, ...]}}, variants in ORDER, rates ascending; a diverged run has
+    final_test_acc None and a "diverged" entry (epoch, step)."""
+    study = defaultdict(lambda: defaultdict(list))
+    for run in read_results(study_dir) if Path(study_dir).is_dir() else []:
+        study[run["variant"]][run["train_config"]["lr"]].append(run)
+    return {v: dict(sorted(study[v].items()))
+            for v in sorted(study, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))}
+
+
+def lr_summary(by_lr):
+    """For one variant's {lr: [runs]}: the mean accuracy (%) per rate (None where any seed
+    diverged), the best rate, and the widest run of adjacent rates within LR_WINDOW of it."""
+    means = {lr: (None if any(r["final_test_acc"] is None for r in runs)
+                  else statistics.mean(100 * r["final_test_acc"] for r in runs))
+             for lr, runs in by_lr.items()}
+    scored = {lr: m for lr, m in means.items() if m is not None}
+    if not scored:
+        return {"means": means, "best": None, "window": None}
+    best = max(scored, key=scored.get)
+    rates = list(means)
+    lo = hi = rates.index(best)
+    near = lambda i: means[rates[i]] is not None and means[rates[i]] >= scored[best] - LR_WINDOW
+    while lo > 0 and near(lo - 1):
+        lo -= 1
+    while hi < len(rates) - 1 and near(hi + 1):
+        hi += 1
+    return {"means": means, "best": best, "window": (rates[lo], rates[hi])}
+
+
+def lr_table(study):
+    """Markdown: per variant, the best peak rate, its accuracy, the range of rates within
+    LR_WINDOW of it, and where runs diverged or stayed at chance."""
+    if not study:
+        return "(no learning-rate study results yet)"
+    lines = ["| variant | seeds | best peak lr | test acc. at best, mean (min–max) | rates "
+             f"within {LR_WINDOW:g} point of the best | width | diverged (lr: seeds) | "
+             "at chance, below 15% (lr) |", "|---|---|---|---|---|---|---|---|"]
+    for variant, by_lr in study.items():
+        summary = lr_summary(by_lr)
+        seeds = sorted({r["seed"] for runs in by_lr.values() for r in runs})
+        diverged = [f"{lr:g}: {sum(r['final_test_acc'] is None for r in runs)}/{len(runs)}"
+                    for lr, runs in by_lr.items() if any(r["final_test_acc"] is None for r in runs)]
+        chance = [f"{lr:g}" for lr, m in summary["means"].items() if m is not None and m < 15]
+        if summary["best"] is None:
+            best = acc = window = width = "–"
+        else:
+            accs = [100 * r["final_test_acc"] for r in by_lr[summary["best"]]]
+            best = f"{summary['best']:g}"
+            acc = f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})"
+            lo, hi = summary["window"]
+            window, width = f"{lo:g} to {hi:g}", f"{hi / lo:g}x"
+        lines.append(f"| {variant} | {', '.join(map(str, seeds))} | {best} | {acc} | {window} | "
+                     f"{width} | {', '.join(diverged) or 'none'} | {', '.join(chance) or 'none'} |")
+    return "\n".join(lines)
+
+
+def plot_lr_study(study, path=None, show=False):
+    """Final test accuracy against peak learning rate (log x), one line per variant: mean over
+    seeds with the min–max band; a rate where a seed diverged is marked x on the axis."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for variant, by_lr in study.items():
+        means = lr_summary(by_lr)["means"]
+        ok = [lr for lr, m in means.items() if m is not None]
+        accs = [[100 * r["final_test_acc"] for r in by_lr[lr]] for lr in ok]
+        line, = ax.plot(ok, [statistics.mean(a) for a in accs], "o-", ms=4,
+                        label=f"{variant} ({len(next(iter(by_lr.values())))} seeds)")
+        ax.fill_between(ok, [min(a) for a in accs], [max(a) for a in accs],
+                        color=line.get_color(), alpha=0.2)
+        bad = [lr for lr, m in means.items() if m is None]
+        if bad:
+            ax.plot(bad, [10] * len(bad), "x", color=line.get_color(), ms=9, mew=2,
+                    label=f"{variant}: diverged (NaN loss)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="peak learning rate (one-cycle, SGD momentum 0.9)",
+           ylabel="final test accuracy (%)", title="Learning-rate sensitivity")
+    ax.axhline(10, color="k", lw=0.6, ls=":")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return finish_figure(fig, path, show)

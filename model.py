@@ -26,11 +26,15 @@ NORM_ALIASES = {
     "batch": "batch", "bn": "batch", "batchnorm": "batch",
     "group": "group", "gn": "group", "groupnorm": "group",
     "layer": "layer", "ln": "layer", "layernorm": "layer",
+    # no normalization: a reference point for the learning-rate study only (README), not a
+    # fourth variant of the assignment
+    "none": "none", "identity": "none",
 }
 
 
 def canonical_norm(name):
-    """Map an alias ("bn", "GroupNorm", ...) to "batch", "group" or "layer"; fail with the list."""
+    """Map an alias ("bn", "GroupNorm", ...) to "batch", "group", "layer" or "none"; fail with
+    the list."""
     key = str(name).strip().lower()
     if key not in NORM_ALIASES:
         raise ValueError(
@@ -52,6 +56,8 @@ def get_norm_layer(name, num_groups=4, group_size=None):
     norm = canonical_norm(name)
     if norm == "batch":
         return nn.BatchNorm2d
+    if norm == "none":
+        return lambda num_channels: nn.Identity()
     if norm == "layer":
         return partial(nn.GroupNorm, 1)
     for what, value in (("num_groups", num_groups), ("group_size", group_size)):
@@ -88,7 +94,7 @@ def get_activation(name):
 
 @dataclass
 class ModelConfig:
-    norm: str = "batch"       # "batch"/"bn", "group"/"gn" or "layer"/"ln"
+    norm: str = "batch"       # "batch"/"bn", "group"/"gn", "layer"/"ln" (or "none": LR study)
     num_groups: int = 4       # GroupNorm groups; must divide every width below; 2 lost at 5
                               # epochs, 4-channel groups gained (unconfirmed at 20, README)
     group_size: int = 0       # if > 0: GroupNorm groups of this many channels, not num_groups
@@ -111,7 +117,8 @@ class ModelConfig:
 
 
 class ConvBlock(nn.Sequential):
-    """3x3 conv (no bias: the norm's shift replaces it) -> norm -> activation [-> Dropout2d]."""
+    """3x3 conv -> norm -> activation [-> Dropout2d]. The conv has no bias where the norm's
+    shift replaces it; without a norm (nn.Identity) it keeps one."""
 
     def __init__(self, name, c_in, c_out, norm_layer, dropout, activation=nn.ReLU):
         try:
@@ -119,7 +126,7 @@ class ConvBlock(nn.Sequential):
         except ValueError as err:
             raise ValueError(f"layer {name}: {err}") from None
         layers = [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=isinstance(norm, nn.Identity)),
             norm,
             activation(),
         ]

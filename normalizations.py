@@ -140,3 +140,36 @@ def plot_norm_axes(path=None, num_groups=4, shape=(6, 8, 5), show=False):
                  fontsize=12)
     finish_figure(fig, path, show)
     return fig, masks
+
+
+def check_against_torch(seed=0, shape=(8, 12, 5, 5), num_groups=4):
+    """{check: max |from scratch - PyTorch|} over one random batch in float64, for the notebook
+    to print: each function above against the module the model uses."""
+    import torch.nn as nn
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1
+    c = shape[1]
+    weight = torch.randn(c, generator=g, dtype=torch.float64)
+    bias = torch.randn(c, generator=g, dtype=torch.float64)
+
+    def with_affine(module):
+        module = module.double()
+        with torch.no_grad():
+            module.weight.copy_(weight), module.bias.copy_(bias)
+        return module
+
+    bn = with_affine(nn.BatchNorm2d(c)).train()
+    mean, var = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    checks = {"BatchNorm, training": (batch_norm(x, weight, bias, mean, var, True), bn(x))}
+    checks["BatchNorm, running statistics"] = (torch.cat([mean, var]),
+                                               torch.cat([bn.running_mean, bn.running_var]))
+    checks["BatchNorm, evaluation"] = (batch_norm(x, weight, bias, mean, var, False),
+                                       bn.eval()(x))
+    checks["LayerNorm = GroupNorm(1, C)"] = (layer_norm(x, weight, bias),
+                                             with_affine(nn.GroupNorm(1, c))(x))
+    checks[f"GroupNorm ({num_groups} groups)"] = (
+        group_norm(x, num_groups, weight, bias), with_affine(nn.GroupNorm(num_groups, c))(x))
+    checks["InstanceNorm"] = (instance_norm(x, weight, bias),
+                              with_affine(nn.InstanceNorm2d(c, affine=True))(x))
+    return {name: (ours - theirs).abs().max().item() for name, (ours, theirs) in checks.items()}

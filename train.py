@@ -18,7 +18,7 @@ from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
 from model import ACTIVATIONS, NORM_ALIASES, ModelConfig, build_model
 from precision import PRECISIONS
 from utils import (CheckpointError, NonFiniteLossError, TrainConfig,
-                   collect_misclassified, fit, get_device, load_results, make_results,
+                   collect_misclassified, divergence_results, fit, get_device, load_results, make_results,
                    make_test_loader, plot_history, plot_misclassified, predict, recipe,
                    refuse_to_replace_checkpoint, save_json_atomic, show_summary)
 
@@ -71,7 +71,8 @@ def run_name(norm, seed, **settings):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--norm", default="batch", choices=sorted(NORM_ALIASES),
-                   help="normalization: batch/bn, group/gn or layer/ln (default: batch)")
+                   help="normalization: batch/bn, group/gn or layer/ln; none/identity (no "
+                        "normalization) is the learning-rate study's reference (default: batch)")
     p.add_argument("--groups", type=int, default=MODEL_DEFAULTS.num_groups,
                    help=f"GroupNorm only: number of channel groups; must divide every stage "
                         f"width {MODEL_DEFAULTS.widths} (default: {MODEL_DEFAULTS.num_groups})")
@@ -141,6 +142,9 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="1 epoch on 20 images per class, outputs in a temp dir (for CI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--record-divergence", action="store_true",
+                   help="if the loss becomes NaN/inf, write a results file saying where (epoch, "
+                        "step) and exit 0, instead of failing: for sweeps over learning rates")
     args = p.parse_args(argv)
     if args.dry_run:
         args.epochs = 1
@@ -229,9 +233,18 @@ def main(argv=None):
     print(f"{name}: {model.get_num_params():,} trainable parameters")
     show_summary(model)
 
-    history = fit(model, data, config, device, checkpoint_path=checkpoint, resume=args.resume,
-                  progress=not args.no_progress, overwrite=args.overwrite,
-                  eval_name="val" if args.validation else "test")
+    eval_set = "validation" if args.validation else "test"
+    try:
+        history = fit(model, data, config, device, checkpoint_path=checkpoint,
+                      resume=args.resume, progress=not args.no_progress,
+                      overwrite=args.overwrite, eval_name="val" if args.validation else "test")
+    except NonFiniteLossError as err:
+        if not args.record_divergence:
+            raise
+        path = save_json_atomic(results_path, divergence_results(model, data, config, device, err,
+                                                                 eval_set=eval_set))
+        print(f"diverged at epoch {err.epoch}, step {err.step}; recorded in {path}")
+        return load_results(path)
 
     title = f"{model.config.norm} norm, batch {config.batch_size}, seed {args.seed}"
     plot_history(history, images_dir / f"{name}_curves.png", title=title)
@@ -241,7 +254,6 @@ def main(argv=None):
     mistakes = collect_misclassified(model, test_loader, limit=10, logits=logits)
     plot_misclassified(mistakes, data.classes, images_dir / f"{name}_misclassified.png",
                        title=title)
-    eval_set = "validation" if args.validation else "test"
     results = make_results(model, data, config, history, device, logits=logits,
                            eval_set=eval_set)
     path = save_json_atomic(results_path, results)

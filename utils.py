@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import TensorLoader
+from dataset import TensorLoader, augment_batch, stratified_indices
+from norm_stats import fixed_batch, measure_norm_statistics, probe_layers
 from precision import autocast, cpu_has_native_bf16, make_grad_scaler, resolve_precision
 
 RESULTS_FORMAT = 1
@@ -346,8 +347,9 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     """Train `model` for config.epochs with one-cycle SGD; return the history.
 
     history = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-               "epoch_time", "precision"} (lists, one entry per epoch; times in seconds;
-               precision: the one resolved from config.precision, see precision.py).
+               "epoch_time", "precision", "activation_rms", "grad_norm"} (lists, one entry per
+               epoch; times in seconds; precision: the one resolved from config.precision, see
+               precision.py; the last two per normalization layer, norm_stats.probe_layers).
     With config.ema_decay, every evaluation uses the weight average, and `model` holds it
     when fit returns. With `checkpoint_path`, a checkpoint is written atomically after every epoch; with
     `resume=True` an existing one is loaded (after checking it belongs to this run) and
@@ -371,7 +373,8 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     scaler = make_grad_scaler(device, precision)
     ema = make_ema(model, config.ema_decay)
     history = {k: [] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
-                               "lr", "epoch_time", "precision")}
+                               "lr", "epoch_time", "precision", "activation_rms", "grad_norm")}
+    probe_batch = fixed_batch(data.train_x, data.train_y, data.mean, data.std, device)
     fingerprint = run_fingerprint(model, data, config)
     start_epoch = 1
     if resume and checkpoint_path and checkpoint_path.exists():
@@ -386,7 +389,8 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
             ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         history = state["history"]
-        history.setdefault("precision", [None] * len(history["epoch"]))  # older checkpoints
+        for key in ("precision", "activation_rms", "grad_norm"):  # older checkpoints
+            history.setdefault(key, [None] * len(history["epoch"]))
         start_epoch = state["epoch"] + 1
         print(f"Resumed from {checkpoint_path} after epoch {state['epoch']}; its log so far:")
         for i in range(len(history["epoch"])):
@@ -414,11 +418,14 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
                 raise NonFiniteLossError(f"{err} {_kept_checkpoint(checkpoint_path, epoch)}",
                                          err.epoch, err.step) from None
             test = evaluate(step_model if ema is None else ema.module, test_loader, precision)
+            epoch_time = time.perf_counter() - t0  # the probe is diagnostics, not training
+            probe = probe_layers(model, probe_batch)
             for key, value in (("epoch", epoch), ("train_loss", train["loss"]),
                                ("train_acc", train["acc"]), ("test_loss", test["loss"]),
                                ("test_acc", test["acc"]), ("lr", lr),
-                               ("epoch_time", time.perf_counter() - t0),
-                               ("precision", precision)):
+                               ("epoch_time", epoch_time), ("precision", precision),
+                               ("activation_rms", probe["activation_rms"]),
+                               ("grad_norm", probe["grad_norm"])):
                 history[key].append(value)
             line = epoch_line(history, -1, config.epochs, eval_name)
             if bar is not None:
@@ -615,6 +622,35 @@ def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=Fal
     return finish_figure(fig, path, show)
 
 
+def plot_data_preview(data, path=None, per_class=5, seed=0, pad=4, flip=True, show=False):
+    """A row per class: `per_class` training images as stored, then the same images as the
+    training loader augments them (crop from the `pad`-pixel reflect-padded image, flip).
+    Returns the figure and the indices of the images shown (one row per class, in class order)."""
+    import matplotlib.pyplot as plt
+
+    keep = stratified_indices(data.train_y, per_class, seed)
+    rows = [keep[data.train_y[keep] == c] for c in range(len(data.classes))]
+    images = data.train_x[torch.cat(rows)].float().div(255)
+    augmented = augment_batch(images, torch.Generator().manual_seed(seed), pad, flip)
+    fig, axes = plt.subplots(len(rows), 2 * per_class + 1, figsize=(1.1 * (2 * per_class + 1),
+                                                                     1.1 * len(rows)))
+    for r, cls in enumerate(data.classes):
+        for c in range(per_class):
+            i = r * per_class + c
+            axes[r, c].imshow(images[i].permute(1, 2, 0).numpy())
+            axes[r, per_class + 1 + c].imshow(augmented[i].clamp(0, 1).permute(1, 2, 0).numpy())
+        axes[r, 0].set_ylabel(cls, rotation=0, ha="right", va="center", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    axes[0, per_class // 2].set_title("training images", fontsize=10)
+    axes[0, per_class + 1 + per_class // 2].set_title(
+        f"as trained on (crop, pad {pad}{', flip' if flip else ''})", fontsize=10)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    finish_figure(fig, path, show)
+    return fig, torch.stack(rows)
+
+
 # ---------------------------------------------------------------------------------- results
 
 def make_results(model, data, config, history, device, logits=None, **extra):
@@ -650,6 +686,8 @@ def make_results(model, data, config, history, device, logits=None, **extra):
         "wall_time_s": wall_time,
         "time_per_epoch_s": wall_time / len(history["epoch_time"]),
         "per_class_acc": dict(zip(data.classes, per_class)),
+        # each normalization layer's input and output along every method's axes (norm_stats.py)
+        "norm_statistics": measure_norm_statistics(model, data, device),
         "confusion_matrix": confusion.tolist(),
         "model_config": model.config.to_dict(),
         "train_config": config.to_dict(),
@@ -657,6 +695,28 @@ def make_results(model, data, config, history, device, logits=None, **extra):
         "data": {"source": data.source, "sha256": data.sha256,
                  "train_images": len(data.train_y), "test_images": len(data.test_y),
                  "mean": list(data.mean), "std": list(data.std)},
+        "hardware": hardware_info(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def divergence_results(model, data, config, device, error, **extra):
+    """The results file of a run stopped by the NaN guard (`error`, a NonFiniteLossError): where
+    it diverged instead of accuracies, so a sweep records it as a result and goes on."""
+    return {
+        "format": RESULTS_FORMAT,
+        "variant": model.config.norm,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "num_params": model.get_num_params(),
+        "final_test_acc": None,
+        "diverged": {"epoch": error.epoch, "step": error.step, "message": str(error)},
+        "precision": resolve_precision(config.precision, device),
+        "model_config": model.config.to_dict(),
+        "train_config": config.to_dict(),
+        "data": {"source": data.source, "sha256": data.sha256,
+                 "train_images": len(data.train_y), "test_images": len(data.test_y)},
         "hardware": hardware_info(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -182,3 +182,20 @@ def test_validation_runs_are_scored_on_held_out_training_images(image_tree, tmp_
     assert results["model_config"]["widths"] == [24, 32, 28]
     assert results["model_config"]["activation"] == "silu"
     assert (results["train_config"]["pad"], results["train_config"]["flip"]) == (2, False)
+
+
+def test_a_diverging_run_is_recorded_where_it_diverged_and_exits_0_when_asked(image_tree, tmp_path):
+    args = ["--norm", "none", "--epochs", "2", "--train-subset", "3", "--batch-size", "2", "--lr", "1e6",
+            "--data", tiny_archive(image_tree, tmp_path), "--out-dir", str(tmp_path / "out"),
+            "--run-name", "none_lr1e6", "--no-progress"]
+    out = run_train(*args, cwd=tmp_path, env_cache=tmp_path / "cache")
+    assert out.returncode == 1 and "error: loss became" in out.stderr  # not asked: an error
+    assert not (tmp_path / "out" / "none_lr1e6.json").exists()
+    out = run_train(*args, "--record-divergence", "--overwrite", cwd=tmp_path,
+                    env_cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "out" / "none_lr1e6.json").read_text())
+    assert results["final_test_acc"] is None and results["variant"] == "none"
+    assert results["diverged"]["epoch"] == 1 and results["diverged"]["step"] >= 1
+    assert results["train_config"]["lr"] == 1e6
+    assert "diverged at epoch 1, step" in out.stdout

@@ -163,3 +163,49 @@ def test_unfinished_study_shows_missing_cells_and_seed_counts(study_dir):
     row = compare.study_table(compare.load_study(study_dir)).splitlines()[2]
     assert row == "| 2 | 45.00 ± 7.07 | 58.00 | – | 25.00 ± 7.07 | 1–2 |"
     assert compare.threads({"cpu": "X", "cpu_threads": 1}) == "X, 1 thread"
+
+
+def lr_run(variant, lr, seed, acc):
+    run = study_run(variant, 128, seed, acc)
+    run["train_config"]["lr"] = lr
+    if acc is None:
+        run["diverged"] = {"epoch": 2, "step": 17, "message": "loss became nan"}
+    return run
+
+
+@pytest.fixture
+def lr_study_dir(tmp_path):
+    """BN: flat from 0.05 to 0.4; none: peaks at 0.05, chance at 0.4 and diverges at 0.8."""
+    accs = {"batch": {0.025: (0.60, 0.62), 0.05: (0.70, 0.70), 0.1: (0.71, 0.71),
+                      0.2: (0.705, 0.715), 0.4: (0.70, 0.70), 0.8: (0.65, 0.67)},
+            "none": {0.025: (0.55, 0.57), 0.05: (0.60, 0.60), 0.1: (0.58, 0.58),
+                     0.2: (0.40, 0.45), 0.4: (0.10, 0.10), 0.8: (None, 0.10)}}
+    for variant, by_lr in accs.items():
+        for lr, pair in by_lr.items():
+            for seed, acc in enumerate(pair):
+                (tmp_path / f"{variant}_lr{lr:g}_seed{seed}.json").write_text(
+                    json.dumps(lr_run(variant, lr, seed, acc)))
+    return tmp_path
+
+
+def test_lr_study_finds_the_best_rate_and_the_range_within_a_point(lr_study_dir):
+    study = compare.load_lr_study(lr_study_dir)
+    assert list(study) == ["batch", "none"] and list(study["batch"]) == sorted(study["batch"])
+    bn = compare.lr_summary(study["batch"])
+    assert bn["best"] == 0.1 and bn["window"] == (0.05, 0.4)
+    none = compare.lr_summary(study["none"])
+    assert none["best"] == 0.05 and none["window"] == (0.05, 0.05)
+    assert none["means"][0.8] is None  # one seed diverged: the rate has no mean
+    table = compare.lr_table(study)
+    assert "| batch | 0, 1 | 0.1 | 71.00 (71.00–71.00) | 0.05 to 0.4 | 8x | none | none |" in table
+    assert "| none | 0, 1 | 0.05 | 60.00 (60.00–60.00) | 0.05 to 0.05 | 1x | 0.8: 1/2 | 0.4 |" in table
+
+
+def test_lr_study_figure_marks_divergence_on_a_log_axis(lr_study_dir, tmp_path):
+    fig = compare.plot_lr_study(compare.load_lr_study(lr_study_dir), tmp_path / "lr.png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and (tmp_path / "lr.png").stat().st_size > 0
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels[:3] == ["batch (2 seeds)", "none (2 seeds)", "none: diverged (NaN loss)"]
+    diverged = ax.get_lines()[2]
+    assert list(diverged.get_xdata()) == [0.8] and list(diverged.get_ydata()) == [10]

@@ -61,6 +61,24 @@ def test_group_norm_uses_the_requested_groups():
     assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {2}
 
 
+@pytest.mark.parametrize("alias", ["none", "identity"])
+def test_no_normalization_keeps_the_layout_and_puts_conv_biases_where_the_shift_was(alias):
+    model, reference = build_model(alias, seed=0), build_model("batch", seed=0)
+    assert model.config.norm == "none"
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [tuple(m.weight.shape) for m in convs] == [
+        tuple(m.weight.shape) for m in reference.modules() if isinstance(m, nn.Conv2d)]
+    biased = [m.bias is not None for m in convs]  # the 3x3 convs and the classifier
+    assert biased == [True, True, False, True, True, False, True, True, True, True]
+    # each norm's 2C affine parameters become C biases
+    assert model.get_num_params() == reference.get_num_params() - sum(
+        m.out_channels for m, b in zip(convs[:-1], biased[:-1]) if b)
+    loss = F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_unknown_norm_lists_the_accepted_names():
     with pytest.raises(ValueError, match=r"unknown normalization 'instance'.*batch.*group.*layer"):
         build_model("instance")

@@ -142,3 +142,15 @@ def test_norm_axes_figure_draws_the_masks_with_this_repositorys_group_count(tmp_
     assert masks["group"].sum() == c // groups * hw  # one image, one group, all pixels
     with pytest.raises(ValueError, match="does not divide"):
         ref.plot_norm_axes(num_groups=3)
+
+
+def test_the_notebooks_check_reports_every_method_and_fails_on_a_wrong_formula(monkeypatch):
+    import normalizations
+
+    diffs = normalizations.check_against_torch()
+    assert len(diffs) == 6 and max(diffs.values()) < 1e-12
+    # the check must see a mistake, e.g. the unbiased variance used to normalize
+    monkeypatch.setattr(normalizations, "_normalize",
+                        lambda x, mean, var, eps: (x - mean) / torch.sqrt(var * 1.01 + eps))
+    assert min(normalizations.check_against_torch().values()) < 1e-12  # running stats unaffected
+    assert max(normalizations.check_against_torch().values()) > 1e-4

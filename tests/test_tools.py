@@ -351,3 +351,17 @@ def test_batch_size_study_says_which_recipe_it_ran():
     label = report.compare.recipe_changes(run, ignore=("batch_size", "lr", "epochs"))
     assert label == f"label_smoothing {TrainConfig.label_smoothing + 0.1}"
     assert f"`{label}`" in report.study_recipe({"recipe": [label]})
+
+
+def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_recorded():
+    import sweep
+
+    runs = sweep.plan(["bn", "none"], [0, 1], lrs=[0.4, 0.0125])
+    assert [name for name, _ in runs] == [
+        "batch_lr0.0125_seed0", "none_lr0.0125_seed0", "batch_lr0.4_seed0", "none_lr0.4_seed0",
+        "batch_lr0.0125_seed1", "none_lr0.0125_seed1", "batch_lr0.4_seed1", "none_lr0.4_seed1"]
+    name, args = runs[2]
+    assert args[args.index("--lr") + 1] == "0.4" and "--record-divergence" in args
+    assert args[args.index("--run-name") + 1] == name
+    with pytest.raises(ValueError, match="not both"):
+        sweep.plan(["bn"], [0], batch_sizes=[128], lrs=[0.1])

@@ -302,3 +302,18 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
     resumed = fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
                   resume=True, progress=False)
     assert same_history(resumed, full)
+
+
+def test_data_preview_shows_a_row_per_class_and_the_augmented_copies(tiny_data, tmp_path):
+    from utils import plot_data_preview
+
+    fig, shown = plot_data_preview(tiny_data, tmp_path / "preview.png", per_class=3)
+    assert (tmp_path / "preview.png").stat().st_size > 0
+    assert shown.shape == (10, 3)
+    assert [set(tiny_data.train_y[row].tolist()) for row in shown] == [{c} for c in range(10)]
+    images = [ax.get_images() for ax in fig.axes]
+    assert sum(len(i) for i in images) == 10 * 3 * 2  # originals and augmented, nothing else
+    first = fig.axes[0].get_images()[0].get_array()
+    assert first.shape == (32, 32, 3)
+    assert torch.allclose(torch.tensor(first.data, dtype=torch.float32),
+                          tiny_data.train_x[shown[0, 0]].permute(1, 2, 0).float() / 255)

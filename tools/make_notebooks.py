@@ -86,14 +86,26 @@ def notebook(title, norm):
         new_code_cell(
             "from dataset import load_cifar10\n"
             "from model import build_model\n"
+            "from normalizations import plot_norm_axes\n"
+            "from norm_stats import plot_layer_probe, plot_norm_statistics\n"
             "from utils import (TrainConfig, collect_misclassified, fit, get_device, make_loaders,\n"
-            "                   make_results, plot_history, plot_misclassified, save_json_atomic,\n"
-            "                   show_summary)\n\n"
+            "                   make_results, plot_data_preview, plot_history, plot_misclassified,\n"
+            "                   save_json_atomic, show_summary)\n\n"
             "data = load_cifar10(DATA)\n"
             "if SUBSET:\n"
             "    data = data.subset(SUBSET, SUBSET // 2, seed=SEED)\n"
             "device = get_device()\n"
             "print(\"device:\", device)"),
+        new_markdown_cell(
+            "## What the normalization computes\n\n"
+            "Every normalization subtracts a mean and divides by a standard deviation, then "
+            "applies a learned per-channel scale and shift; the methods differ only in which "
+            "activations share one mean and variance (shaded below, for one activation). "
+            "`normalizations.py` writes each one out in a few lines, checked against PyTorch."),
+        new_code_cell("plot_norm_axes(show=True);"),
+        new_markdown_cell("## The data\n\nA row per class: training images as stored, then "
+                          "the same images as the training loader augments them."),
+        new_code_cell("plot_data_preview(data, IMAGES_DIR / \"data_preview.png\", show=True);"),
         new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(data.classes)"),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"
@@ -124,6 +136,16 @@ def notebook(title, norm):
             "      f\"{results['hardware'].get('gpu', results['hardware']['cpu'])} in \"\n"
             "      f\"{results['precision']}, \"\n"
             "      f\"data: {results['data']['source']}\")"),
+        new_markdown_cell(
+            "## Inside the trained network\n\n"
+            "At every normalization layer, on a fixed batch of test images: how far its input and "
+            "its normalized output are from mean 0 and std 1, along this method's own axes and "
+            "the other methods' (`norm_stats.py`). Then, once per epoch during training, each "
+            "layer's input scale and the gradient norm of its convolution. `S8_Compare.ipynb` "
+            "puts the three variants side by side."),
+        new_code_cell(
+            "plot_norm_statistics({NORM: results[\"norm_statistics\"]}, show=True)\n"
+            "plot_layer_probe({NORM: history}, results[\"norm_statistics\"][\"layers\"], show=True);"),
     ]
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
@@ -152,11 +174,55 @@ def compare_notebook():
             "All accuracies were measured on the JPEG re-encoding of CIFAR-10 (see the README)."),
         colab_setup_cell("compare.py"),
         new_code_cell(
-            "from compare import (RESULTS_DIR, STUDY_DIR, load_runs, load_study, most_confused_lines,\n"
+            "from compare import (LR_STUDY_DIR, RESULTS_DIR, STUDY_DIR, load_lr_study, load_runs,\n"
+            "                     load_study, lr_table, most_confused_lines, norm_statistics_runs,\n"
             "                     per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"
-            "                     plot_variant_curves, study_findings, study_table)\n\n"
+            "                     plot_lr_study, plot_variant_curves, study_findings, study_table)\n"
+            "from normalizations import check_against_torch, plot_norm_axes\n"
+            "from norm_stats import plot_layer_probe, plot_norm_statistics, statistics_table\n\n"
             "runs = load_runs(RESULTS_DIR)    # {variant: [20-epoch runs]}\n"
             "study = load_study(STUDY_DIR)    # {variant: {batch size: [accuracy per seed]}}"),
+        new_markdown_cell(
+            "## What each normalization computes\n\n"
+            "Each method subtracts a mean and divides by a standard deviation, then applies a "
+            "learned per-channel scale and shift. Which activations share one mean and variance "
+            "is the whole difference: BatchNorm, one channel across the batch; LayerNorm, one "
+            "image across all channels; GroupNorm, one image across a group of channels; "
+            "InstanceNorm (for reference), one image and one channel. `normalizations.py` "
+            "writes each in a few lines of tensor code; the check below runs them against "
+            "PyTorch's modules."),
+        new_code_cell("plot_norm_axes(show=True);"),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "for check, difference in check_against_torch().items():\n"
+            "    print(f\"{check}: from scratch equals PyTorch within 1e-12: {difference < 1e-12}\")"),
+        new_markdown_cell(
+            "### Inside the trained networks\n\n"
+            "The seed-0 run of each variant measured, at every normalization layer and on a "
+            "fixed batch of 250 test images, the std of the layer's input and of its normalized "
+            "output (before the learned scale and shift) over the sets each method normalizes: "
+            "per channel (BatchNorm's), per image (LayerNorm's), per image and group of 4 "
+            "channels (GroupNorm's). A range of 1.00-1.00 means normalized along those axes."),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "statistics = norm_statistics_runs(runs)   # {variant: the run that measured them}\n"
+            "print(statistics_table({v: r[\"norm_statistics\"] for v, r in statistics.items()}))"),
+        new_code_cell("plot_norm_statistics({v: r[\"norm_statistics\"] for v, r in statistics.items()},\n"
+                      "                     show=True);"),
+        new_code_cell("plot_layer_probe({v: r[\"history\"] for v, r in statistics.items()},\n"
+                      "                 next(iter(statistics.values()))[\"norm_statistics\"][\"layers\"],\n"
+                      "                 show=True);"),
+        new_markdown_cell(
+            "## Does normalization allow higher learning rates?\n\n"
+            "Every variant, and the same network without normalization (conv biases in place of "
+            "the norms' shifts), trained at peak learning rates from 0.0125 to 1.6 on the "
+            "batch-size study's budget, 2 seeds each; a run whose loss became NaN is recorded "
+            "where it diverged (`results/lr_study/`)."),
+        new_code_cell(
+            "# NBVAL_CHECK_OUTPUT\n"
+            "lr_study = load_lr_study(LR_STUDY_DIR)   # {variant: {peak lr: [runs]}}\n"
+            "print(lr_table(lr_study))"),
+        new_code_cell("plot_lr_study(lr_study, show=True);"),
         new_markdown_cell("## Accuracy vs batch size\n\nBatchNorm normalizes with the statistics "
                           "of the batch while training and with running averages at test time; "
                           "GroupNorm and LayerNorm normalize each image on its own, so the batch "

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import compare  # noqa: E402
+import normalizations  # noqa: E402
+import norm_stats  # noqa: E402
 from compare import ORDER, load_runs, load_study, study_budget  # noqa: E402
 
 README = ROOT / "README.md"
@@ -38,6 +40,12 @@ STUDY_START, STUDY_END = "<!-- batch-size:start -->", "<!-- batch-size:end -->"
 PRECISION_START, PRECISION_END = "<!-- precision:start -->", "<!-- precision:end -->"
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
+NORM_STATS_START, NORM_STATS_END = "<!-- norm-statistics:start -->", "<!-- norm-statistics:end -->"
+LR_START, LR_END = "<!-- lr-study:start -->", "<!-- lr-study:end -->"
+LR_FIGURE = IMAGES / "lr_study.png"
+AXES_FIGURE = IMAGES / "norm_axes.png"
+NORM_STATS_FIGURE = IMAGES / "norm_statistics.png"
+PROBE_FIGURE = IMAGES / "layer_probe.png"
 TUNING_DIR = ROOT / "results" / "tuning"
 BEFORE_STUDY_DIR = ROOT / "results" / "before-study"  # the runs published before the recipe study
 PRECISION_DIR = ROOT / "results" / "precision"
@@ -360,7 +368,41 @@ def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench
         text = replace_between(text, TUNING_START, TUNING_END, tuning_section(tuning or {}))
     if SPEED_START in text or bench_files is not None:
         text = replace_between(text, SPEED_START, SPEED_END, speed_section(bench_files or []))
+    if LR_START in text:
+        text = replace_between(text, LR_START, LR_END, lr_section(compare.load_lr_study()))
+    if NORM_STATS_START in text:
+        text = replace_between(text, NORM_STATS_START, NORM_STATS_END,
+                               norm_statistics_section(runs))
     return text
+
+
+def lr_section(study):
+    runs = [r for by_lr in study.values() for rs in by_lr.values() for r in rs]
+    if not runs:
+        return "No learning-rate study results yet (results/lr_study/ is empty)."
+    shared = lambda key: "/".join(sorted({str(key(r)) for r in runs}))
+    return (f"{compare.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
+            f"epochs on {shared(lambda r: r['data']['train_images'])} training images (a "
+            f"stratified subset, drawn per seed), tested on all "
+            f"{shared(lambda r: r['data']['test_images'])} test images, batch "
+            f"{shared(lambda r: r['train_config']['batch_size'])}, the recipe otherwise today's; "
+            f"{'; '.join(sorted({compare.threads(r['hardware']) for r in runs}))}, "
+            f"{shared(lambda r: r['precision'])}; data {shared(compare.data_file)}; "
+            f"{min(r['date'][:10] for r in runs)} to {max(r['date'][:10] for r in runs)}. "
+            f"Final single-view test accuracy (%); a rate counts within the window only if no "
+            f"seed diverged there.")
+
+
+def norm_statistics_section(runs):
+    measured = compare.norm_statistics_runs(runs)
+    if not measured:
+        return "No results file holds the statistics yet (runs from before norm_stats.py)."
+    table = norm_stats.statistics_table({v: r["norm_statistics"] for v, r in measured.items()})
+    sources = "; ".join(f"{v}: seed {r['seed']}, {r['hardware']['cpu']}, {r['precision']}, "
+                        f"{r['date'][:10]}" for v, r in measured.items())
+    return (f"{table}\n\nStd of each set's activations, lowest to highest over the sets and the "
+            f"layers, on {next(iter(measured.values()))['norm_statistics']['images']} test "
+            f"images (25 per class) in evaluation mode. Runs: {sources}.")
 
 
 def load_precision_checks(folder=PRECISION_DIR):
@@ -391,6 +433,17 @@ def write_figures(runs, study):
         compare.plot_confusion_matrices(runs, CONFUSION_FIGURE)
     if study:
         compare.plot_batch_size_study(study, STUDY_FIGURE)
+    normalizations.plot_norm_axes(AXES_FIGURE)
+    lr_study = compare.load_lr_study()
+    if lr_study:
+        compare.plot_lr_study(lr_study, LR_FIGURE)
+    measured = compare.norm_statistics_runs(runs)
+    if measured:
+        norm_stats.plot_norm_statistics({v: r["norm_statistics"] for v, r in measured.items()},
+                                        NORM_STATS_FIGURE)
+        norm_stats.plot_layer_probe({v: r["history"] for v, r in measured.items()},
+                                    next(iter(measured.values()))["norm_statistics"]["layers"],
+                                    PROBE_FIGURE)
 
 
 def execute_compare_notebook():

@@ -8,6 +8,11 @@ results file exists.
     python tools/sweep.py --batch-sizes 2 4 8 16 32 64 128 --seeds 0 1 --jobs 2 \\
         --out-dir results/batch_size --epochs 6 --train-subset 1000
 
+    # the learning-rate study: every peak rate for every normalization and none; a run whose
+    # loss becomes NaN is recorded as diverged (train.py --record-divergence)
+    python tools/sweep.py --norms batch layer group none --lrs 0.0125 0.025 0.05 0.1 0.2 0.4 \\
+        0.8 1.6 --seeds 0 1 --out-dir results/lr_study --epochs 6 --train-subset 1000
+
 Each run is its own process, writes its results file when it finishes and resumes from its
 checkpoint, so an interrupted sweep picks up where it stopped when started again. Arguments
 not listed here go to train.py unchanged.
@@ -32,9 +37,21 @@ def study_run_name(norm, batch_size, seed):
     return f"{norm}_bs{batch_size}_seed{seed}"
 
 
-def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr):
+def lr_run_name(norm, lr, seed):
+    return f"{norm}_lr{lr:g}_seed{seed}"
+
+
+def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
     """[(name, train.py arguments)] in the order to run them: seed by seed, so that a sweep cut
-    short leaves whole seeds; within a seed the small (slow) batches first, to balance --jobs."""
+    short leaves whole seeds; within a seed the small (slow) batches first, to balance --jobs.
+    With `lrs`: every peak learning rate for every norm, each run recording a divergence."""
+    if lrs:
+        if batch_sizes:
+            raise ValueError("sweep either batch sizes or learning rates, not both")
+        return [(lr_run_name(norm, lr, seed),
+                 ["--norm", norm, "--seed", str(seed), "--lr", repr(lr), "--record-divergence",
+                  "--run-name", lr_run_name(norm, lr, seed)])
+                for seed in seeds for lr in sorted(lrs) for norm in map(canonical_norm, norms)]
     runs = []
     for seed in seeds:
         for batch_size in sorted(batch_sizes) if batch_sizes else [None]:
@@ -62,6 +79,9 @@ def main(argv=None):
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,
                    help="run every batch size, with the learning rate scaled linearly from "
                         "--lr at batch 128; results named <norm>_bs<B>_seed<seed>.json")
+    p.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="run every peak learning rate (the learning-rate study); results named "
+                        "<norm>_lr<lr>_seed<seed>.json, diverged runs recorded as such")
     p.add_argument("--lr", type=float, default=TrainConfig.lr,
                    help=f"peak learning rate at batch {TrainConfig.batch_size} "
                         f"(default: {TrainConfig.lr})")
@@ -77,8 +97,12 @@ def main(argv=None):
         p.error("--batch-sizes must be at least 2 (BatchNorm cannot normalize a single image)")
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    if args.lrs and args.batch_sizes:
+        p.error("--lrs and --batch-sizes are separate studies: pass one of them")
+    if any(lr <= 0 for lr in args.lrs or []):
+        p.error("--lrs must be positive")
 
-    run_all(plan(args.norms, args.seeds, args.batch_sizes, args.lr), args.out_dir,
+    run_all(plan(args.norms, args.seeds, args.batch_sizes, args.lr, args.lrs), args.out_dir,
             args.images_dir, train_args, args.jobs, args.log_dir)
 
 
