@@ -103,7 +103,11 @@ def study_budget(study_dir=STUDY_DIR):
 
 def threads(hardware):
     """"AMD EPYC (AVX512, native bf16), 2 threads": the CPU, what decides its speed where the
-    results file recorded it (older files did not), and how many threads torch used."""
+    results file recorded it (older files did not), and how many threads torch used; for a run
+    on a GPU, the GPU ("NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0)"), which sets
+    its speed, not the host's CPU threads."""
+    if hardware.get("device") == "cuda" and hardware.get("gpu"):
+        return f"{hardware['gpu']} (CUDA, compute capability {hardware['gpu_capability']})"
     cpu = hardware["cpu"]
     if "cpu_capability" in hardware:
         bf16 = ", native bf16" if hardware.get("cpu_native_bf16") else ""
@@ -324,20 +328,29 @@ def lr_summary(by_lr):
     return {"means": means, "best": best, "window": (rates[lo], rates[hi])}
 
 
+def eval_set(study):
+    """"validation" when every run of the study was scored on the held-out training images
+    (train.py --validation), else "test"."""
+    runs = [r for by_lr in study.values() for rs in by_lr.values() for r in rs]
+    return "validation" if runs and all(r.get("eval_set") == "validation" for r in runs) else "test"
+
+
 def lr_table(study):
     """Markdown: per variant, the best peak rate, its accuracy, the range of rates within
     LR_WINDOW of it, and where runs diverged or stayed at chance."""
     if not study:
         return "(no learning-rate study results yet)"
-    lines = ["| variant | seeds | best peak lr | test acc. at best, mean (min–max) | rates "
-             f"within {LR_WINDOW:g} point of the best | width | diverged (lr: seeds) | "
-             "at chance, below 15% (lr) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | seeds | best peak lr | {eval_set(study)} acc. at best, mean (min–max) | "
+             f"rates within {LR_WINDOW:g} point of the best | width | diverged (lr: seeds) | "
+             "at chance, below 15% (lr: seeds) |", "|---|---|---|---|---|---|---|---|"]
     for variant, by_lr in study.items():
         summary = lr_summary(by_lr)
         seeds = sorted({r["seed"] for runs in by_lr.values() for r in runs})
         diverged = [f"{lr:g}: {sum(r['final_test_acc'] is None for r in runs)}/{len(runs)}"
                     for lr, runs in by_lr.items() if any(r["final_test_acc"] is None for r in runs)]
-        chance = [f"{lr:g}" for lr, m in summary["means"].items() if m is not None and m < 15]
+        chance = [f"{lr:g}: {n}/{len(runs)}" for lr, runs in by_lr.items()
+                  if (n := sum(r["final_test_acc"] is not None and r["final_test_acc"] < 0.15
+                               for r in runs))]
         if summary["best"] is None:
             best = acc = window = width = "–"
         else:
@@ -352,8 +365,8 @@ def lr_table(study):
 
 
 def plot_lr_study(study, path=None, show=False):
-    """Final test accuracy against peak learning rate (log x), one line per variant: mean over
-    seeds with the min–max band; a rate where a seed diverged is marked x on the axis."""
+    """Final accuracy against peak learning rate (log x), one line per variant: mean over
+    seeds with the min–max band; a rate where any seed diverged is marked x at chance level."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -368,10 +381,13 @@ def plot_lr_study(study, path=None, show=False):
         bad = [lr for lr, m in means.items() if m is None]
         if bad:
             ax.plot(bad, [10] * len(bad), "x", color=line.get_color(), ms=9, mew=2,
-                    label=f"{variant}: diverged (NaN loss)")
+                    label=f"{variant}: a seed or more diverged (NaN loss)")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="peak learning rate (one-cycle, SGD momentum 0.9)",
-           ylabel="final test accuracy (%)", title="Learning-rate sensitivity")
+    rates = sorted({lr for by_lr in study.values() for lr in by_lr})
+    ax.set_xticks(rates, [f"{lr:g}" for lr in rates])  # the grid's own rates, not powers of 2
+    ax.minorticks_off()
+    ax.set(xlabel="peak learning rate (one-cycle, SGD with Nesterov momentum 0.9)",
+           ylabel=f"final {eval_set(study)} accuracy (%)", title="Learning-rate sensitivity")
     ax.axhline(10, color="k", lw=0.6, ls=":")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

@@ -96,7 +96,7 @@ def get_activation(name):
 class ModelConfig:
     norm: str = "batch"       # "batch"/"bn", "group"/"gn", "layer"/"ln" (or "none": LR study)
     num_groups: int = 4       # GroupNorm groups; must divide every width below; 2 lost at 5
-                              # epochs, 4-channel groups gained (unconfirmed at 20, README)
+                              # epochs; 4-channel groups gained at 5, not at 20 (README)
     group_size: int = 0       # if > 0: GroupNorm groups of this many channels, not num_groups
     widths: tuple = (16, 28, 32)  # channels of stage 1 (32x32), stage 2 (16x16), stage 3 (8x8);
                                   # wider early stages within 50k params did not help at 20 epochs

@@ -163,6 +163,9 @@ def test_unfinished_study_shows_missing_cells_and_seed_counts(study_dir):
     row = compare.study_table(compare.load_study(study_dir)).splitlines()[2]
     assert row == "| 2 | 45.00 ± 7.07 | 58.00 | – | 25.00 ± 7.07 | 1–2 |"
     assert compare.threads({"cpu": "X", "cpu_threads": 1}) == "X, 1 thread"
+    gpu = {"device": "cuda", "cpu": "X", "cpu_threads": 2, "gpu": "NVIDIA H100 80GB HBM3",
+           "gpu_capability": "9.0"}
+    assert compare.threads(gpu) == "NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0)"
 
 
 def lr_run(variant, lr, seed, acc):
@@ -198,7 +201,9 @@ def test_lr_study_finds_the_best_rate_and_the_range_within_a_point(lr_study_dir)
     assert none["means"][0.8] is None  # one seed diverged: the rate has no mean
     table = compare.lr_table(study)
     assert "| batch | 0, 1 | 0.1 | 71.00 (71.00–71.00) | 0.05 to 0.4 | 8x | none | none |" in table
-    assert "| none | 0, 1 | 0.05 | 60.00 (60.00–60.00) | 0.05 to 0.05 | 1x | 0.8: 1/2 | 0.4 |" in table
+    assert "| none | 0, 1 | 0.05 | 60.00 (60.00–60.00) | 0.05 to 0.05 | 1x | 0.8: 1/2 | " \
+           "0.4: 2/2, 0.8: 1/2 |" in table  # a seed at chance counts where the other diverged
+    assert "test acc. at best" in table and compare.eval_set(study) == "test"
 
 
 def test_lr_study_figure_marks_divergence_on_a_log_axis(lr_study_dir, tmp_path):
@@ -206,6 +211,17 @@ def test_lr_study_figure_marks_divergence_on_a_log_axis(lr_study_dir, tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and (tmp_path / "lr.png").stat().st_size > 0
     labels = [line.get_label() for line in ax.get_lines()]
-    assert labels[:3] == ["batch (2 seeds)", "none (2 seeds)", "none: diverged (NaN loss)"]
+    assert labels[:3] == ["batch (2 seeds)", "none (2 seeds)", "none: a seed or more diverged (NaN loss)"]
     diverged = ax.get_lines()[2]
     assert list(diverged.get_xdata()) == [0.8] and list(diverged.get_ydata()) == [10]
+    assert ax.get_ylabel() == "final test accuracy (%)"
+
+
+def test_lr_study_scored_on_the_validation_split_says_so(lr_study_dir, tmp_path):
+    for f in lr_study_dir.glob("*.json"):
+        run = json.loads(f.read_text())
+        f.write_text(json.dumps({**run, "eval_set": "validation"}))
+    study = compare.load_lr_study(lr_study_dir)
+    assert "| validation acc. at best, mean (min–max) |" in compare.lr_table(study)
+    fig = compare.plot_lr_study(study, tmp_path / "lr.png")
+    assert fig.axes[0].get_ylabel() == "final validation accuracy (%)"

@@ -75,8 +75,22 @@ def test_precision_check_compares_with_the_same_recipe_in_another_precision():
     text = report.precision_section([check], {"batch": other_recipe},
                                     {"batch": same_recipe_fp32})
     assert "| batch seed 0 | bf16 |" in text
-    assert "| fp32, 0, 1 | 81.50 ± 0.71 (81.00–82.00) | yes |" in text
+    assert "| fp32, cpu, 0, 1 | 81.50 ± 0.71 (81.00–82.00) | +0.00 (+0.0 std) | yes |" in text
     assert "90.00" not in text  # another recipe is no reference, whatever its precision
+
+
+def test_a_gpu_run_is_checked_against_every_cpu_run_of_its_recipe():
+    gpu = {"cpu": "Host", "cpu_threads": 2, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3",
+           "gpu_capability": "9.0"}
+    check = {**fake_run("batch", 0, 0.83, precision="bf16"), "hardware": gpu}
+    cpu_bf16 = [fake_run("batch", s, a, precision="bf16") for s, a in ((0, 0.81), (1, 0.82))]
+    cpu_fp32 = [fake_run("batch", s, 0.815) for s in (0, 1)]
+    text = report.precision_section([check], {"batch": cpu_bf16}, {"batch": cpu_fp32})
+    line = row(text, "| batch seed 0 | bf16 |")
+    assert "| NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0) | 83.00 |" in line
+    assert "| bf16, cpu, 0, 1; fp32, cpu, 0, 1 | 81.50 ± 0.41 (81.00–82.00) |" in line
+    assert line.endswith("| +1.50 (+3.7 std) | no |")
+    assert "Training loss" not in text  # step-by-step losses only where the device is the same
 
 
 def test_readme_section_is_replaced_between_the_markers():

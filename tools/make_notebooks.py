@@ -216,8 +216,9 @@ def compare_notebook():
             "## Does normalization allow higher learning rates?\n\n"
             "Every variant, and the same network without normalization (conv biases in place of "
             "the norms' shifts), trained at peak learning rates from 0.0125 to 1.6 on the "
-            "batch-size study's budget, 2 seeds each; a run whose loss became NaN is recorded "
-            "where it diverged (`results/lr_study/`)."),
+            "batch-size study's budget, 3 seeds each, scored on the validation split held out "
+            "of the training set; a run whose loss became NaN is recorded where it diverged "
+            "(`results/lr_study/`). The README says what the numbers show."),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"
             "lr_study = load_lr_study(LR_STUDY_DIR)   # {variant: {peak lr: [runs]}}\n"

@@ -165,37 +165,53 @@ def same_recipe(a, b):
     return compare.recipe_changes(a) == compare.recipe_changes(b) and a["variant"] == b["variant"]
 
 
+def device_kind(run):
+    return run.get("hardware", {}).get("device", "cpu")
+
+
+def arithmetic(run):
+    """What decides a run's rounding: its precision and the kind of device it ran on."""
+    return recorded_precision(run), device_kind(run)
+
+
 def precision_section(checks, runs, before=None):
     """Each run of results/precision/ against the seed spread of the runs of the same variant
-    and recipe in another precision (results/ or results/before-study/): the same computation,
-    done in other arithmetic."""
+    and recipe done in other arithmetic (another precision, or another kind of device) in
+    results/ or results/before-study/: the same computation, rounded differently."""
     if not checks:
         return "No precision-check runs yet (results/precision/ is empty)."
-    lines = ["| run | precision | hardware | test acc. (%) | reference runs: precision, seeds "
-             "| reference mean ± std (range) | within the reference range? |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | precision | hardware | test acc. (%) | reference runs: precision, device, "
+             "seeds | reference mean ± std (range) | difference from the reference mean | "
+             "within the reference range? |", "|---|---|---|---|---|---|---|---|"]
     pool = [r for group in (runs, before or {}) for rs in group.values() for r in rs]
     references = {id(run): sorted((r for r in pool if same_recipe(r, run)
-                                   and recorded_precision(r) != run["precision"]),
-                                  key=lambda r: r["seed"]) for run in checks}
-    for run in sorted(checks, key=lambda r: (ORDER.index(r["variant"]), r["seed"])):
+                                   and arithmetic(r) != arithmetic(run)),
+                                  key=lambda r: (recorded_precision(r), r["seed"]))
+                  for run in checks}
+    order = lambda r: (ORDER.index(r["variant"]), r["seed"], device_kind(r), r["precision"])  # noqa: E731
+    for run in sorted(checks, key=order):
         ref = references[id(run)]
         accs = [100 * r["final_test_acc"] for r in ref]
         acc = 100 * run["final_test_acc"]
-        ref_precision = sorted({recorded_precision(r) for r in ref})
         verdict = "yes" if accs and min(accs) <= acc <= max(accs) else (
             "no" if accs else "no reference runs")
         head = f"| {run['variant']} seed {run['seed']} | {run['precision']} |"
         if len(accs) > 1:
+            groups = {}
+            for r in ref:
+                groups.setdefault(f"{recorded_precision(r)}, {device_kind(r)}", []).append(
+                    str(r["seed"]))
+            mean, std = statistics.mean(accs), statistics.stdev(accs)
+            described = "; ".join(f"{k}, " + ", ".join(seeds) for k, seeds in groups.items())
             lines.append(
-                f"{head} {compare.threads(run['hardware'])} | {acc:.2f} | "
-                f"{', '.join(ref_precision)}, {', '.join(str(r['seed']) for r in ref)} | "
-                f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} "
-                f"({min(accs):.2f}–{max(accs):.2f}) | {verdict} |")
+                f"{head} {compare.threads(run['hardware'])} | {acc:.2f} | {described} | "
+                f"{mean:.2f} ± {std:.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
+                f"{acc - mean:+.2f} ({(acc - mean) / std:+.1f} std) | {verdict} |")
         else:
-            lines.append(f"{head} - | {acc:.2f} | - | - | {verdict} |")
-    for run in checks:
-        same_seed = [r for r in references[id(run)] if r["seed"] == run["seed"]]
+            lines.append(f"{head} - | {acc:.2f} | - | - | - | {verdict} |")
+    for run in checks:  # step by step, where only the precision differs
+        same_seed = [r for r in references[id(run)] if r["seed"] == run["seed"]
+                     and device_kind(r) == device_kind(run)]
         for ref in same_seed:
             n = min(5, len(run["history"]["train_loss"]), len(ref["history"]["train_loss"]))
             fmt = lambda r: ", ".join(f"{v:.4f}" for v in r["history"]["train_loss"][:n])  # noqa: E731
@@ -383,13 +399,18 @@ def lr_section(study):
     shared = lambda key: "/".join(sorted({str(key(r)) for r in runs}))
     return (f"{compare.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
             f"epochs on {shared(lambda r: r['data']['train_images'])} training images (a "
-            f"stratified subset, drawn per seed), tested on all "
-            f"{shared(lambda r: r['data']['test_images'])} test images, batch "
+            f"stratified subset, drawn per seed), scored on "
+            + (f"the {shared(lambda r: r['data']['test_images'])} validation images held out "
+               f"of the training set (never trained on; the test set is not used)"
+               if compare.eval_set(study) == "validation" else
+               f"all {shared(lambda r: r['data']['test_images'])} test images") +
+            f", batch "
             f"{shared(lambda r: r['train_config']['batch_size'])}, the recipe otherwise today's; "
             f"{'; '.join(sorted({compare.threads(r['hardware']) for r in runs}))}, "
             f"{shared(lambda r: r['precision'])}; data {shared(compare.data_file)}; "
             f"{min(r['date'][:10] for r in runs)} to {max(r['date'][:10] for r in runs)}. "
-            f"Final single-view test accuracy (%); a rate counts within the window only if no "
+            f"Final single-view {compare.eval_set(study)} accuracy (%); a rate counts within "
+            f"the window only if no "
             f"seed diverged there.")
 
 

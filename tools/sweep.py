@@ -11,7 +11,7 @@ results file exists.
     # the learning-rate study: every peak rate for every normalization and none; a run whose
     # loss becomes NaN is recorded as diverged (train.py --record-divergence)
     python tools/sweep.py --norms batch layer group none --lrs 0.0125 0.025 0.05 0.1 0.2 0.4 \\
-        0.8 1.6 --seeds 0 1 --out-dir results/lr_study --epochs 6 --train-subset 1000
+        0.8 1.6 --seeds 0 1 2 --out-dir results/lr_study --epochs 6 --train-subset 1000 --validation
 
 Each run is its own process, writes its results file when it finishes and resumes from its
 checkpoint, so an interrupted sweep picks up where it stopped when started again. Arguments
