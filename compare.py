@@ -53,13 +53,18 @@ def data_file(run):
     return Path(run["data"]["source"].split(" ")[0]).name
 
 
+def in_order(variants):
+    """The variants in ORDER, any other after them."""
+    return sorted(variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))
+
+
 def load_runs(results_dir=RESULTS_DIR):
     """{variant: [run, ...]} of the files directly in `results_dir` (not its sub-studies)."""
     runs = defaultdict(list)
     for run in read_results(results_dir):
         runs[run["variant"]].append(run)
     return {v: sorted(runs[v], key=lambda r: r["seed"])
-            for v in sorted(runs, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))}
+            for v in in_order(runs)}
 
 
 def norm_statistics_runs(runs):
@@ -304,8 +309,7 @@ def load_lr_study(study_dir=LR_STUDY_DIR):
     study = defaultdict(lambda: defaultdict(list))
     for run in read_results(study_dir) if Path(study_dir).is_dir() else []:
         study[run["variant"]][run["train_config"]["lr"]].append(run)
-    return {v: dict(sorted(study[v].items()))
-            for v in sorted(study, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))}
+    return {v: dict(sorted(study[v].items())) for v in in_order(study)}
 
 
 def lr_summary(by_lr):
@@ -328,10 +332,15 @@ def lr_summary(by_lr):
     return {"means": means, "best": best, "window": (rates[lo], rates[hi])}
 
 
+def lr_runs(study):
+    """Every run of a load_lr_study() result, as one list."""
+    return [r for by_lr in study.values() for rs in by_lr.values() for r in rs]
+
+
 def eval_set(study):
     """"validation" when every run of the study was scored on the held-out training images
     (train.py --validation), else "test"."""
-    runs = [r for by_lr in study.values() for rs in by_lr.values() for r in rs]
+    runs = lr_runs(study)
     return "validation" if runs and all(r.get("eval_set") == "validation" for r in runs) else "test"
 
 

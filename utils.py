@@ -689,15 +689,23 @@ def make_results(model, data, config, history, device, logits=None, **extra):
         # each normalization layer's input and output along every method's axes (norm_stats.py)
         "norm_statistics": measure_norm_statistics(model, data, device),
         "confusion_matrix": confusion.tolist(),
+        "history": history,
+        **provenance(model, data, config, device),
+        **extra,
+    }
+
+
+def provenance(model, data, config, device):
+    """What every results file says about how its run was made: the model and training
+    configuration, the data copy, the hardware and the date."""
+    return {
         "model_config": model.config.to_dict(),
         "train_config": config.to_dict(),
-        "history": history,
         "data": {"source": data.source, "sha256": data.sha256,
                  "train_images": len(data.train_y), "test_images": len(data.test_y),
                  "mean": list(data.mean), "std": list(data.std)},
         "hardware": hardware_info(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
     }
 
 
@@ -713,12 +721,7 @@ def divergence_results(model, data, config, device, error, **extra):
         "final_test_acc": None,
         "diverged": {"epoch": error.epoch, "step": error.step, "message": str(error)},
         "precision": resolve_precision(config.precision, device),
-        "model_config": model.config.to_dict(),
-        "train_config": config.to_dict(),
-        "data": {"source": data.source, "sha256": data.sha256,
-                 "train_images": len(data.train_y), "test_images": len(data.test_y)},
-        "hardware": hardware_info(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance(model, data, config, device),
         **extra,
     }
 

@@ -372,7 +372,7 @@ def replace_between(text, start, end, body):
 
 
 def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench_files=None,
-                  tuning=None, before=None):
+                  tuning=None, before=None, lr_study=None):
     text = replace_between(readme_text, START, END, table(runs, before))
     if STUDY_START in text or study is not None:
         text = replace_between(text, STUDY_START, STUDY_END,
@@ -384,8 +384,8 @@ def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench
         text = replace_between(text, TUNING_START, TUNING_END, tuning_section(tuning or {}))
     if SPEED_START in text or bench_files is not None:
         text = replace_between(text, SPEED_START, SPEED_END, speed_section(bench_files or []))
-    if LR_START in text:
-        text = replace_between(text, LR_START, LR_END, lr_section(compare.load_lr_study()))
+    if LR_START in text or lr_study is not None:
+        text = replace_between(text, LR_START, LR_END, lr_section(lr_study or {}))
     if NORM_STATS_START in text:
         text = replace_between(text, NORM_STATS_START, NORM_STATS_END,
                                norm_statistics_section(runs))
@@ -393,23 +393,23 @@ def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench
 
 
 def lr_section(study):
-    runs = [r for by_lr in study.values() for rs in by_lr.values() for r in rs]
+    runs = compare.lr_runs(study)
     if not runs:
         return "No learning-rate study results yet (results/lr_study/ is empty)."
     shared = lambda key: "/".join(sorted({str(key(r)) for r in runs}))
+    scored = shared(lambda r: r["data"]["test_images"])
+    evaluated = compare.eval_set(study)
+    scored_on = (f"the {scored} validation images held out of the training set (never trained "
+                 f"on; the test set is not used)" if evaluated == "validation"
+                 else f"all {scored} test images")
     return (f"{compare.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
             f"epochs on {shared(lambda r: r['data']['train_images'])} training images (a "
-            f"stratified subset, drawn per seed), scored on "
-            + (f"the {shared(lambda r: r['data']['test_images'])} validation images held out "
-               f"of the training set (never trained on; the test set is not used)"
-               if compare.eval_set(study) == "validation" else
-               f"all {shared(lambda r: r['data']['test_images'])} test images") +
-            f", batch "
+            f"stratified subset, drawn per seed), scored on {scored_on}, batch "
             f"{shared(lambda r: r['train_config']['batch_size'])}, the recipe otherwise today's; "
             f"{'; '.join(sorted({compare.threads(r['hardware']) for r in runs}))}, "
             f"{shared(lambda r: r['precision'])}; data {shared(compare.data_file)}; "
             f"{min(r['date'][:10] for r in runs)} to {max(r['date'][:10] for r in runs)}. "
-            f"Final single-view {compare.eval_set(study)} accuracy (%); a rate counts within "
+            f"Final single-view {evaluated} accuracy (%); a rate counts within "
             f"the window only if no "
             f"seed diverged there.")
 
@@ -419,7 +419,7 @@ def norm_statistics_section(runs):
     if not measured:
         return "No results file holds the statistics yet (runs from before norm_stats.py)."
     table = norm_stats.statistics_table({v: r["norm_statistics"] for v, r in measured.items()})
-    sources = "; ".join(f"{v}: seed {r['seed']}, {r['hardware']['cpu']}, {r['precision']}, "
+    sources = "; ".join(f"{v}: seed {r['seed']}, {compare.threads(r['hardware'])}, {r['precision']}, "
                         f"{r['date'][:10]}" for v, r in measured.items())
     return (f"{table}\n\nStd of each set's activations, lowest to highest over the sets and the "
             f"layers, on {next(iter(measured.values()))['norm_statistics']['images']} test "
@@ -435,17 +435,18 @@ def bench_files(folder=BENCH_DIR):
     return sorted(f for f in folder.glob("*.txt") if "\npipeline" in f.read_text())
 
 
-def render_current(text, runs=None, study=None, budget=None):
+def render_current(text, runs=None, study=None, budget=None, lr_study=None):
     """README text with every generated section rebuilt from the committed files (`runs`,
-    `study`, `budget`: those already loaded, if at hand)."""
+    `study`, `budget`, `lr_study`: those already loaded, if at hand)."""
     return render_readme(text, load_runs() if runs is None else runs,
                          load_study() if study is None else study,
                          study_budget() if budget is None else budget,
                          load_precision_checks(), bench_files(), load_tuning(),
-                         load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None)
+                         load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None,
+                         compare.load_lr_study() if lr_study is None else lr_study)
 
 
-def write_figures(runs, study):
+def write_figures(runs, study, lr_study):
     import matplotlib
     matplotlib.use("Agg")  # files only; the notebooks draw the same figures inline
 
@@ -455,7 +456,6 @@ def write_figures(runs, study):
     if study:
         compare.plot_batch_size_study(study, STUDY_FIGURE)
     normalizations.plot_norm_axes(AXES_FIGURE)
-    lr_study = compare.load_lr_study()
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
@@ -484,15 +484,16 @@ def main():
                    help="skip re-executing S8_Compare.ipynb (tables and figures only)")
     args = p.parse_args()
     runs, study, budget = load_runs(), load_study(), study_budget()
+    lr_study = compare.load_lr_study()
     text = README.read_text()
-    new = render_current(text, runs, study, budget)
+    new = render_current(text, runs, study, budget, lr_study)
     if args.check:
         if new != text:
             sys.exit("README.md results tables are out of date: run python tools/report.py")
         print("README.md results tables are current")
         return
     README.write_text(new)
-    write_figures(runs, study)
+    write_figures(runs, study, lr_study)
     if not args.no_notebook:
         execute_compare_notebook()
     print(f"README.md tables rewritten from {sum(len(r) for r in runs.values())} results files "
