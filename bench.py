@@ -34,6 +34,17 @@ import sys
 import time
 
 import torch
+from PIL import Image
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from dataset import load_cifar10
+from model import build_model
+from precision import get_device, hardware_info, make_grad_scaler, resolve_precision
+from utils import TrainConfig, evaluate, make_loaders, make_optimizer, train_one_epoch
+from variants import DEFAULT
 
 TRAIN_IMAGES = 50_000
 PRECISION_OPTIONS = ("fp32", "bf16", "fp16")
@@ -42,12 +53,6 @@ VARIANT_OPTIONS = {*PRECISION_OPTIONS, "compile", "graphs", "nchw"}
 
 def worker(args):
     """Measure one pipeline; print one JSON line."""
-    from dataset import load_cifar10
-    from model import build_model
-    from precision import make_grad_scaler, resolve_precision
-    from utils import TrainConfig, evaluate, get_device, make_loaders, make_optimizer
-    from utils import train_one_epoch
-
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
     model = build_model(args.norm, seed=0)
@@ -129,10 +134,6 @@ def _sync(device):
 
 
 def _usual_pipeline(data, args, device, model):
-    from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision import transforms
-
     class PILImages(Dataset):  # what torchvision.datasets.CIFAR10 does per item
         def __init__(self, x, y, transform):
             self.x, self.y, self.transform = x.permute(0, 2, 3, 1).numpy(), y.tolist(), transform
@@ -173,14 +174,6 @@ def _usual_pipeline(data, args, device, model):
 
 def profile(args):
     """Operator-level profile of `args.steps` training steps on the repository's path."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    from dataset import load_cifar10
-    from model import build_model
-    from precision import make_grad_scaler, resolve_precision
-    from utils import TrainConfig, get_device, make_loaders, make_optimizer, train_one_epoch
-
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
     model = build_model(args.norm, seed=0).to(device, memory_format=torch.channels_last)
@@ -210,7 +203,7 @@ def profile(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--norm", default="batch", help="model variant (default: batch)")
+    p.add_argument("--norm", default=DEFAULT, help=f"model variant (default: {DEFAULT})")
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: $CIFAR10_DATA)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
     p.add_argument("--eval-batch-size", type=int, default=1000,
@@ -230,9 +223,6 @@ def main():
         return worker(args)
     if args.profile:
         return profile(args)
-
-    from utils import get_device, hardware_info
-    from precision import resolve_precision
 
     device = get_device(args.device)
     hw = hardware_info(device)

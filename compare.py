@@ -12,16 +12,21 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from model import ModelConfig
-from utils import TrainConfig, finish_figure, load_results, recipe  # one save-then-show rule
+from plots import finish_figure
+from results import load_results
+from utils import TrainConfig, recipe
+from variants import REGISTRY, in_order
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
 LR_STUDY_DIR = RESULTS_DIR / "lr_study"
-ORDER = ("batch", "layer", "group", "none")  # table rows and figure order ("none": LR study)
-BN_BATCH_STATS = "batch (batch stats)"  # BN evaluated with train-mode statistics
+# the variant that keeps running statistics, evaluated with train-mode (batch) statistics too
+RUNNING = next(name for name, v in REGISTRY.items() if v.running_stats)
+BN_BATCH_STATS = f"{RUNNING} (batch stats)"
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -51,11 +56,6 @@ def read_results(folder):
 def data_file(run):
     """The file name of the data copy a run read ("cifar10-jpeg.tar.gz")."""
     return Path(run["data"]["source"].split(" ")[0]).name
-
-
-def in_order(variants):
-    """The variants in ORDER, any other after them."""
-    return sorted(variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER))
 
 
 def load_runs(results_dir=RESULTS_DIR):
@@ -133,9 +133,8 @@ def study_table(study):
     """Markdown: one row per batch size, mean ± std (%) over seeds for each variant."""
     if not study:
         return "(no batch-size study results yet)"
-    columns = [v for v in (*ORDER, BN_BATCH_STATS) if v in study]
-    names = {"batch": "BN (running stats)", BN_BATCH_STATS: "BN (batch stats)",
-             "layer": "LN", "group": "GN"}
+    columns = [v for v in (*tuple(REGISTRY), BN_BATCH_STATS) if v in study]
+    names = {**{v: REGISTRY[v].short for v in tuple(REGISTRY)}, **_running_labels()}
     batch_sizes = sorted({b for v in columns for b in study[v]})
     lines = ["| batch size | " + " | ".join(names[v] for v in columns) + " | seeds |",
              "|---|" + "---|" * (len(columns) + 1)]
@@ -147,49 +146,55 @@ def study_table(study):
     return "\n".join(lines)
 
 
+def _running_labels():
+    """Table and legend labels of the running-statistics variant's two evaluations."""
+    short = REGISTRY[RUNNING].short
+    return {RUNNING: f"{short} (running stats)", BN_BATCH_STATS: f"{short} (batch stats)"}
+
+
 def study_findings(study):
     """Plain sentences of the facts the README's conclusion rests on, computed from the files:
     BN's drop from the largest to the smallest batch, GN's and LN's, and where BN falls below."""
     means = {v: {b: statistics.mean(a) for b, a in by_batch.items() if a}
              for v, by_batch in study.items()}
-    if "batch" not in means or len(means["batch"]) < 2:
+    if RUNNING not in means or len(means[RUNNING]) < 2:
         return []
-    small, large = min(means["batch"]), max(means["batch"])
+    small, large = min(means[RUNNING]), max(means[RUNNING])
     facts = []
-    for v, label in (("batch", "BN"), ("group", "GN"), ("layer", "LN")):
+    for v in [RUNNING] + [v for v in tuple(REGISTRY)[::-1] if v != RUNNING]:
         if v in means and small in means[v] and large in means[v]:
             change = means[v][small] - means[v][large]
-            facts.append(f"{label}: {means[v][large]:.2f}% at batch {large} → "
+            facts.append(f"{REGISTRY[v].short}: {means[v][large]:.2f}% at batch {large} → "
                          f"{means[v][small]:.2f}% at batch {small} "
                          f"({'+' if change >= 0 else '−'}{abs(change):.2f} points).")
-    others = [v for v in ("group", "layer") if v in means]
-    below = [b for b in sorted(means["batch"])
+    others = [v for v in tuple(REGISTRY)[::-1] if v != RUNNING and v in means]
+    below = [b for b in sorted(means[RUNNING])
              if others and all(b in means[v] for v in others)
-             and means["batch"][b] < max(means[v][b] for v in others)]
+             and means[RUNNING][b] < max(means[v][b] for v in others)]
+    labels = _running_labels()
     if below:
-        facts.append("BN (running stats) has a lower mean than the better of GN/LN at batch "
+        facts.append(f"{labels[RUNNING]} has a lower mean than the better of "
+                     f"{'/'.join(REGISTRY[v].short for v in others)} at batch "
                      f"size{'s' if len(below) > 1 else ''} {', '.join(map(str, below))}.")
     else:
-        facts.append("BN (running stats) has the highest mean at every batch size measured.")
+        facts.append(f"{labels[RUNNING]} has the highest mean at every batch size measured.")
     if BN_BATCH_STATS in means and small in means[BN_BATCH_STATS]:
-        gaps = {b: means[BN_BATCH_STATS][b] - means["batch"][b]
-                for b in means[BN_BATCH_STATS] if b in means["batch"]}
-        facts.append("BN evaluated with batch statistics minus running statistics: "
-                     + ", ".join(f"{g:+.2f} at {b}" for b, g in sorted(gaps.items()))
+        gaps = {b: means[BN_BATCH_STATS][b] - means[RUNNING][b]
+                for b in means[BN_BATCH_STATS] if b in means[RUNNING]}
+        facts.append(f"{REGISTRY[RUNNING].short} evaluated with batch statistics minus running "
+                     "statistics: " + ", ".join(f"{g:+.2f} at {b}" for b, g in sorted(gaps.items()))
                      + " (points).")
     return facts
 
 
 def plot_batch_size_study(study, path=None, show=False):
     """Test accuracy vs batch size (log scale): mean line and one dot per seed per variant."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     # BN's two evaluations share a colour; the dashed one is the train-mode (batch stats) one.
-    styles = {"batch": ("BN (running stats)", "-", "C0"),
-              BN_BATCH_STATS: ("BN (batch stats)", "--", "C0"),
-              "layer": ("LN", "-", "C1"), "group": ("GN", "-", "C2")}
-    for v in (v for v in (*ORDER, BN_BATCH_STATS) if v in study):
+    labels = {**{v: REGISTRY[v].short for v in tuple(REGISTRY)}, **_running_labels()}
+    styles = {**{v: (labels[v], "-", REGISTRY[v].colour) for v in tuple(REGISTRY)},
+              BN_BATCH_STATS: (labels[BN_BATCH_STATS], "--", REGISTRY[RUNNING].colour)}
+    for v in (v for v in (*tuple(REGISTRY), BN_BATCH_STATS) if v in study):
         label, style, colour = styles[v]
         sizes = sorted(study[v])
         line, = ax.plot(sizes, [statistics.mean(study[v][b]) for b in sizes], style,
@@ -225,7 +230,7 @@ def class_names(runs):
 
 def per_class_table(runs):
     """Markdown: per-class test accuracy (%) of each variant, mean over its seeds."""
-    variants = [v for v in ORDER if v in runs]
+    variants = [v for v in tuple(REGISTRY) if v in runs]
     lines = ["| class | " + " | ".join(f"{v} (n={len(runs[v])})" for v in variants) + " |",
              "|---|" + "---|" * len(variants)]
     for cls in class_names(runs):
@@ -240,7 +245,7 @@ def most_confused(runs, top=3):
     the largest off-diagonal cells of the confusion matrix summed over seeds."""
     classes = class_names(runs)
     out = {}
-    for v in (v for v in ORDER if v in runs):
+    for v in (v for v in tuple(REGISTRY) if v in runs):
         share = confusion_share(runs[v])
         np.fill_diagonal(share, -1)
         cells = np.dstack(np.unravel_index(np.argsort(-share, axis=None), share.shape))[0][:top]
@@ -255,10 +260,8 @@ def most_confused_lines(runs, top=3):
 
 def plot_confusion_matrices(runs, path=None, show=False):
     """One row-normalized confusion matrix (%) per variant, summed over seeds."""
-    import matplotlib.pyplot as plt
-
     classes = class_names(runs)
-    variants = [v for v in ORDER if v in runs]
+    variants = [v for v in tuple(REGISTRY) if v in runs]
     fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 5), squeeze=False)
     for ax, v in zip(axes[0], variants):
         share = confusion_share(runs[v])
@@ -279,14 +282,13 @@ def plot_confusion_matrices(runs, path=None, show=False):
 
 def plot_variant_curves(runs, path=None, show=False):
     """Test accuracy and loss per epoch of each variant: mean over seeds with a min–max band."""
-    import matplotlib.pyplot as plt
-
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for variant in [v for v in ORDER if v in runs]:
+    for variant in [v for v in tuple(REGISTRY) if v in runs]:
         for ax, key, scale in ((ax_acc, "test_acc", 100), (ax_loss, "test_loss", 1)):
             curves = np.array([np.array(r["history"][key]) * scale for r in runs[variant]])
             epochs = runs[variant][0]["history"]["epoch"]
-            line, = ax.plot(epochs, curves.mean(0), label=f"{variant} ({len(curves)} seeds)")
+            line, = ax.plot(epochs, curves.mean(0), label=f"{variant} ({len(curves)} seeds)",
+                            color=REGISTRY[variant].colour)
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=line.get_color(),
                             alpha=0.2)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
@@ -304,7 +306,7 @@ LR_WINDOW = 1.0  # points of accuracy: "within 1 point of the best" rate
 
 
 def load_lr_study(study_dir=LR_STUDY_DIR):
-    """{variant: {peak lr: [run, ...]}}, variants in ORDER, rates ascending; a diverged run has
+    """{variant: {peak lr: [run, ...]}}, variants in tuple(REGISTRY), rates ascending; a diverged run has
     final_test_acc None and a "diverged" entry (epoch, step)."""
     study = defaultdict(lambda: defaultdict(list))
     for run in read_results(study_dir) if Path(study_dir).is_dir() else []:
@@ -376,14 +378,13 @@ def lr_table(study):
 def plot_lr_study(study, path=None, show=False):
     """Final accuracy against peak learning rate (log x), one line per variant: mean over
     seeds with the min–max band; a rate where any seed diverged is marked x at chance level."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for variant, by_lr in study.items():
         means = lr_summary(by_lr)["means"]
         ok = [lr for lr, m in means.items() if m is not None]
         accs = [[100 * r["final_test_acc"] for r in by_lr[lr]] for lr in ok]
         line, = ax.plot(ok, [statistics.mean(a) for a in accs], "o-", ms=4,
+                        color=REGISTRY[variant].colour,
                         label=f"{variant} ({len(next(iter(by_lr.values())))} seeds)")
         ax.fill_between(ok, [min(a) for a in accs], [max(a) for a in accs],
                         color=line.get_color(), alpha=0.2)

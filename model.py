@@ -14,71 +14,24 @@ stage gives gradients a short path to the stem. C9 is left plain so the head see
 non-linear mixing of the stage-3 features before pooling.
 """
 
+import copy
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchsummary import summary
 
-# Accepted names -> canonical name. Canonical names are what results files record.
-NORM_ALIASES = {
-    "batch": "batch", "bn": "batch", "batchnorm": "batch",
-    "group": "group", "gn": "group", "groupnorm": "group",
-    "layer": "layer", "ln": "layer", "layernorm": "layer",
-    # no normalization: a reference point for the learning-rate study only (README), not a
-    # fourth variant of the assignment
-    "none": "none", "identity": "none",
-}
-
-
-def canonical_norm(name):
-    """Map an alias ("bn", "GroupNorm", ...) to "batch", "group", "layer" or "none"; fail with
-    the list."""
-    key = str(name).strip().lower()
-    if key not in NORM_ALIASES:
-        raise ValueError(
-            f"unknown normalization {name!r}; accepted names: {', '.join(sorted(NORM_ALIASES))}"
-        )
-    return NORM_ALIASES[key]
+from utils import check_range
+from variants import DEFAULT, canonical_norm, get_variant
 
 
 def get_norm_layer(name, num_groups=4, group_size=None):
-    """Return a constructor `norm(num_channels) -> nn.Module`, as timm's get_norm_layer does.
-
-    "layer" is GroupNorm(1, C): it normalizes each sample over (C, H, W) like
-    nn.LayerNorm([C, H, W]) with per-channel affine parameters, but needs no spatial size,
-    so the same block works at 32x32, 16x16 and 8x8 and under any input resolution.
-    "group" splits the channels into `num_groups` groups, or, with `group_size`, into groups of
-    `group_size` channels each (C / group_size groups: more groups in wider layers), the two
-    views of the Group Normalization paper's ablation.
-    """
-    norm = canonical_norm(name)
-    if norm == "batch":
-        return nn.BatchNorm2d
-    if norm == "none":
-        return lambda num_channels: nn.Identity()
-    if norm == "layer":
-        return partial(nn.GroupNorm, 1)
-    for what, value in (("num_groups", num_groups), ("group_size", group_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
-
-    def group_norm(num_channels):
-        if group_size:
-            if num_channels % group_size:
-                raise ValueError(
-                    f"GroupNorm with groups of {group_size} channels cannot normalize "
-                    f"{num_channels} channels: choose a group size that divides {num_channels}")
-            return nn.GroupNorm(num_channels // group_size, num_channels)
-        if num_channels % num_groups:
-            raise ValueError(
-                f"GroupNorm with {num_groups} groups cannot normalize {num_channels} channels: "
-                f"choose num_groups that divides {num_channels}"
-            )
-        return nn.GroupNorm(num_groups, num_channels)
-
-    return group_norm
+    """Return a constructor `norm(num_channels) -> nn.Module`, as timm's get_norm_layer does:
+    the variant named (any alias, variants.py) with this network's group settings bound."""
+    variant = get_variant(name)
+    return lambda num_channels: variant.make_layer(num_channels, num_groups, group_size)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "celu": nn.CELU}
@@ -94,23 +47,22 @@ def get_activation(name):
 
 @dataclass
 class ModelConfig:
-    norm: str = "batch"       # "batch"/"bn", "group"/"gn", "layer"/"ln" (or "none": LR study)
-    num_groups: int = 4       # GroupNorm groups; must divide every width below; 2 lost at 5
-                              # epochs; 4-channel groups gained at 5, not at 20 (README)
-    group_size: int = 0       # if > 0: GroupNorm groups of this many channels, not num_groups
-    widths: tuple = (16, 28, 32)  # channels of stage 1 (32x32), stage 2 (16x16), stage 3 (8x8);
-                                  # wider early stages within 50k params did not help at 20 epochs
-    dropout: float = 0.0      # Dropout2d after each 3x3 block; 0 disables it
-    activation: str = "relu"  # after each norm: relu, gelu, silu or celu; GELU/SiLU led at 5
-                              # epochs, GELU with lr 0.4 tied at 20
-    num_classes: int = 10
+    norm: str = DEFAULT        # normalization, by any name of variants.py
+    num_groups: int = 4       # GroupNorm only: groups per layer; must divide every stage width
+    group_size: int = 0       # GroupNorm only: groups of this many channels instead; 0: off
+    widths: tuple = (16, 28, 32)  # channels at 32x32, 16x16 and 8x8
+    dropout: float = 0.0      # Dropout2d rate after each 3x3 block; 0: off
+    activation: str = "relu"  # after each norm: relu, gelu, silu or celu
+    num_classes: int = 10     # logits
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
         get_activation(self.activation)  # an unknown name fails here, with the list
         self.widths = tuple(int(w) for w in self.widths)
-        if len(self.widths) != 3:
-            raise ValueError(f"widths needs 3 stage widths, got {self.widths!r}")
+        if len(self.widths) != 3 or min(self.widths) < 1:
+            raise ValueError(f"widths needs 3 positive stage widths, got {self.widths!r}")
+        check_range(self, num_groups=(1, None), group_size=(0, None), dropout=(0, 1, "half"),
+                    num_classes=(2, None))
 
     def to_dict(self):
         return asdict(self)
@@ -171,8 +123,21 @@ class Net(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def build_model(norm="batch", seed=None, **config_overrides):
+def build_model(norm=ModelConfig.norm, seed=None, **config_overrides):
     """The one way notebooks, CLI and tests make a model; `seed` makes its init reproducible."""
     if seed is not None:
         torch.manual_seed(seed)
     return Net(ModelConfig(norm=norm, **config_overrides))
+
+
+def show_summary(model, input_size=(3, 32, 32)):
+    """torchsummary's table, computed on a CPU copy in eval mode.
+
+    torchsummary runs a forward pass in whatever mode the model is in (train mode would update
+    BatchNorm's running statistics) and only accepts "cpu"/"cuda"; a CPU eval copy leaves the
+    real model untouched wherever it lives (cuda, mps, cpu).
+    """
+    probe = copy.deepcopy(model).to("cpu").eval()
+    rng = torch.get_rng_state()  # summary draws its input from the global RNG; keep runs comparable
+    summary(probe, input_size, device="cpu")
+    torch.set_rng_state(rng)

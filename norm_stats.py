@@ -19,6 +19,7 @@ Results files keep them under "norm_statistics" and in the history ("activation_
 
 import copy
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from dataset import TensorLoader, stratified_indices
 from normalizations import batch_norm, group_norm
+from plots import finish_figure
 
 AXES = {  # which elements share one statistic, as dims of N x C x H x W (groups: see _groups)
     "per_channel": "BatchNorm's sets: one channel over every image and pixel",
@@ -117,6 +119,8 @@ def probe_layers(model, batch):
     Runs on a copy: BatchNorm's running statistics, the gradients and the random state of the
     model being trained stay as they were, so a run with the probe equals one without it."""
     probe = copy.deepcopy(model).float().train()
+    for p in probe.parameters():
+        p.requires_grad_(True)  # a frozen layer (not trained) still has a gradient to report
     for m in probe.modules():
         if isinstance(m, nn.Dropout2d | nn.Dropout):
             m.eval()  # no random draws
@@ -144,10 +148,6 @@ def plot_norm_statistics(summaries, path=None, show=False):
     """Per variant (columns): the std of each layer's input (top) and normalized output
     (bottom) along each method's axes, median with the min-max band, against depth.
     `summaries`: {variant: measure_norm_statistics(...)}. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    from utils import finish_figure
-
     variants = list(summaries)
     fig, axes = plt.subplots(2, len(variants), figsize=(4.6 * len(variants), 7), squeeze=False,
                              sharey="row")
@@ -182,10 +182,6 @@ def plot_layer_probe(histories, layers, path=None, show=False):
     """Per variant (columns): each layer's input RMS (top) and its convolution's gradient norm
     (bottom) per epoch, one line per layer coloured by depth. `histories`: {variant: history}
     holding "activation_rms" and "grad_norm"; epochs without a probe (None) are skipped."""
-    import matplotlib.pyplot as plt
-
-    from utils import finish_figure
-
     variants = list(histories)
     fig, axes = plt.subplots(2, len(variants), figsize=(4.6 * len(variants), 6.5), squeeze=False,
                              sharey="row")

@@ -16,8 +16,13 @@ itself, identically in training and at test time. tests/test_normalizations.py c
 function against PyTorch's module: outputs, gradients and BatchNorm's running statistics.
 """
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn as nn
+
+from plots import finish_figure
+from variants import REGISTRY, course_variants
 
 EPS = 1e-5  # PyTorch's default for all four modules
 
@@ -80,32 +85,36 @@ def instance_norm(x, weight, bias, eps=EPS):
     return group_norm(x, x.shape[1], weight, bias, eps)
 
 
-METHODS = ("batch", "layer", "group", "instance")
+# Which elements share one mean and variance, by the name of that set (Variant.axes)
+AXES = ("per_channel", "per_image", "per_group", "per_image_channel")
+# {title: its sets}: the course's variants, then InstanceNorm for reference
+METHODS = {**{REGISTRY[v].title: REGISTRY[v].axes for v in course_variants()},
+           "InstanceNorm": "per_image_channel"}
 
 
-def shared_statistics_mask(method, shape, anchor=(0, 0, 0), num_groups=4):
+def shared_statistics_mask(axes, shape, anchor=(0, 0, 0), num_groups=4):
     """Which elements of an N x C x (H*W) tensor share one mean and variance with `anchor`
-    (an (image, channel, pixel) index): a boolean array of `shape`, the set a method normalizes
-    together, as the Group Normalization paper's Figure 2 shades it."""
+    (an (image, channel, pixel) index) under a method whose sets are `axes` (one of AXES): a
+    boolean array of `shape`, as the Group Normalization paper's Figure 2 shades it."""
     n, c, _ = shape
     image, channel, _ = anchor
     images = np.arange(n)[:, None, None]
     channels = np.arange(c)[None, :, None]
     same_image = images == image
     same_channel = channels == channel
-    if method == "batch":
+    if axes == "per_channel":
         mask = same_channel
-    elif method == "layer":
+    elif axes == "per_image":
         mask = same_image
-    elif method == "group":
+    elif axes == "per_group":
         if c % num_groups:
             raise ValueError(f"num_groups={num_groups} does not divide the {c} channels")
         per_group = c // num_groups
         mask = same_image & (channels // per_group == channel // per_group)
-    elif method == "instance":
+    elif axes == "per_image_channel":
         mask = same_image & same_channel
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown axes {axes!r}; choose from {', '.join(AXES)}")
     return np.broadcast_to(mask, shape).copy()
 
 
@@ -113,13 +122,8 @@ def plot_norm_axes(path=None, num_groups=4, shape=(6, 8, 5), show=False):
     """The activation tensor drawn as an N x C x (H*W) block per method, the elements that share
     one mean and variance shaded (after Wu & He, 2018, Figure 2). Returns the figure and the
     masks it drew, {method: boolean array}, so that tests can check what is shaded."""
-    import matplotlib.pyplot as plt
-
-    from utils import finish_figure
-
-    titles = {"batch": "BatchNorm", "layer": "LayerNorm",
-              "group": f"GroupNorm ({num_groups} groups)", "instance": "InstanceNorm"}
-    masks = {m: shared_statistics_mask(m, shape, num_groups=num_groups) for m in METHODS}
+    masks = {title: shared_statistics_mask(axes, shape, num_groups=num_groups)
+             for title, axes in METHODS.items()}
     fig = plt.figure(figsize=(13, 3.6))
     for i, method in enumerate(METHODS):
         ax = fig.add_subplot(1, len(METHODS), i + 1, projection="3d")
@@ -129,7 +133,8 @@ def plot_norm_axes(path=None, num_groups=4, shape=(6, 8, 5), show=False):
         colors = np.where(shaded[..., None], np.array([0.18, 0.42, 0.80, 0.95]),
                           np.array([0.85, 0.85, 0.85, 0.25]))
         ax.voxels(filled, facecolors=colors, edgecolor=(0.3, 0.3, 0.3, 0.3), linewidth=0.3)
-        ax.set_title(titles[method], fontsize=11)
+        ax.set_title(f"{method} ({num_groups} groups)" if METHODS[method] == "per_group"
+                     else method, fontsize=11)
         ax.set_xlabel("C", labelpad=-12)
         ax.set_ylabel("H, W", labelpad=-12)
         ax.set_zlabel("N", labelpad=-12)
@@ -145,8 +150,6 @@ def plot_norm_axes(path=None, num_groups=4, shape=(6, 8, 5), show=False):
 def check_against_torch(seed=0, shape=(8, 12, 5, 5), num_groups=4):
     """{check: max |from scratch - PyTorch|} over one random batch in float64, for the notebook
     to print: each function above against the module the model uses."""
-    import torch.nn as nn
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1
     c = shape[1]

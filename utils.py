@@ -1,9 +1,8 @@
-"""Training, evaluation, checkpoints, plots and results files, shared by notebooks, CLI and tests."""
+"""The training configuration, the training loop, evaluation and checkpoints: what the notebooks,
+the command line and the tests train with."""
 
-import datetime
-import json
+import math
 import os
-import platform
 import random
 import sys
 import time
@@ -13,62 +12,69 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
-from dataset import TensorLoader, augment_batch, stratified_indices
-from norm_stats import fixed_batch, measure_norm_statistics, probe_layers
-from precision import autocast, cpu_has_native_bf16, make_grad_scaler, resolve_precision
+from dataset import TensorLoader
+from norm_stats import fixed_batch, probe_layers
+from precision import (PRECISIONS, autocast, compile_model, get_device, make_grad_scaler,
+                       resolve_precision, warn_if_emulated)
 
-RESULTS_FORMAT = 1
 CHECKPOINT_FORMAT = 1
 
 
 @dataclass
 class TrainConfig:
-    # The recipe, kept after the study on a validation split (README, "How the recipe was
-    # chosen"; files in results/tuning/): no lever beat the seed-to-seed spread at 20 epochs.
-    epochs: int = 20              # passes over the training set (the assignment allows at most 20)
-    batch_size: int = 128         # images per optimizer step; 64 and 256 (rate scaled) changed
-                                  # validation accuracy by less than the seed spread
-    lr: float = 0.1               # peak learning rate of the OneCycle schedule; 0.4 led at 5 epochs
-                                  # but tied at 20, 0.05 lost at both
+    # The recipe; README "How the recipe was chosen" holds the evidence for each default.
+    epochs: int = 20              # passes over the training set; the assignment allows 20
+    batch_size: int = 128         # images per optimizer step
+    lr: float = 0.1               # peak learning rate of the one-cycle schedule
     momentum: float = 0.9         # SGD (Nesterov) momentum
-    weight_decay: float = 5e-4    # L2 penalty, applied to conv weights only (not norms, biases);
-                                  # 2e-4 and 1e-3 changed little
-    label_smoothing: float = 0.1  # cross-entropy target smoothing; 0 lost with both seeds
-                                  # (by less than the seed spread)
-    pct_start: float = 0.25       # fraction of all steps spent warming up to `lr`; 0.1 and 0.4
-                                  # within the seed spread
+    weight_decay: float = 5e-4    # L2 penalty on conv weights only (not norms, biases)
+    label_smoothing: float = 0.1  # cross-entropy target smoothing
+    pct_start: float = 0.25       # fraction of the steps spent warming up to `lr`
     seed: int = 0                 # model init, data order, augmentation, dropout
     eval_batch_size: int = 1000   # images per evaluation forward pass
-    ema_decay: float = 0.0        # evaluate an exponential moving average of the weights (and
-                                  # BatchNorm statistics) with this decay per step; 0: off
-                                  # (0.99 changed nothing, 0.998 lost 3 points at 5 epochs)
-    pad: int = 4                  # random-crop padding in pixels (reflect); 0 disables the crop;
-                                  # 2 (weaker) changed little
+    ema_decay: float = 0.0        # evaluate an EMA of the weights with this decay per step; 0: off
+    pad: int = 4                  # random-crop padding in pixels (reflect); 0: no crop
     flip: bool = True             # random horizontal flips while training
-    precision: str = "auto"       # auto|fp32|bf16|fp16; auto picks by device (precision.py)
-    compile: bool = False         # torch.compile the model; off by default: on 2-core CPUs its
-                                  # compile time outweighs a 1.07x gain over 20 epochs (README)
+    precision: str = "auto"       # auto, fp32, bf16 or fp16; auto picks by device (precision.py)
+    compile: bool = False         # torch.compile the model; its compile time outweighs its gain here
+
+    def __post_init__(self):
+        check_range(self, epochs=(1, None), batch_size=(2, None), lr=(0, None, "open"),
+                    momentum=(0, 1, "half"), weight_decay=(0, None), label_smoothing=(0, 1, "half"),
+                    pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
+                    pad=(0, 31))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
 
     def to_dict(self):
         return asdict(self)
 
 
+def check_range(config, **bounds):
+    """One line per setting out of its range, before anything loads: {field: (low, high[, how])}
+    with None for no bound, how "open" (low excluded) or "half" (high excluded)."""
+    for field, (low, high, *how) in bounds.items():
+        value = getattr(config, field)
+        open_low, open_high = how == ["open"], how == ["half"]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+            and (low is None or (value > low if open_low else value >= low)) \
+            and (high is None or (value < high if open_high else value <= high))
+        if not ok:
+            where = " and ".join(filter(None, [
+                low is not None and f"{'above' if open_low else 'at least'} {low}",
+                high is not None and f"{'below' if open_high else 'at most'} {high}"]))
+            raise ValueError(f"{field} must be {where}, got {value!r}")
+
+
 # How a run computes, not what it computes: a checkpoint may be resumed under other values.
 EXECUTION_FIELDS = ("precision", "compile")
 
-# Steps between reads of the device-side non-finite-loss flag: one host sync per this many
-# steps instead of one per step, and at most this many steps wasted after a NaN.
+# Steps between reads of the device-side non-finite-loss flag: one host sync per this many steps.
 NAN_CHECK_EVERY = 100
-
-
-def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.batch_size):
-    """Linear scaling rule (Goyal et al., 2017; used by the GroupNorm paper): the peak learning
-    rate is proportional to the batch size, `base_lr` at `base_batch_size` images per step.
-
-    Keeps lr/batch, the noise scale of SGD, equal across batch sizes, so that a fixed number of
-    epochs is a comparable budget: at batch 2 the rate is 64x smaller, for 64x more steps."""
-    return base_lr * batch_size / base_batch_size
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,91 +89,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is unreadable or belongs to another configuration."""
 
 
-# ---------------------------------------------------------------------------------- machine
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def get_device(name=None):
-    """`name` if given, else the best available: cuda, then mps, then cpu."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def hardware_info(device):
-    device = torch.device(device)
-    info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
-    if device.type == "cpu":
-        # What decides CPU speed here (README "Speed"): the vector ISA oneDNN dispatches to and
-        # native bf16, which the model name does not tell.
-        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        info["cpu_native_bf16"] = cpu_has_native_bf16()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    return info
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def show_summary(model, input_size=(3, 32, 32)):
-    """torchsummary's table, computed on a CPU copy in eval mode.
-
-    torchsummary runs a forward pass in whatever mode the model is in (train mode would update
-    BatchNorm's running statistics) and only accepts "cpu"/"cuda"; a CPU eval copy leaves the
-    real model untouched wherever it lives (cuda, mps, cpu).
-    """
-    import copy
-    from torchsummary import summary
-
-    probe = copy.deepcopy(model).to("cpu").eval()
-    rng = torch.get_rng_state()  # summary draws its input from the global RNG; keep runs comparable
-    summary(probe, input_size, device="cpu")
-    torch.set_rng_state(rng)
-
-
-def compile_model(model, enabled):
-    """torch.compile(model) if `enabled`, falling back to the eager model when compilation is
-    unavailable (e.g. an unsupported Python) or fails on the first batch (no C compiler, an
-    unsupported backend): a speed option must never stop a run."""
-    if not enabled:
-        return model
-    try:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True  # a failing graph runs eagerly instead
-        return torch.compile(model)
-    except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
-        print(f"torch.compile unavailable ({type(err).__name__}: {err}); running eagerly")
-        return model
-
-
-# -------------------------------------------------------------------------------- training
-
 def make_optimizer(model, config, device="cpu"):
-    """SGD with Nesterov momentum; weight decay on conv weights only, as norm scales/shifts and
-    biases gain nothing from being pulled towards zero.
-
-    On CUDA the fused kernel: one launch for all parameters, and with fp16 it takes the
-    GradScaler's inf check on the device instead of a host sync per step."""
+    """SGD with Nesterov momentum; weight decay on conv weights only (norm scales, shifts and
+    biases gain nothing from it); on CUDA the fused kernel, one launch for all parameters."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD(
@@ -199,12 +129,10 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
                     progress=None, precision="fp32", scaler=None, ema=None):
     """One pass over `loader`; returns {"loss", "acc"} averaged over the images seen.
 
-    `precision` is a resolved one ("fp32", "bf16", "fp16"; see precision.py), `scaler` the
-    GradScaler that fp16 needs, `ema` an EMA of the weights (make_ema) updated after each step. Raises NonFiniteLossError naming the first step whose loss was
-    NaN/inf. The check costs no host round-trip per step: the first bad step is remembered on
-    the device and read every NAN_CHECK_EVERY steps and at the end, so the caller's last
-    checkpoint (written only after a clean epoch) is never replaced by a broken model.
-    """
+    `precision`: a resolved one (precision.py); `scaler`: fp16's GradScaler; `ema`: make_ema's
+    average, updated after each step. Raises NonFiniteLossError naming the first step whose loss
+    was NaN/inf, remembered on the device and read every NAN_CHECK_EVERY steps (no host sync
+    per step), so the caller's last checkpoint is never replaced by a broken model."""
     model.train()
     device = loader.device
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -245,15 +173,9 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
 
 def make_ema(model, decay):
     """An exponential moving average of `model`'s weights and buffers (BatchNorm's running
-    statistics move with the weights they belong to), or None when `decay` is 0.
-
-    Averaging over the last ~1/(1-decay) steps smooths out the noise of the final steps; the
-    one-cycle schedule's low final learning rate already does some of that, which is why it is
-    a lever to measure rather than a default."""
+    statistics move with their weights), or None when `decay` is 0."""
     if not decay:
         return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
@@ -287,36 +209,6 @@ def evaluate(model, loader, precision="fp32"):
             "acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
-def has_running_stats(model):
-    """True if `model` normalizes differently in train and eval mode (BatchNorm's running stats)."""
-    return any(getattr(m, "track_running_stats", False) for m in model.modules())
-
-
-@torch.no_grad()
-def evaluate_batch_stats(model, data, batch_size, device, seed=0, precision="fp32"):
-    """Test accuracy with train-mode normalization: each batch of `batch_size` test images is
-    normalized by its own statistics, as during training, instead of BatchNorm's running ones.
-
-    The gap to `evaluate` (running statistics) is BatchNorm's train/eval discrepancy, the one
-    that grows as batches shrink. Test images are visited in a seeded random order, since the
-    dataset is sorted by class and single-class batches would skew batch statistics. The model
-    is copied, so its running statistics are left untouched."""
-    import copy
-
-    probe = copy.deepcopy(model).to(device).train()
-    order = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(seed))
-    loader = TensorLoader(data.test_x[order], data.test_y[order], data.mean, data.std,
-                          batch_size, train=False, device=device)
-    correct = seen = 0
-    with autocast(loader.device, precision):
-        for x, y in loader:
-            if len(y) < 2:
-                break  # BatchNorm cannot normalize a batch of one image: drop such a tail
-            correct += (probe(x).argmax(1) == y).sum().item()
-            seen += len(y)
-    return correct / seen
-
-
 def make_test_loader(data, config, device, channels_last=True):
     return TensorLoader(data.test_x, data.test_y, data.mean, data.std, config.eval_batch_size,
                         train=False, device=device, channels_last=channels_last)
@@ -344,24 +236,20 @@ def run_fingerprint(model, data, config):
 
 def fit(model, data, config, device=None, checkpoint_path=None, resume=False, progress=True,
         on_epoch_end=None, channels_last=True, overwrite=False, eval_name="test"):
-    """Train `model` for config.epochs with one-cycle SGD; return the history.
-
-    history = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
-               "epoch_time", "precision", "activation_rms", "grad_norm"} (lists, one entry per
-               epoch; times in seconds; precision: the one resolved from config.precision, see
-               precision.py; the last two per normalization layer, norm_stats.probe_layers).
-    With config.ema_decay, every evaluation uses the weight average, and `model` holds it
-    when fit returns. With `checkpoint_path`, a checkpoint is written atomically after every epoch; with
-    `resume=True` an existing one is loaded (after checking it belongs to this run) and
-    training continues from the epoch after it, reproducing the uninterrupted run on CPU.
-    An existing checkpoint is never replaced by a new run unless `overwrite=True`: it may hold
-    hours of another run's work. `on_epoch_end(epoch, history)` is called after each checkpoint.
-    `eval_name` labels the evaluation set in the log ("test", or "val" for a validation split).
-    """
+    """Train `model` for config.epochs with one-cycle SGD; return the history: lists with one
+    entry per epoch of "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+    "epoch_time" (s), "precision" and, per normalization layer, "activation_rms" and "grad_norm"
+    (norm_stats.probe_layers). With config.ema_decay every evaluation uses the average, which
+    `model` holds on return. With `checkpoint_path` a checkpoint is written atomically after
+    every clean epoch (a NaN anywhere in an epoch raises NonFiniteLossError first); `resume`
+    continues from it after checking it belongs to this run, reproducing the uninterrupted run
+    on CPU; an existing one is never replaced unless `overwrite`. `on_epoch_end(epoch, history)`
+    runs after each checkpoint; `eval_name` labels the evaluation set in the log."""
     device = get_device(device)
     precision = resolve_precision(config.precision, device)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     refuse_to_replace_checkpoint(checkpoint_path, resume, overwrite)
+    warn_if_emulated(precision, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: pick fastest kernels
     model.to(device)
     if channels_last:
@@ -402,7 +290,6 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
 
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=config.epochs * len(train_loader), initial=(start_epoch - 1) *
                    len(train_loader), unit="step", file=sys.stderr, mininterval=2.0,
                    dynamic_ncols=False, ncols=80)
@@ -418,6 +305,12 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
                 raise NonFiniteLossError(f"{err} {_kept_checkpoint(checkpoint_path, epoch)}",
                                          err.epoch, err.step) from None
             test = evaluate(step_model if ema is None else ema.module, test_loader, precision)
+            broken = non_finite(train, test, model)
+            if broken:
+                raise NonFiniteLossError(
+                    f"{broken} at epoch {epoch}; training stopped. Lower the learning rate (it "
+                    f"peaks at {config.lr:g}; --lr). {_kept_checkpoint(checkpoint_path, epoch)}",
+                    epoch=epoch)
             epoch_time = time.perf_counter() - t0  # the probe is diagnostics, not training
             probe = probe_layers(model, probe_batch)
             for key, value in (("epoch", epoch), ("train_loss", train["loss"]),
@@ -451,6 +344,17 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     return history
 
 
+def non_finite(train, test, model):
+    """What went non-finite by the end of an epoch, or None: a NaN on the last steps or only in
+    evaluation (BatchNorm's running statistics) escapes the per-step check, never this one."""
+    bad = [f"the {name} loss became {v}" for name, v in (("training", train["loss"]),
+                                                           ("evaluation", test["loss"]))
+           if not math.isfinite(v)]
+    bad += ["the weights or running statistics became non-finite"] * (not all(
+        torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()))
+    return bad[0] if bad else None
+
+
 def refuse_to_replace_checkpoint(path, resume, overwrite):
     """A new run must not silently replace a checkpoint: it may hold hours of another run."""
     if path is not None and Path(path).exists() and not (resume or overwrite):
@@ -470,14 +374,11 @@ def _kept_checkpoint(checkpoint_path, failed_epoch):
     return "No epoch had completed, so there is no checkpoint to resume from."
 
 
-def epoch_line(history, i, epochs, eval_name="test"):
-    return (f"epoch {history['epoch'][i]:2d}/{epochs}: train loss {history['train_loss'][i]:.4f} "
-            f"acc {100 * history['train_acc'][i]:.2f}% | {eval_name} loss "
-            f"{history['test_loss'][i]:.4f} "
-            f"acc {100 * history['test_acc'][i]:.2f}% | {history['epoch_time'][i]:.0f} s")
+def epoch_line(h, i, epochs, eval_name="test"):
+    return (f"epoch {h['epoch'][i]:2d}/{epochs}: train loss {h['train_loss'][i]:.4f} acc "
+            f"{100 * h['train_acc'][i]:.2f}% | {eval_name} loss {h['test_loss'][i]:.4f} acc "
+            f"{100 * h['test_acc'][i]:.2f}% | {h['epoch_time'][i]:.0f} s")
 
-
-# ------------------------------------------------------------------------------ checkpoints
 
 def get_rng_state():
     """Every global RNG that can touch training (dropout uses torch's), as plain tensors/ints."""
@@ -500,16 +401,22 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+def atomic_write(path, write):
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: a crash
+    mid-write leaves the old file intact and no half-written one. Returns `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(path, state):
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, fingerprint=None):
@@ -541,213 +448,3 @@ def _fingerprint_diff(saved, current, prefix=""):
         elif a != b:
             diffs.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
     return diffs
-
-
-# -------------------------------------------------------------------------------- analysis
-
-def collect_misclassified(model, loader, limit=10, seed=0, logits=None, precision="fp32"):
-    """A seeded random sample of up to `limit` wrongly classified images of an evaluation loader.
-
-    Sampled rather than the first ones, since datasets sorted by class would show one class only.
-    Returns {"index", "true", "pred"} (int64 tensors, in dataset order) and "images" (the raw
-    uint8 images, i.e. denormalized, (K, 3, H, W)). `logits`: predict(model, loader), if at hand.
-    """
-    preds = (predict(model, loader, precision) if logits is None else logits).argmax(1)
-    labels = loader.labels.cpu()
-    wrong = torch.nonzero(preds != labels).flatten()
-    pick = torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))[:limit]
-    wrong = wrong[pick].sort().values
-    return {"index": wrong, "true": labels[wrong], "pred": preds[wrong],
-            "images": loader.images[wrong.to(loader.device)].cpu()}
-
-
-def confusion_matrix(model, loader, num_classes=10, logits=None, precision="fp32"):
-    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
-    preds = (predict(model, loader, precision) if logits is None else logits).argmax(1)
-    labels = loader.labels.cpu()
-    return torch.bincount(labels * num_classes + preds,
-                          minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
-def finish_figure(fig, path, show):
-    """Save before showing (show can leave an empty canvas behind), then free the figure."""
-    import matplotlib.pyplot as plt
-
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    if show:
-        plt.show()
-    plt.close(fig)
-    return fig
-
-
-def plot_history(history, path=None, title="", show=False):
-    """Loss and accuracy per epoch, train and test; saved to `path` when given."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = history["epoch"]
-    ax_loss.plot(epochs, history["train_loss"], label="train (smoothed targets)")
-    ax_loss.plot(epochs, history["test_loss"], label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
-    ax_acc.plot(epochs, [100 * a for a in history["train_acc"]], label="train (augmented)")
-    ax_acc.plot(epochs, [100 * a for a in history["test_acc"]], label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return finish_figure(fig, path, show)
-
-
-def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=False):
-    """A grid of misclassified images with the true and predicted class under each."""
-    import matplotlib.pyplot as plt
-
-    count = len(mistakes["true"])
-    nrows = max(1, -(-count // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.9 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < count:
-            ax.imshow(mistakes["images"][i].permute(1, 2, 0).numpy())
-            ax.set_title(f"true: {classes[int(mistakes['true'][i])]}\n"
-                         f"pred: {classes[int(mistakes['pred'][i])]}", fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return finish_figure(fig, path, show)
-
-
-def plot_data_preview(data, path=None, per_class=5, seed=0, pad=4, flip=True, show=False):
-    """A row per class: `per_class` training images as stored, then the same images as the
-    training loader augments them (crop from the `pad`-pixel reflect-padded image, flip).
-    Returns the figure and the indices of the images shown (one row per class, in class order)."""
-    import matplotlib.pyplot as plt
-
-    keep = stratified_indices(data.train_y, per_class, seed)
-    rows = [keep[data.train_y[keep] == c] for c in range(len(data.classes))]
-    images = data.train_x[torch.cat(rows)].float().div(255)
-    augmented = augment_batch(images, torch.Generator().manual_seed(seed), pad, flip)
-    fig, axes = plt.subplots(len(rows), 2 * per_class + 1, figsize=(1.1 * (2 * per_class + 1),
-                                                                     1.1 * len(rows)))
-    for r, cls in enumerate(data.classes):
-        for c in range(per_class):
-            i = r * per_class + c
-            axes[r, c].imshow(images[i].permute(1, 2, 0).numpy())
-            axes[r, per_class + 1 + c].imshow(augmented[i].clamp(0, 1).permute(1, 2, 0).numpy())
-        axes[r, 0].set_ylabel(cls, rotation=0, ha="right", va="center", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.spines[:].set_visible(False)
-    axes[0, per_class // 2].set_title("training images", fontsize=10)
-    axes[0, per_class + 1 + per_class // 2].set_title(
-        f"as trained on (crop, pad {pad}{', flip' if flip else ''})", fontsize=10)
-    fig.subplots_adjust(wspace=0.05, hspace=0.05)
-    finish_figure(fig, path, show)
-    return fig, torch.stack(rows)
-
-
-# ---------------------------------------------------------------------------------- results
-
-def make_results(model, data, config, history, device, logits=None, **extra):
-    """Everything a results file records about one run.
-
-    Times come from the history (training + evaluation, per epoch), so a resumed run reports
-    the time its epochs took, not the time of the last session alone. The confusion matrix
-    and per-class accuracy are of the final model on the test set (`logits`: its predictions,
-    if already computed)."""
-    wall_time = sum(history["epoch_time"])
-    precision = run_precision(history) or resolve_precision(config.precision, device)
-    used = precision.split(", ")[-1]  # a resumed run on other hardware: its last precision
-    test_loader = make_test_loader(data, config, device)
-    confusion = confusion_matrix(model, test_loader, len(data.classes), logits, precision=used)
-    tta_preds = predict(model, test_loader, used, flip_tta=True).argmax(1)
-    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
-    return {
-        "format": RESULTS_FORMAT,
-        "variant": model.config.norm,
-        "seed": config.seed,
-        "epochs": len(history["epoch"]),
-        "num_params": model.get_num_params(),
-        "final_test_acc": history["test_acc"][-1],
-        # The mean of the logits of each test image and its mirror image: a separate number,
-        # since single-view accuracy is what the assignment and the results table report.
-        "final_test_acc_flip_tta": (tta_preds == test_loader.labels.cpu()).float().mean().item(),
-        # BatchNorm only: the same test set normalized by the statistics of each batch of
-        # `batch_size` images, as in training, rather than by the running averages.
-        "final_test_acc_batch_stats": (
-            evaluate_batch_stats(model, data, config.batch_size, device, config.seed, used)
-            if has_running_stats(model) else None),
-        "precision": precision,
-        "wall_time_s": wall_time,
-        "time_per_epoch_s": wall_time / len(history["epoch_time"]),
-        "per_class_acc": dict(zip(data.classes, per_class)),
-        # each normalization layer's input and output along every method's axes (norm_stats.py)
-        "norm_statistics": measure_norm_statistics(model, data, device),
-        "confusion_matrix": confusion.tolist(),
-        "history": history,
-        **provenance(model, data, config, device),
-        **extra,
-    }
-
-
-def provenance(model, data, config, device):
-    """What every results file says about how its run was made: the model and training
-    configuration, the data copy, the hardware and the date."""
-    return {
-        "model_config": model.config.to_dict(),
-        "train_config": config.to_dict(),
-        "data": {"source": data.source, "sha256": data.sha256,
-                 "train_images": len(data.train_y), "test_images": len(data.test_y),
-                 "mean": list(data.mean), "std": list(data.std)},
-        "hardware": hardware_info(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def divergence_results(model, data, config, device, error, **extra):
-    """The results file of a run stopped by the NaN guard (`error`, a NonFiniteLossError): where
-    it diverged instead of accuracies, so a sweep records it as a result and goes on."""
-    return {
-        "format": RESULTS_FORMAT,
-        "variant": model.config.norm,
-        "seed": config.seed,
-        "epochs": config.epochs,
-        "num_params": model.get_num_params(),
-        "final_test_acc": None,
-        "diverged": {"epoch": error.epoch, "step": error.step, "message": str(error)},
-        "precision": resolve_precision(config.precision, device),
-        **provenance(model, data, config, device),
-        **extra,
-    }
-
-
-def run_precision(history):
-    """The precision(s) a run's epochs used, in order: "bf16", or "fp32, bf16" for a run resumed
-    on other hardware; None for histories from before precision was recorded."""
-    used = []
-    for value in history.get("precision", []):
-        if value is not None and value not in used:
-            used.append(value)
-    return ", ".join(used) or None
-
-
-def save_json_atomic(path, payload):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def load_results(path):
-    with open(path) as f:
-        return json.load(f)

@@ -52,7 +52,8 @@ def test_study_run_trains_on_a_subset_tests_on_everything_and_takes_its_name(ima
 
 def test_batch_of_one_is_refused_before_anything_runs(tmp_path):
     out = run_train("--batch-size", "1", cwd=tmp_path, env_cache=tmp_path / "cache")
-    assert out.returncode == 2 and "--batch-size must be at least 2" in out.stderr
+    assert out.returncode == 1 and out.stderr == "error: batch_size must be at least 2, got 1\n"
+    assert not (tmp_path / "cache").exists()  # refused before the data loads
 
 
 def tiny_archive(image_tree, tmp_path):
@@ -60,12 +61,12 @@ def tiny_archive(image_tree, tmp_path):
 
 
 def test_run_names_differ_whenever_the_settings_do():
-    from train import run_name
+    from results import run_name
 
     assert run_name("batch", 0) == "batch_seed0"  # the results table's runs keep their names
     assert run_name("batch", 0, epochs=1, subset=20) == "batch_seed0_e1_subset20"
-    assert run_name("group", 1, lr=0.2, groups=8) == "group_seed1_lr0.2_g8"
-    assert run_name("layer", 0, groups=8) == "layer_seed0"  # only GroupNorm reads --groups
+    assert run_name("group", 1, lr=0.2, num_groups=8) == "group_seed1_lr0.2_g8"
+    assert run_name("layer", 0, num_groups=8) == "layer_seed0"  # only GroupNorm reads --groups
     assert run_name("batch", 0, epochs=20, batch_size=128) == "batch_seed0"  # defaults: no tag
     assert run_name("batch", 0, widths=[24, 32, 28], activation="gelu", pad=2, flip=False,
                     validation=500) == "batch_seed0_w24-32-28_gelu_pad2_flip0_val500"
@@ -149,7 +150,7 @@ def test_groups_are_checked_before_the_data_loads_and_documented(tmp_path):
     assert "GroupNorm with 3 groups cannot normalize 16 channels" in out.stderr
     help_text = " ".join(run_train("--help", cwd=tmp_path,
                                    env_cache=tmp_path / "cache").stdout.split())
-    assert "GroupNorm only" in help_text and "every stage width (16, 28, 32)" in help_text
+    assert "GroupNorm only" in help_text and "must divide every stage width" in help_text
 
 
 def test_precision_flag_is_recorded_in_the_results(image_tree, tmp_path):

@@ -148,7 +148,7 @@ def test_readme_study_section_is_rewritten_between_its_markers(study_dir):
     study, budget = compare.load_study(study_dir), compare.study_budget(study_dir)
     text = (f"a\n{report.START}\n{report.END}\nb\n{report.STUDY_START}\nold\n"
             f"{report.STUDY_END}\nc\n")
-    out = report.render_readme(text, {}, study, budget)
+    out = report.render_readme(text, {"study": study, "budget": budget})
     section = out.split(report.STUDY_START)[1].split(report.STUDY_END)[0]
     assert "old" not in section and "| 2 | 45.00 ± 7.07 |" in section
     assert "12 runs of 6 epochs on 10000 training images" in section

@@ -4,7 +4,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import NORMS
-from model import ModelConfig, Net, build_model, canonical_norm, get_norm_layer
+from model import ModelConfig, Net, build_model, get_norm_layer
+from variants import canonical_norm
 
 
 @pytest.mark.parametrize("norm", NORMS)

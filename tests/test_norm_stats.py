@@ -11,7 +11,8 @@ from conftest import NORMS  # noqa: E402
 from model import build_model  # noqa: E402
 from norm_stats import (axis_statistics, fixed_batch, measure_norm_statistics, norm_layers,  # noqa: E402
                         plot_layer_probe, plot_norm_statistics, probe_layers)
-from utils import TrainConfig, fit, make_results  # noqa: E402
+from results import make_results  # noqa: E402
+from utils import TrainConfig, fit  # noqa: E402
 
 SHORT = TrainConfig(epochs=2, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
 OWN_AXES = {"batch": "per_channel", "layer": "per_image", "group": "per_group"}

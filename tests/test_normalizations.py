@@ -116,7 +116,9 @@ def test_each_output_is_normalized_along_its_own_axes_only():
 
 def test_shared_statistics_masks_shade_each_methods_set():
     shape, anchor = (6, 8, 5), (2, 5, 3)  # N, C, H*W; image 2, channel 5
-    masks = {m: ref.shared_statistics_mask(m, shape, anchor, num_groups=4) for m in ref.METHODS}
+    masks = {name: ref.shared_statistics_mask(axes, shape, anchor, num_groups=4)
+             for name, axes in (("batch", "per_channel"), ("layer", "per_image"),
+                                ("group", "per_group"), ("instance", "per_image_channel"))}
     n, c, hw = shape
     assert np.argwhere(masks["batch"].any(axis=(0, 2))).ravel().tolist() == [5]
     assert masks["batch"][:, 5, :].all() and masks["batch"].sum() == n * hw
@@ -138,8 +140,9 @@ def test_norm_axes_figure_draws_the_masks_with_this_repositorys_group_count(tmp_
     assert (tmp_path / "axes.png").stat().st_size > 10_000
     assert [ax.get_title() for ax in fig.axes] == [
         "BatchNorm", "LayerNorm", f"GroupNorm ({groups} groups)", "InstanceNorm"]
-    n, c, hw = masks["group"].shape
-    assert masks["group"].sum() == c // groups * hw  # one image, one group, all pixels
+    assert list(masks) == ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm"]
+    n, c, hw = masks["GroupNorm"].shape
+    assert masks["GroupNorm"].sum() == c // groups * hw  # one image, one group, all pixels
     with pytest.raises(ValueError, match="does not divide"):
         ref.plot_norm_axes(num_groups=3)
 

@@ -8,8 +8,9 @@ import utils
 from conftest import NORMS
 from model import build_model
 from precision import make_grad_scaler, resolve_precision
+from results import make_results, run_precision
 from utils import (NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint,
-                   make_loaders, make_optimizer, make_results, run_precision, train_one_epoch)
+                   make_loaders, make_optimizer, train_one_epoch)
 
 
 @pytest.mark.parametrize("device, capability, native_bf16, expected", [
@@ -46,9 +47,9 @@ def test_native_bf16_is_read_from_the_cpu_features_not_the_model_name(monkeypatc
     assert precision.cpu_has_native_bf16()
     # A torch without the probes: the kernel's CPU flags decide.
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("cpu", {"avx2", "fma"}))
     assert not precision.cpu_has_native_bf16()
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("cpu", {"avx2", "amx_bf16", "amx_tile"}))
     assert precision.cpu_has_native_bf16()
 
 

@@ -95,11 +95,12 @@ def test_a_gpu_run_is_checked_against_every_cpu_run_of_its_recipe():
 
 def test_readme_section_is_replaced_between_the_markers():
     runs = {"layer": [fake_run("layer", 0, 0.7)]}
-    out = report.render_readme(f"intro\n{report.START}\nold\n{report.END}\noutro\n", runs)
+    out = report.render_readme(f"intro\n{report.START}\nold\n{report.END}\noutro\n",
+                               {"runs": runs})
     assert out.startswith("intro\n") and out.endswith("outro\n") and "old" not in out
     assert "| layer | current | 0 | 69.00 | 70.00 (1 seed) |" in out
     with pytest.raises(SystemExit, match="markers"):
-        report.render_readme("no markers", runs)
+        report.render_readme("no markers", {"runs": runs})
 
 
 def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
@@ -138,6 +139,15 @@ def test_readme_results_tables_are_generated_from_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     current = report.render_current(readme)
     assert current == readme, "README.md's results tables are stale: run python tools/report.py"
+
+
+def test_learning_rate_scales_linearly_with_the_batch_size():
+    import sweep
+    from utils import TrainConfig
+
+    assert sweep.scaled_lr(128) == TrainConfig.lr
+    assert sweep.scaled_lr(2) == pytest.approx(TrainConfig.lr / 64)
+    assert sweep.scaled_lr(256, base_lr=0.2) == pytest.approx(0.4)
 
 
 def test_sweep_plans_the_batch_size_study_with_linearly_scaled_learning_rates():
@@ -291,12 +301,8 @@ def test_every_tuning_configuration_is_a_legal_network_for_every_variant(norm):
     import train
 
     for config, flags in tune.CONFIGS.items():
-        args = train.parse_args(["--norm", norm, *flags])
-        model = __import__("model").build_model(args.norm, num_groups=args.groups,
-                                                group_size=args.group_size,
-                                                widths=tuple(args.widths),
-                                                activation=args.activation)
-        assert model.get_num_params() < 50_000, config
+        model_config, _ = train.configs_from(train.parse_args(["--norm", norm, *flags]))
+        assert __import__("model").Net(model_config).get_num_params() < 50_000, config
 
 
 def fake_tuning_run(acc, seed, epochs=5, tta=None):

@@ -9,11 +9,11 @@ matplotlib.use("Agg")
 
 from conftest import NORMS, synthetic_data
 from model import build_model
-from utils import (CheckpointError, NonFiniteLossError, TrainConfig, collect_misclassified,
-                   confusion_matrix, evaluate, evaluate_batch_stats, fit, has_running_stats,
-                   load_checkpoint, load_results, make_loaders, make_optimizer, make_results,
-                   plot_history, plot_misclassified, predict, save_json_atomic, scaled_lr,
-                   train_one_epoch)
+from plots import plot_data_preview, plot_history, plot_misclassified
+from results import (collect_misclassified, confusion_matrix, evaluate_batch_stats,
+                     has_running_stats, load_results, make_results, save_json_atomic)
+from utils import (CheckpointError, NonFiniteLossError, TrainConfig, evaluate, fit,
+                   load_checkpoint, make_loaders, make_optimizer, predict, train_one_epoch)
 
 SHORT = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
 
@@ -202,12 +202,6 @@ def test_results_from_precomputed_logits_equal_a_fresh_evaluation(tiny_data):
                        collect_misclassified(model, test_loader)["index"])
 
 
-def test_learning_rate_scales_linearly_with_the_batch_size():
-    assert scaled_lr(128) == TrainConfig.lr
-    assert scaled_lr(2) == pytest.approx(TrainConfig.lr / 64)
-    assert scaled_lr(256, base_lr=0.2) == pytest.approx(0.4)
-
-
 def test_nan_in_the_first_epoch_does_not_promise_a_checkpoint(tiny_data, tmp_path, monkeypatch):
     import utils
 
@@ -305,7 +299,6 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
 
 
 def test_data_preview_shows_a_row_per_class_and_the_augmented_copies(tiny_data, tmp_path):
-    from utils import plot_data_preview
 
     fig, shown = plot_data_preview(tiny_data, tmp_path / "preview.png", per_class=3)
     assert (tmp_path / "preview.png").stat().st_size > 0

@@ -12,25 +12,21 @@ reads the committed results files through compare.py and trains nothing.
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from variants import REGISTRY, course_variants  # noqa: E402
+
 # Where the repository is published; the Colab badge and setup cell use it. Until it is set,
 # the Colab setup cell stops at once and says what to do (README "Publishing").
 REPO = "YOUR-GITHUB-USER/s8-normalization"
 PLACEHOLDER_OWNER = "YOUR-GITHUB-USER"
-VARIANTS = {"BatchNorm": "batch", "LayerNorm": "layer", "GroupNorm": "group"}
-INTRO = {
-    "batch": "BatchNorm normalizes each channel over the batch and the image, and keeps running "
-             "statistics for evaluation.",
-    "layer": "LayerNorm normalizes each image over all its channels and pixels (here "
-             "`GroupNorm(1, C)`, which works at every spatial size); no batch statistics.",
-    "group": "GroupNorm normalizes each image over groups of channels (4 groups here) and their "
-             "pixels; no batch statistics.",
-}
 
 
 def colab_setup_cell(entry_module, extra_install=""):
@@ -52,48 +48,55 @@ def colab_setup_cell(entry_module, extra_install=""):
         + (f"\n    !pip install -q {extra_install}" if extra_install else ""))
 
 
-def notebook(title, norm):
+def notebook(norm):
+    title = REGISTRY[norm].title
     name = f"S8_{title}.ipynb"
     cells = [
         new_markdown_cell(
             f"# S8 · {title} on CIFAR-10\n\n"
             f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
             f"(https://colab.research.google.com/github/{REPO}/blob/main/{name})\n\n"
-            f"{INTRO[norm]} The network (`C1 C2 c3 P1 C4 C5 c6 P2 C7 C8 C9 GAP C10` with three "
+            f"{REGISTRY[norm].description} The network (`C1 C2 c3 P1 C4 C5 c6 P2 C7 C8 C9 GAP C10` with three "
             f"skip adds, under 50,000 parameters) and the recipe are the same in all three "
             f"notebooks; see the README for the results of every variant over several seeds.\n\n"
             f"With `S8_SMOKE=1` (or `CI` set) the notebook trains 1 epoch on a small stratified "
-            f"subset and writes its figures to a temporary folder; otherwise it trains the full "
-            f"20 epochs and writes `images/` and `results/`."),
+            f"subset and writes into a temporary folder; otherwise it trains the full 20 epochs "
+            f"and writes its results file and figures into `runs/`, as `train.py` does, under a "
+            f"name that carries every setting you changed. Only `PUBLISH = True` writes into "
+            f"`results/` and `images/` (to regenerate the committed outputs)."),
         colab_setup_cell("model.py", extra_install="torchsummary"),
         new_code_cell(
             "# Configuration\n"
             "import os, tempfile\n"
             "from pathlib import Path\n\n"
-            f"NORM = \"{norm}\"                 # \"batch\", \"layer\" or \"group\"\n"
+            f"NORM = \"{norm}\"                 # {', '.join(map(repr, course_variants()))}\n"
             "SEED = 0\n"
             "SMOKE = bool(os.environ.get(\"S8_SMOKE\") or os.environ.get(\"CI\"))\n"
             "EPOCHS = 1 if SMOKE else 20       # the assignment allows at most 20\n"
-            "SUBSET = 200 if SMOKE else None   # training images per class (stratified); None = all\n"
+            "SUBSET = 200 if SMOKE else None   # images per class (stratified), train and test; None = all\n"
             "DATA = os.environ.get(\"CIFAR10_DATA\")  # archive or folder; None downloads (Colab)\n"
             "RESUME = True                     # continue from the checkpoint after a disconnect\n"
             "PRECISION = \"auto\"                # auto: bf16 on A100/H100/L4 and bf16-capable CPUs, fp16 on T4\n"
-            "# Smoke runs never write into images/ or results/: those hold full runs only.\n"
+            "PUBLISH = False                   # True: write results/ and images/ (the committed runs)\n"
+            "# Smoke runs never write into the repository; yours go to runs/, as train.py's do.\n"
             "OUT = Path(tempfile.mkdtemp()) if SMOKE else Path(\".\")\n"
-            "IMAGES_DIR, RESULTS_DIR = OUT / \"images\", OUT / \"results\"\n"
+            "RESULTS_DIR = OUT / (\"results\" if PUBLISH else \"runs\")\n"
+            "IMAGES_DIR = OUT / (\"images\" if PUBLISH else \"runs\")\n"
             "# In Colab, point this at Google Drive to survive a disconnect (see README).\n"
             "CHECKPOINT_DIR = OUT / \"checkpoints\""),
         new_code_cell(
             "from dataset import load_cifar10\n"
-            "from model import build_model\n"
+            "from model import build_model, show_summary\n"
             "from normalizations import plot_norm_axes\n"
             "from norm_stats import plot_layer_probe, plot_norm_statistics\n"
-            "from utils import (TrainConfig, collect_misclassified, fit, get_device, make_loaders,\n"
-            "                   make_results, plot_data_preview, plot_history, plot_misclassified,\n"
-            "                   save_json_atomic, show_summary)\n\n"
+            "from plots import plot_data_preview, plot_history, plot_misclassified\n"
+            "from precision import get_device\n"
+            "from results import (check_publishable, collect_misclassified, make_results, run_name,\n"
+            "                     save_json_atomic)\n"
+            "from utils import TrainConfig, fit, make_loaders\n\n"
             "data = load_cifar10(DATA)\n"
             "if SUBSET:\n"
-            "    data = data.subset(SUBSET, SUBSET // 2, seed=SEED)\n"
+            "    data = data.subset(SUBSET, SUBSET, seed=SEED)\n"
             "device = get_device()\n"
             "print(\"device:\", device)"),
         new_markdown_cell(
@@ -114,7 +117,8 @@ def notebook(title, norm):
             "show_summary(model)"),
         new_code_cell(
             "config = TrainConfig(epochs=EPOCHS, seed=SEED, precision=PRECISION)\n"
-            "run = f\"{model.config.norm}_seed{SEED}\"\n"
+            "run = run_name(NORM, SEED, epochs=EPOCHS, subset=SUBSET)  # e.g. batch_seed0_e5\n"
+            "check_publishable(RESULTS_DIR / f\"{run}.json\", model, config)  # never another run's files\n"
             "history = fit(model, data, config, device, checkpoint_path=CHECKPOINT_DIR / f\"{run}.pt\",\n"
             "              resume=RESUME)"),
         new_code_cell(
@@ -260,8 +264,7 @@ def compare_notebook():
 
 
 def all_notebooks():
-    return dict([*(notebook(title, norm) for title, norm in VARIANTS.items()),
-                 compare_notebook()])
+    return dict([*(notebook(norm) for norm in course_variants()), compare_notebook()])
 
 
 def has_outputs(path):

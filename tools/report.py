@@ -28,20 +28,25 @@ sys.path.insert(0, str(ROOT / "tools"))
 import compare  # noqa: E402
 import normalizations  # noqa: E402
 import norm_stats  # noqa: E402
-from compare import ORDER, load_runs, load_study, study_budget  # noqa: E402
+import train  # noqa: E402
+import tune  # noqa: E402
+from compare import load_runs, load_study, study_budget  # noqa: E402
+from variants import REGISTRY  # noqa: E402
 
 README = ROOT / "README.md"
 IMAGES = ROOT / "images"
 FIGURE = IMAGES / "compare_variants.png"
 STUDY_FIGURE = IMAGES / "batch_size_study.png"
 CONFUSION_FIGURE = IMAGES / "confusion_matrices.png"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
-STUDY_START, STUDY_END = "<!-- batch-size:start -->", "<!-- batch-size:end -->"
-PRECISION_START, PRECISION_END = "<!-- precision:start -->", "<!-- precision:end -->"
-SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
-TUNING_START, TUNING_END = "<!-- tuning:start -->", "<!-- tuning:end -->"
-NORM_STATS_START, NORM_STATS_END = "<!-- norm-statistics:start -->", "<!-- norm-statistics:end -->"
-LR_START, LR_END = "<!-- lr-study:start -->", "<!-- lr-study:end -->"
+
+
+def markers(name):
+    """The README comments between which a generated section lives."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+START, END = markers("results")
+STUDY_START, STUDY_END = markers("batch-size")
 LR_FIGURE = IMAGES / "lr_study.png"
 AXES_FIGURE = IMAGES / "norm_axes.png"
 NORM_STATS_FIGURE = IMAGES / "norm_statistics.png"
@@ -50,7 +55,6 @@ TUNING_DIR = ROOT / "results" / "tuning"
 BEFORE_STUDY_DIR = ROOT / "results" / "before-study"  # the runs published before the recipe study
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
-TARGETS = {"batch": 85.0, "layer": 83.0, "group": 83.0}  # issue targets, mean of 3 seeds (%)
 
 
 def _train_acc(run):
@@ -73,8 +77,15 @@ def table(runs, before=None):
              "flip-TTA test acc. mean (%) | best | worst | target | params | epochs | "
              "s/epoch (median) | hardware | precision | data |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups = [(v, runs[v], "") for v in ORDER if v in runs]
-    groups += [(v, before[v], " (before the study)") for v in ORDER if v in (before or {})]
+    groups = [(v, runs[v], "") for v in tuple(REGISTRY) if v in runs]
+    groups += [(v, before[v], " (before the study)") for v in tuple(REGISTRY) if v in (before or {})]
+    for _, group, _ in groups:
+        for run in group:
+            outside = train.limits_warning(run["num_params"], run["epochs"])
+            if outside or run.get("outside_limits"):
+                raise SystemExit(f"a {run['variant']} seed {run['seed']} run in the results "
+                                 f"table is {outside or run['outside_limits']}: move its file "
+                                 f"out of results/")
     for variant, group, label in groups:
         rs = sorted(group, key=lambda r: r["seed"])
         accs = [100 * r["final_test_acc"] for r in rs]
@@ -90,7 +101,7 @@ def table(runs, before=None):
         epochs = sorted({r["epochs"] for r in rs})
         params = sorted({r["num_params"] for r in rs})
         precisions = sorted({recorded_precision(r) for r in rs})
-        target = TARGETS[variant]
+        target = REGISTRY[variant].target
         verdict = (f"met (+{mean - target:.2f})" if mean >= target else
                    f"not met ({mean - target:.2f})") if len(accs) >= 3 else \
             f"needs 3 seeds ({len(accs)} so far)"
@@ -188,7 +199,7 @@ def precision_section(checks, runs, before=None):
                                    and arithmetic(r) != arithmetic(run)),
                                   key=lambda r: (recorded_precision(r), r["seed"]))
                   for run in checks}
-    order = lambda r: (ORDER.index(r["variant"]), r["seed"], device_kind(r), r["precision"])  # noqa: E731
+    order = lambda r: (tuple(REGISTRY).index(r["variant"]), r["seed"], device_kind(r), r["precision"])  # noqa: E731
     for run in sorted(checks, key=order):
         ref = references[id(run)]
         accs = [100 * r["final_test_acc"] for r in ref]
@@ -270,14 +281,28 @@ def speed_section(bench_files):
                                "time. Sources, newest first:", ""] + notes)
 
 
+def config_names():
+    """{recipe change: tools/tune.py's configuration that makes it}, single configurations and
+    pairs, so that a run's configuration is read from its settings, not from its file name."""
+    names = list(tune.CONFIGS) + [f"{a}+{b}" for i, a in enumerate(tune.CONFIGS)
+                                  for b in list(tune.CONFIGS)[i + 1:]]
+    found = {}
+    for name in names:
+        model_config, config = train.configs_from(train.parse_args(tune.config_flags(name)))
+        run = {"variant": model_config.norm, "model_config": model_config.to_dict(),
+               "train_config": config.to_dict()}
+        found.setdefault(compare.recipe_changes(run, ignore=("norm", "epochs")), name)
+    return found
+
+
 def load_tuning(folder=TUNING_DIR):
-    """{(norm, config, epochs): [runs]} from results/tuning/<norm>_<config>_e<E>_seed<S>.json."""
-    groups = {}
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        match = re.fullmatch(r"(batch|layer|group)_(.+)_e(\d+)_seed(\d+)", path.stem)
-        if match:
-            norm, config, epochs, _ = match.groups()
-            groups.setdefault((norm, config, int(epochs)), []).append(compare.load_results(path))
+    """{(norm, configuration, epochs): [runs]} of the files in results/tuning/, each grouped by
+    what its results file records: variant, budget and how its recipe differs from today's."""
+    groups, names = {}, config_names()
+    for run in compare.read_results(folder) if folder.is_dir() else []:
+        change = compare.recipe_changes(run, ignore=("norm", "epochs"))
+        key = (run["variant"], names.get(change, change), run["epochs"])
+        groups.setdefault(key, []).append(run)
     return groups
 
 
@@ -296,8 +321,6 @@ def spearman(xs, ys):
 def tuning_section(groups):
     """The ablation table (each configuration against the current recipe, same norm and budget)
     and the proxy check (configurations run at two budgets: do they rank alike?)."""
-    import tune
-
     if not groups:
         return "No tuning runs yet (results/tuning/ is empty)."
     lines = ["| variant | configuration | change from the current recipe | params | epochs | seeds "
@@ -305,7 +328,7 @@ def tuning_section(groups):
              "beats the seed spread? | flip-TTA val. acc. |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(tune.CONFIGS)
-    for key in sorted(groups, key=lambda k: (ORDER.index(k[0]), k[2],
+    for key in sorted(groups, key=lambda k: (tuple(REGISTRY).index(k[0]), k[2],
                                              order.index(k[1]) if k[1] in order else 99, k[1])):
         norm, config, epochs = key
         runs, base = groups[key], groups.get((norm, "base", epochs), [])
@@ -347,7 +370,7 @@ def tuning_section(groups):
                   f"initialization and data order with the current recipe's run. "
                   f"{'; '.join(hardware)}; {dates[0]} to {dates[-1]}."]
     budgets = sorted({k[2] for k in groups})
-    for norm in ORDER:
+    for norm in tuple(REGISTRY):
         for short, full in [(a, b) for a in budgets for b in budgets if a < b]:
             both = [c for (n, c, e) in groups if n == norm and e == short
                     and (norm, c, full) in groups]
@@ -371,24 +394,29 @@ def replace_between(text, start, end, body):
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def render_readme(readme_text, runs, study=None, budget=None, checks=None, bench_files=None,
-                  tuning=None, before=None, lr_study=None):
-    text = replace_between(readme_text, START, END, table(runs, before))
-    if STUDY_START in text or study is not None:
-        text = replace_between(text, STUDY_START, STUDY_END,
-                               study_section(study or {}, budget, runs))
-    if PRECISION_START in text or checks is not None:
-        text = replace_between(text, PRECISION_START, PRECISION_END,
-                               precision_section(checks or [], runs, before))
-    if TUNING_START in text or tuning is not None:
-        text = replace_between(text, TUNING_START, TUNING_END, tuning_section(tuning or {}))
-    if SPEED_START in text or bench_files is not None:
-        text = replace_between(text, SPEED_START, SPEED_END, speed_section(bench_files or []))
-    if LR_START in text or lr_study is not None:
-        text = replace_between(text, LR_START, LR_END, lr_section(lr_study or {}))
-    if NORM_STATS_START in text:
-        text = replace_between(text, NORM_STATS_START, NORM_STATS_END,
-                               norm_statistics_section(runs))
+# The README's generated sections, in README order: (marker, renderer of the loaded files).
+SECTIONS = [
+    ("results", lambda f: table(f["runs"], f["before"])),
+    ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
+    ("precision", lambda f: precision_section(f["checks"], f["runs"], f["before"])),
+    ("tuning", lambda f: tuning_section(f["tuning"])),
+    ("speed", lambda f: speed_section(f["bench_files"])),
+    ("lr-study", lambda f: lr_section(f["lr_study"])),
+    ("norm-statistics", lambda f: norm_statistics_section(f["runs"])),
+]
+
+
+def render_readme(readme_text, files):
+    """README text with each generated section rebuilt from `files` (load_files(): what each
+    renderer reads; one left out renders as empty). The results table must have its markers;
+    other sections are rendered where the README has theirs."""
+    files = {"runs": {}, "before": None, "study": {}, "budget": None, "checks": [],
+             "bench_files": [], "tuning": {}, "lr_study": {}, **files}
+    text = readme_text
+    for name, render in SECTIONS:
+        start, end = markers(name)
+        if name == "results" or start in text:
+            text = replace_between(text, start, end, render(files))
     return text
 
 
@@ -435,15 +463,18 @@ def bench_files(folder=BENCH_DIR):
     return sorted(f for f in folder.glob("*.txt") if "\npipeline" in f.read_text())
 
 
-def render_current(text, runs=None, study=None, budget=None, lr_study=None):
-    """README text with every generated section rebuilt from the committed files (`runs`,
-    `study`, `budget`, `lr_study`: those already loaded, if at hand)."""
-    return render_readme(text, load_runs() if runs is None else runs,
-                         load_study() if study is None else study,
-                         study_budget() if budget is None else budget,
-                         load_precision_checks(), bench_files(), load_tuning(),
-                         load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None,
-                         compare.load_lr_study() if lr_study is None else lr_study)
+def load_files():
+    """Every committed results file the README's sections are generated from."""
+    return {"runs": load_runs(), "study": load_study(), "budget": study_budget(),
+            "checks": load_precision_checks(), "bench_files": bench_files(),
+            "tuning": load_tuning(),
+            "before": load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None,
+            "lr_study": compare.load_lr_study()}
+
+
+def render_current(text, files=None):
+    """README text with every generated section rebuilt from the committed files."""
+    return render_readme(text, load_files() if files is None else files)
 
 
 def write_figures(runs, study, lr_study):
@@ -483,21 +514,21 @@ def main():
     p.add_argument("--no-notebook", action="store_true",
                    help="skip re-executing S8_Compare.ipynb (tables and figures only)")
     args = p.parse_args()
-    runs, study, budget = load_runs(), load_study(), study_budget()
-    lr_study = compare.load_lr_study()
+    files = load_files()
     text = README.read_text()
-    new = render_current(text, runs, study, budget, lr_study)
+    new = render_current(text, files)
     if args.check:
         if new != text:
             sys.exit("README.md results tables are out of date: run python tools/report.py")
         print("README.md results tables are current")
         return
     README.write_text(new)
-    write_figures(runs, study, lr_study)
+    write_figures(files["runs"], files["study"], files["lr_study"])
     if not args.no_notebook:
         execute_compare_notebook()
-    print(f"README.md tables rewritten from {sum(len(r) for r in runs.values())} results files "
-          f"and {budget['runs'] if budget else 0} batch-size study files")
+    print(f"README.md tables rewritten from {sum(len(r) for r in files['runs'].values())} "
+          f"results files and {files['budget']['runs'] if files['budget'] else 0} batch-size "
+          f"study files")
 
 
 if __name__ == "__main__":

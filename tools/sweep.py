@@ -4,7 +4,7 @@ results file exists.
     # the 20-epoch runs of the README's results table
     python tools/sweep.py --norms batch layer group --seeds 0 1 2 --out-dir results
 
-    # the batch-size study: learning rate scaled linearly with the batch size (utils.scaled_lr)
+    # the batch-size study: learning rate scaled linearly with the batch size (scaled_lr)
     python tools/sweep.py --batch-sizes 2 4 8 16 32 64 128 --seeds 0 1 --jobs 2 \\
         --out-dir results/batch_size --epochs 6 --train-subset 1000
 
@@ -28,17 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import canonical_norm  # noqa: E402
-from train import run_name  # noqa: E402
-from utils import TrainConfig, scaled_lr  # noqa: E402
+from results import run_name  # noqa: E402
+from utils import TrainConfig  # noqa: E402
+from variants import canonical_norm, course_variants  # noqa: E402
 
 
-def study_run_name(norm, batch_size, seed):
-    return f"{norm}_bs{batch_size}_seed{seed}"
+def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.batch_size):
+    """Linear scaling rule (Goyal et al., 2017; used by the GroupNorm paper): the peak learning
+    rate is proportional to the batch size, `base_lr` at `base_batch_size` images per step.
 
-
-def lr_run_name(norm, lr, seed):
-    return f"{norm}_lr{lr:g}_seed{seed}"
+    Keeps lr/batch, the noise scale of SGD, equal across batch sizes, so that a fixed number of
+    epochs is a comparable budget: at batch 2 the rate is 64x smaller, for 64x more steps."""
+    return base_lr * batch_size / base_batch_size
 
 
 def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
@@ -48,10 +49,10 @@ def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
     if lrs:
         if batch_sizes:
             raise ValueError("sweep either batch sizes or learning rates, not both")
-        return [(lr_run_name(norm, lr, seed),
-                 ["--norm", norm, "--seed", str(seed), "--lr", repr(lr), "--record-divergence",
-                  "--run-name", lr_run_name(norm, lr, seed)])
-                for seed in seeds for lr in sorted(lrs) for norm in map(canonical_norm, norms)]
+        return [(name, ["--norm", norm, "--seed", str(seed), "--lr", repr(lr),
+                        "--record-divergence", "--run-name", name])
+                for seed in seeds for lr in sorted(lrs) for norm in map(canonical_norm, norms)
+                for name in [run_name(norm, seed, study=f"lr{lr:g}")]]
     runs = []
     for seed in seeds:
         for batch_size in sorted(batch_sizes) if batch_sizes else [None]:
@@ -62,7 +63,7 @@ def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
                     if base_lr != TrainConfig.lr:
                         args += ["--lr", repr(base_lr)]
                 else:
-                    name = study_run_name(norm, batch_size, seed)
+                    name = run_name(norm, seed, study=f"bs{batch_size}")
                     args += ["--batch-size", str(batch_size),
                              "--lr", repr(scaled_lr(batch_size, base_lr))]
                 args += ["--run-name", name]  # the name the sweep checks for, whatever else
@@ -72,8 +73,8 @@ def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--norms", nargs="+", default=["batch", "layer", "group"],
-                   help="variants to run (default: batch layer group)")
+    p.add_argument("--norms", nargs="+", default=list(course_variants()),
+                   help=f"variants to run (default: {' '.join(course_variants())})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds to run (default: 0 1 2)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None,

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from model import canonical_norm  # noqa: E402
+from results import run_name  # noqa: E402
 from sweep import run_all  # noqa: E402
+from variants import DEFAULT, canonical_norm, get_variant  # noqa: E402
 
 OUT_DIR = ROOT / "results" / "tuning"
 
@@ -71,10 +72,10 @@ def config_flags(config):
 
 
 def tuning_run_name(norm, config, epochs, seed):
-    return f"{norm}_{config}_e{epochs}_seed{seed}"
+    return run_name(norm, seed, study=f"{config}_e{epochs}")
 
 
-def plan(configs, seeds, epochs, norm="batch"):
+def plan(configs, seeds, epochs, norm=DEFAULT):
     """[(name, train.py arguments)], configuration by configuration, so that a study cut short
     leaves configurations with all their seeds rather than many with one."""
     norm = canonical_norm(norm)
@@ -93,7 +94,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="(default: 0 1)")
     p.add_argument("--epochs", type=int, default=5,
                    help="budget; the schedule is compressed into it (default: 5, the proxy)")
-    p.add_argument("--norm", default="batch", help="variant to tune (default: batch)")
+    p.add_argument("--norm", default=DEFAULT, help=f"variant to tune (default: {DEFAULT})")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1)")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="(default: results/tuning)")
     p.add_argument("--images-dir", default="runs/tuning", help="(default: runs/tuning)")
@@ -106,7 +107,7 @@ def main(argv=None):
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     configs = args.configs or [c for c in CONFIGS
-                               if canonical_norm(args.norm) == "group" or c not in GROUP_ONLY]
+                               if get_variant(args.norm).uses_groups or c not in GROUP_ONLY]
     run_all(plan(configs, args.seeds, args.epochs, args.norm), args.out_dir,
             args.images_dir, train_args, args.jobs, log_dir="runs/logs/tuning")
 
