@@ -29,6 +29,7 @@ CACHE_ENV_VAR = "S8_CACHE_DIR"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SPLITS = ("train", "test")
+EXPECTED_PER_CLASS = {"train": 5000, "test": 1000}  # the full CIFAR-10
 VALIDATION_SEED = 2026  # fixed: every tuning run holds out the same validation images
 CACHE_VERSION = 1  # bump when the cache layout changes, so old caches are rebuilt
 
@@ -120,6 +121,9 @@ def default_cache_dir():
 
 def load_cifar10(source=None, cache_dir=None, download_root="data", verbose=True):
     """Load CIFAR-10 from `source` (see module docstring), through a cache keyed by the source."""
+    if source is None and DATA_ENV_VAR in os.environ and not os.environ[DATA_ENV_VAR].strip():
+        raise DatasetError(f"{DATA_ENV_VAR} is set but empty: point it at a CIFAR-10 archive or "
+                           f"folder, or unset it to download the official files")
     source = source or os.environ.get(DATA_ENV_VAR) or None
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if source is None:
@@ -140,9 +144,27 @@ def load_cifar10(source=None, cache_dir=None, download_root="data", verbose=True
         classes=CIFAR10_CLASSES, source=description, sha256=str(arrays["sha256"]),
         mean=tuple(arrays["mean"].tolist()), std=tuple(arrays["std"].tolist()),
     )
+    warn_about_class_counts(data)
     if verbose:
         print(data.describe())
     return data
+
+
+def warn_about_class_counts(data):
+    """One warning naming the classes whose image count is off: below the split's largest count
+    (CIFAR-10 is balanced, so a truncated copy shows here), or, for a source that calls itself
+    CIFAR-10, different from the full set's EXPECTED_PER_CLASS."""
+    claims_cifar = "cifar" in data.source.lower()
+    odd = []
+    for split, labels in (("train", data.train_y), ("test", data.test_y)):
+        counts = torch.bincount(labels, minlength=len(data.classes)).tolist()
+        expected = EXPECTED_PER_CLASS[split] if claims_cifar else max(counts)
+        odd += [f"{split}/{data.classes[c]}: {n} (expected {expected})"
+                for c, n in enumerate(counts) if n != expected]
+    if odd:
+        warnings.warn(f"{data.source} does not hold the images per class a complete CIFAR-10 "
+                      f"does: {', '.join(odd)}; a truncated or partial copy? Check the data "
+                      f"before trusting results", DatasetWarning, stacklevel=3)
 
 
 def _local_reader(path):

@@ -4,6 +4,7 @@
     python tools/make_notebooks.py S8_Compare.ipynb     # one of them
     python tools/make_notebooks.py --force ...          # also overwrite executed notebooks
     python tools/make_notebooks.py --clean S8_BatchNorm.ipynb   # tidy an executed notebook
+    python tools/make_notebooks.py --sources            # new cell sources, outputs kept
 
 The training notebooks only configure and call into dataset.py, model.py and utils.py, so they
 differ in their title and NORM alone; generating them keeps the three in step. S8_Compare.ipynb
@@ -51,6 +52,7 @@ def colab_setup_cell(entry_module, extra_install=""):
 def notebook(norm):
     title = REGISTRY[norm].title
     name = f"S8_{title}.ipynb"
+    choices = ", ".join(f'"{v}"' for v in course_variants())
     cells = [
         new_markdown_cell(
             f"# S8 · {title} on CIFAR-10\n\n"
@@ -69,7 +71,7 @@ def notebook(norm):
             "# Configuration\n"
             "import os, tempfile\n"
             "from pathlib import Path\n\n"
-            f"NORM = \"{norm}\"                 # {', '.join(map(repr, course_variants()))}\n"
+            f"NORM = \"{norm}\"                 # {choices}\n"
             "SEED = 0\n"
             "SMOKE = bool(os.environ.get(\"S8_SMOKE\") or os.environ.get(\"CI\"))\n"
             "EPOCHS = 1 if SMOKE else 20       # the assignment allows at most 20\n"
@@ -315,6 +317,20 @@ def clean(path):
     nbformat.write(nb, path)
 
 
+def update_sources(path, template):
+    """Give an executed notebook the template's cell sources and keep its outputs, for a change
+    that leaves what the cells compute as it was (an import moved, a comment); refuses when the
+    cells no longer line up, since then the outputs would belong to other code."""
+    nb = nbformat.read(path, as_version=4)
+    kinds = lambda cells: [c.cell_type for c in cells]  # noqa: E731
+    if kinds(nb.cells) != kinds(template.cells):
+        raise SystemExit(f"{path.name}: its cells no longer match the template's; re-execute it "
+                         f"instead (README: The notebooks)")
+    for cell, new in zip(nb.cells, template.cells):
+        cell.source = new.source
+    nbformat.write(nb, path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("names", nargs="*", help="notebooks to write (default: all four)")
@@ -322,6 +338,9 @@ def main():
                    help="overwrite notebooks that hold outputs (the committed full runs)")
     p.add_argument("--clean", nargs="+", metavar="NOTEBOOK",
                    help="clean these executed notebooks instead of rewriting the templates")
+    p.add_argument("--sources", action="store_true",
+                   help="give executed notebooks the templates' cell sources, keeping their "
+                        "outputs (for changes that compute the same)")
     args = p.parse_args()
     if args.clean:
         for path in args.clean:
@@ -334,6 +353,10 @@ def main():
         p.error(f"unknown notebook(s) {', '.join(unknown)}; choose from {', '.join(notebooks)}")
     for name in args.names or notebooks:
         path = ROOT / name
+        if args.sources and has_outputs(path):
+            update_sources(path, notebooks[name])
+            print("updated the sources of", name)
+            continue
         if has_outputs(path) and not args.force:
             print(f"kept {name}: it holds outputs of a run (--force overwrites them)")
             continue

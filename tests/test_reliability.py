@@ -1,0 +1,328 @@
+"""What a run guarantees (README "Resuming, and runs that cannot destroy each other"): never a NaN
+result, one process per run name, never a silent replacement of another run's files, every
+setting checked before the data loads, one line for every problem a user can fix."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+import precision  # noqa: E402
+from conftest import ROOT, make_archive, write_image_tree  # noqa: E402
+from dataset import DatasetWarning, load_cifar10  # noqa: E402
+from model import build_model  # noqa: E402
+from results import RunLock, RunLockedError, check_publishable  # noqa: E402
+from utils import NonFiniteLossError, TrainConfig, fit, load_checkpoint  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def run_train(*args, cwd, env=None):
+    """train.py as a user runs it: its exit code, stdout and stderr."""
+    base = {"S8_CACHE_DIR": str(cwd / "cache"), "PATH": "/usr/bin:/bin", "TMPDIR": str(cwd)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, env={**base, **(env or {})})
+
+
+def one_line_error(out):
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def archive(tmp_path):
+    write_image_tree(tmp_path / "tree")
+    return str(make_archive(tmp_path / "tree", tmp_path / "tiny.tar.gz"))
+
+
+# 1. A NaN anywhere in an epoch stops the run before its checkpoint and results are written.
+
+def test_a_nan_only_in_evaluation_publishes_nothing(archive, tmp_path):
+    out = run_train("--lr", "1e6", "--subset", "2", "--epochs", "2", "--data", archive,
+                    "--no-progress", cwd=tmp_path)
+    assert "the evaluation loss became nan at epoch 1" in one_line_error(out)
+    assert not list(tmp_path.glob("runs/*.json")) and not list(tmp_path.glob("checkpoints/*.pt"))
+
+
+def test_a_nan_at_the_end_of_an_epoch_keeps_the_last_clean_checkpoint(tiny_data, tmp_path,
+                                                                      monkeypatch):
+    import utils
+
+    real = utils.evaluate
+    calls = []
+
+    def evaluation_breaks_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        result = real(*args, **kwargs)
+        return {**result, "loss": math.nan} if len(calls) == 2 else result
+
+    monkeypatch.setattr(utils, "evaluate", evaluation_breaks_in_epoch_2)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(NonFiniteLossError, match="evaluation loss became nan at epoch 2") as err:
+        fit(build_model("batch", seed=0), tiny_data, TrainConfig(epochs=3, batch_size=20),
+            "cpu", checkpoint_path=ckpt, progress=False)
+    assert "checkpoint of epoch 1, the last complete one" in str(err.value)
+    assert load_checkpoint(ckpt)["epoch"] == 1
+
+
+def test_a_nan_learning_rate_is_refused_before_the_data_loads(tmp_path):
+    out = run_train("--lr", "nan", "--data", str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
+    assert one_line_error(out) == "error: lr must be above 0, got nan"
+
+
+# 2. One process per run name.
+
+@pytest.mark.parametrize("second_seed", ["0", "1"])
+def test_a_second_run_of_a_held_name_is_refused_at_start_up(archive, tmp_path, second_seed):
+    lock_target = tmp_path / "checkpoints" / "mine.pt"
+    with RunLock(lock_target):  # a live run of that name (this process)
+        out = run_train("--run-name", "mine", "--seed", second_seed, "--subset", "2",
+                        "--epochs", "1", "--data", archive, cwd=tmp_path)
+    line = one_line_error(out)
+    assert f"is in use by process {os.getpid()}" in line and "another --run-name" in line
+    assert not (tmp_path / "runs" / "mine.json").exists()
+
+
+def test_two_simultaneous_runs_of_one_name_give_one_run_and_one_refusal(archive, tmp_path):
+    args = ("--run-name", "same", "--subset", "2", "--epochs", "3", "--data", archive,
+            "--no-progress")
+    base = {"S8_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                             env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outcomes = sorted((p.wait(), p.stderr.read()) for p in runs)
+    assert [code for code, _ in outcomes] == [0, 1], outcomes
+    assert "is in use by process" in outcomes[1][1]
+    assert json.loads((tmp_path / "runs" / "same.json").read_text())["epochs"] == 3
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    stale = tmp_path / "run.pt.lock"
+    stale.write_text("999999999")  # a crashed run's file: nobody holds the lock on it
+    with RunLock(tmp_path / "run.pt"):
+        assert stale.read_text() == str(os.getpid())
+        with RunLock(tmp_path / "run.pt"):  # the same process may take it again
+            pass
+        assert stale.exists()
+    assert not stale.exists()
+    code = ("import sys; sys.path.insert(0, %r); from results import RunLock; "
+            "RunLock(%r).__enter__(); print('held')" % (str(ROOT), str(tmp_path / "x.pt")))
+    subprocess.run([sys.executable, "-c", code], check=True)  # holds it, then dies
+    with RunLock(tmp_path / "x.pt"):
+        pass
+
+
+def test_the_lock_says_who_holds_it(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, %r); from results import "
+         "RunLock; RunLock(%r).__enter__(); print('held', flush=True); time.sleep(30)"
+         % (str(ROOT), str(tmp_path / "r.pt"))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"in use by process {holder.pid}"):
+            with RunLock(tmp_path / "r.pt"):
+                pass
+    finally:
+        holder.kill()
+
+
+# 3. The notebooks write where train.py does, and never over another configuration's files.
+
+def notebook_config(tmp_path, monkeypatch, **env):
+    import make_notebooks
+
+    for key in ("S8_SMOKE", "CI"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _, nb = make_notebooks.notebook("batch")
+    config_cell = next(c.source for c in nb.cells if c.source.startswith("# Configuration"))
+    run_cell = next(c.source for c in nb.cells if "run = run_name(" in c.source)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(config_cell, scope)
+    return scope, run_cell
+
+
+def test_a_notebook_run_writes_into_runs_under_a_name_with_its_settings(tmp_path, monkeypatch):
+    from results import run_name
+
+    scope, run_cell = notebook_config(tmp_path, monkeypatch)
+    assert not scope["PUBLISH"] and scope["EPOCHS"] == 20
+    assert scope["RESULTS_DIR"].name == "runs" and scope["IMAGES_DIR"].name == "runs"
+    assert "run_name(NORM, SEED, epochs=EPOCHS, subset=SUBSET)" in run_cell
+    assert run_name("batch", 0, epochs=5, subset=None) == "batch_seed0_e5"
+
+
+def test_publishing_never_replaces_another_configurations_results(tmp_path):
+    published = tmp_path / "batch_seed0.json"
+    published.write_text(json.dumps({"model_config": {"norm": "batch"}, "train_config": {}}))
+    model = build_model("batch", seed=0)
+    with pytest.raises(ValueError, match="holds the results of a run with other settings"):
+        check_publishable(published, model, TrainConfig(epochs=5))
+    check_publishable(tmp_path / "batch_seed0_e5.json", model, TrainConfig(epochs=5))
+
+
+# 4. Figures are guarded like results files.
+
+def test_a_run_never_overwrites_another_runs_figures(archive, tmp_path):
+    figure = tmp_path / "shared" / "theirs_curves.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"their curves")
+    out = run_train("--run-name", "theirs", "--images-dir", str(figure.parent), "--subset", "2",
+                    "--epochs", "1", "--data", archive, cwd=tmp_path)
+    assert "theirs_curves.png already exists" in one_line_error(out)
+    assert figure.read_bytes() == b"their curves"
+
+
+# 5. A write that fails after training says where the trained model is.
+
+def test_a_failed_write_after_training_is_one_line_and_resume_rebuilds_the_results(
+        archive, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("S8_CACHE_DIR", str(tmp_path / "cache"))
+
+    def denied(path, payload):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    args = ["--subset", "2", "--epochs", "1", "--data", archive, "--no-progress"]
+    monkeypatch.setattr(train, "save_json_atomic", denied)
+    with pytest.raises(train.OutputError) as err:
+        train.main(args)
+    message = str(err.value)
+    assert "runs/batch_seed0_e1_subset2.json" in message and "Permission denied" in message
+    assert "checkpoints/batch_seed0_e1_subset2.pt" in message and "--resume" in message
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("S8_CACHE_DIR", str(tmp_path / "cache"))
+    results = train.main([*args, "--resume", "--out-dir", "elsewhere"])
+    assert (tmp_path / "elsewhere" / "batch_seed0_e1_subset2.json").exists()
+    assert results["epochs"] == 1
+
+
+# 6. Every setting's range is checked before the data loads.
+
+@pytest.mark.parametrize("flags, message", [
+    (["--widths", "0", "0", "0"], "widths needs 3 positive stage widths"),
+    (["--widths", "-4", "8", "8"], "widths needs 3 positive stage widths"),
+    (["--device", "cuda"], "device 'cuda' is not available on this machine"),
+    (["--label-smoothing", "2"], "label_smoothing must be at least 0 and below 1"),
+    (["--pad", "40"], "pad must be at least 0 and at most 31"),
+    (["--pct-start", "1.5"], "pct_start must be at least 0 and below 1"),
+])
+def test_settings_out_of_range_get_one_line_before_the_data_loads(tmp_path, flags, message):
+    if "cuda" in flags and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = run_train(*flags, "--data", str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
+    assert message in one_line_error(out)
+
+
+# 7. Outside the assignment's limits: allowed, said, recorded, kept out of the results table.
+
+def test_a_run_outside_the_limits_is_flagged_and_refused_by_the_report(archive, tmp_path):
+    import report
+
+    out = run_train("--widths", "32", "48", "64", "--dry-run", "--subset", "2", "--data",
+                    archive, "--no-progress", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    warning = [line for line in out.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "168,106 parameters (limit: under 50,000)" in warning[0]
+    results_path = next(p.rstrip(",;") for p in out.stdout.split() if ".json" in p)
+    run = json.loads(open(results_path).read())
+    assert "168,106 parameters" in run["outside_limits"]
+    with pytest.raises(SystemExit, match="outside the assignment's limits"):
+        report.table({"batch": [run]})
+
+
+def test_more_than_20_epochs_is_flagged():
+    import train
+
+    assert train.limits_warning(46_538, 20) is None
+    assert "25 epochs (limit: 20)" in train.limits_warning(46_538, 25)
+
+
+# 8. A copy with missing images is named, class by class.
+
+def test_a_truncated_copy_names_the_classes_that_lack_images(tmp_path):
+    write_image_tree(tmp_path / "tree")
+    for image in sorted((tmp_path / "tree" / "train" / "horse").iterdir())[1:]:
+        image.unlink()  # cut at a file boundary: class 7 keeps 1 of 3
+    with pytest.warns(DatasetWarning, match=r"train/horse: 1 \(expected 3\)"):
+        load_cifar10(tmp_path / "tree", cache_dir=tmp_path / "cache", verbose=False)
+
+
+def test_a_source_calling_itself_cifar10_is_held_to_the_full_counts(tmp_path):
+    write_image_tree(tmp_path / "cifar10")
+    with pytest.warns(DatasetWarning, match=r"train/airplane: 3 \(expected 5000\)"):
+        load_cifar10(tmp_path / "cifar10", cache_dir=tmp_path / "cache", verbose=False)
+
+
+def test_a_complete_balanced_copy_gets_no_warning(tmp_path):
+    write_image_tree(tmp_path / "tree")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)
+        load_cifar10(tmp_path / "tree", cache_dir=tmp_path / "cache", verbose=False)
+
+
+# 9. A precision this CPU only emulates is named as slow.
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_a_forced_precision_without_native_support_warns_once(name, tiny_data, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("cpu", {"avx2"}))
+    with pytest.warns(RuntimeWarning, match=f"{name} is emulated on this CPU") as caught:
+        fit(build_model("group", seed=0), tiny_data, TrainConfig(epochs=1, batch_size=20,
+                                                                 precision=name), "cpu",
+            progress=False)
+    assert len([w for w in caught if "emulated" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        precision.warn_if_emulated("fp32", "cpu")
+
+
+# 10. Advice that works, checks in the right order, nothing left behind.
+
+def test_an_existing_results_file_suggests_what_keeps_both(archive, tmp_path):
+    args = ("--subset", "2", "--epochs", "1", "--data", archive, "--no-progress")
+    assert run_train(*args, cwd=tmp_path).returncode == 0
+    line = one_line_error(run_train(*args, cwd=tmp_path))
+    assert "--run-name to keep both" in line and "--out-dir" not in line
+
+
+def test_a_damaged_checkpoint_is_named_before_the_data_loads(tmp_path):
+    ckpt = tmp_path / "junk.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    out = run_train("--resume", "--checkpoint", str(ckpt), "--data",
+                    str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
+    assert f"checkpoint {ckpt} is unreadable" in one_line_error(out)
+
+
+def test_a_checkpoint_of_other_settings_is_named_before_the_data_loads(archive, tmp_path):
+    args = ("--subset", "2", "--epochs", "1", "--data", archive, "--no-progress",
+            "--checkpoint", "run.pt", "--run-name", "r")
+    assert run_train(*args, cwd=tmp_path).returncode == 0
+    out = run_train(*args[:-2], "--run-name", "r2", "--lr", "0.2", "--resume", cwd=tmp_path,
+                    env={"S8_CACHE_DIR": str(tmp_path / "empty-cache")})
+    assert "belongs to a different run (train.lr: checkpoint 0.1, now 0.2)" in one_line_error(out)
+    assert not (tmp_path / "empty-cache").exists()  # refused before the data was read
+
+
+def test_an_empty_data_variable_is_named_as_empty(tmp_path):
+    out = run_train("--dry-run", cwd=tmp_path, env={"CIFAR10_DATA": ""})
+    assert "CIFAR10_DATA is set but empty" in one_line_error(out)
+
+
+def test_a_failed_dry_run_leaves_no_folder_behind(tmp_path):
+    out = run_train("--dry-run", "--data", str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
+    assert out.returncode == 1
+    assert not list(tmp_path.glob("s8_dry_run_*"))
