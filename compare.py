@@ -121,6 +121,34 @@ def threads(hardware):
     return cpu if n is None else f"{cpu}, {n} thread{'s' * (n != 1)}"
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}
+
+
+def paired_difference(runs, base, key="final_test_acc"):
+    """The per-seed differences of `runs` from `base` (same seed: same initialization and data
+    order) in points: {"seeds", "diffs", "mean", "low", "high"}, low-high the 95% t-interval of
+    the mean (None with fewer than 2 shared seeds)."""
+    base_by_seed = {r["seed"]: 100 * r[key] for r in base}
+    pairs = sorted((r["seed"], 100 * r[key] - base_by_seed[r["seed"]]) for r in runs
+                   if r["seed"] in base_by_seed)
+    diffs = [d for _, d in pairs]
+    result = {"seeds": [s for s, _ in pairs], "diffs": diffs,
+              "mean": statistics.mean(diffs) if diffs else None, "low": None, "high": None}
+    if len(diffs) >= 2:
+        half = T_975[min(len(diffs) - 1, max(T_975))] * statistics.stdev(diffs) / len(diffs) ** .5
+        result.update(low=result["mean"] - half, high=result["mean"] + half)
+    return result
+
+
+def verdict(paired):
+    """A change wins when the 95% interval of its mean paired difference lies above zero."""
+    if paired["low"] is None:
+        return f"needs 2 paired seeds ({len(paired['diffs'])} so far)"
+    return "wins" if paired["low"] > 0 else "loses" if paired["high"] < 0 else "no decision"
+
+
 def _mean_std(values):
     if len(values) > 1:
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"

@@ -366,8 +366,9 @@ def _write_cache(cache_file, arrays):
 
 # ---------------------------------------------------------------------------------- batching
 
-def augment_batch(x, generator, pad=4, flip=True):
-    """Random crop with `pad` reflect padding and random horizontal flip, one draw per image.
+def augment_batch(x, generator, pad=4, flip=True, mirror=None):
+    """Random crop with `pad` reflect padding and random horizontal flip, one draw per image
+    (`mirror`: which images to flip, instead of drawing it).
 
     x: float (N, C, H, W) on any device; `generator` lives on the same device.
     """
@@ -382,7 +383,8 @@ def augment_batch(x, generator, pad=4, flip=True):
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chans, rows, cols]                                     # (N, C, H, W)
     if flip:
-        mirror = torch.rand(n, device=x.device, generator=generator) < 0.5
+        if mirror is None:
+            mirror = torch.rand(n, device=x.device, generator=generator) < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
     return x
 
@@ -395,7 +397,7 @@ class TensorLoader:
     """
 
     def __init__(self, images, labels, mean, std, batch_size, train, device="cpu", seed=0,
-                 pad=4, flip=True, channels_last=True):
+                 pad=4, flip=True, channels_last=True, alternate_flip=False):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -404,6 +406,12 @@ class TensorLoader:
         self.batch_size, self.train = int(batch_size), bool(train)
         self.pad, self.flip, self.channels_last = pad, flip, channels_last
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.epoch = 0  # epochs begun: alternating flips mirror each image in every other one
+        self.flipped_first = None  # alternating flips: which images the first epoch mirrors
+        if alternate_flip and flip:
+            draw = torch.Generator(device=self.device).manual_seed(seed + 1)
+            self.flipped_first = torch.rand(len(self.labels), device=self.device,
+                                            generator=draw) < 0.5
 
     def __len__(self):
         n = len(self.labels)
@@ -416,19 +424,23 @@ class TensorLoader:
         if self.train:
             order = torch.randperm(n, device=self.device, generator=self.generator)
             order = order[: len(self) * self.batch_size]  # drop the ragged tail: steady batch stats
+            self.epoch += 1
         else:
             order = torch.arange(n, device=self.device)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             x = (self.images[idx].float().div_(255) - self.mean) / self.std
             if self.train:
-                x = augment_batch(x, self.generator, self.pad, self.flip)
+                mirror = None if self.flipped_first is None else \
+                    self.flipped_first[idx] ^ (self.epoch % 2 == 0)
+                x = augment_batch(x, self.generator, self.pad, self.flip, mirror)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "epoch": self.epoch}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+        self.epoch = state.get("epoch", 0)

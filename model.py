@@ -23,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchsummary import summary
 
-from utils import check_range
 from variants import DEFAULT, canonical_norm, get_variant
 
 
@@ -34,6 +33,23 @@ def get_norm_layer(name, num_groups=4, group_size=None):
     return lambda num_channels: variant.make_layer(num_channels, num_groups, group_size)
 
 
+def check_range(config, **bounds):
+    """One line per setting out of its range, before anything loads: {field: (low, high[, how])}
+    with None for no bound, how "open" (low excluded) or "half" (high excluded)."""
+    for field, (low, high, *how) in bounds.items():
+        value = getattr(config, field)
+        open_low, open_high = how == ["open"], how == ["half"]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+            and (low is None or (value > low if open_low else value >= low)) \
+            and (high is None or (value < high if open_high else value <= high))
+        if not ok:
+            where = " and ".join(filter(None, [
+                low is not None and f"{'above' if open_low else 'at least'} {low}",
+                high is not None and f"{'below' if open_high else 'at most'} {high}"]))
+            raise ValueError(f"{field} must be {where}, got {value!r}")
+
+
+IDENTITY_INITS = ("off", "zero", "dirac")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "celu": nn.CELU}
 
 
@@ -54,6 +70,9 @@ class ModelConfig:
     dropout: float = 0.0      # Dropout2d rate after each 3x3 block; 0: off
     activation: str = "relu"  # after each norm: relu, gelu, silu or celu
     num_classes: int = 10     # logits
+    identity_init: str = "off"  # residual branches start as identity: off, zero (last norm
+                                # scale 0) or dirac (3x3 convs plus an identity kernel)
+    weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
@@ -63,22 +82,37 @@ class ModelConfig:
             raise ValueError(f"widths needs 3 positive stage widths, got {self.widths!r}")
         check_range(self, num_groups=(1, None), group_size=(0, None), dropout=(0, 1, "half"),
                     num_classes=(2, None))
+        if self.identity_init not in IDENTITY_INITS:
+            raise ValueError(f"identity_init must be one of {', '.join(IDENTITY_INITS)}, got "
+                             f"{self.identity_init!r}")
 
     def to_dict(self):
         return asdict(self)
+
+
+class StdConv2d(nn.Conv2d):
+    """A convolution whose filters are standardized (mean 0, std 1 over each output channel's
+    inputs and taps) in every forward pass (Qiao et al., 2019): the partner of batch-free norms."""
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
+        return self._conv_forward(x, (w - mean) / std, self.bias)
 
 
 class ConvBlock(nn.Sequential):
     """3x3 conv -> norm -> activation [-> Dropout2d]. The conv has no bias where the norm's
     shift replaces it; without a norm (nn.Identity) it keeps one."""
 
-    def __init__(self, name, c_in, c_out, norm_layer, dropout, activation=nn.ReLU):
+    def __init__(self, name, c_in, c_out, norm_layer, dropout, activation=nn.ReLU,
+                 conv=nn.Conv2d):
         try:
             norm = norm_layer(c_out)
         except ValueError as err:
             raise ValueError(f"layer {name}: {err}") from None
         layers = [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=isinstance(norm, nn.Identity)),
+            conv(c_in, c_out, 3, padding=1, bias=isinstance(norm, nn.Identity)),
             norm,
             activation(),
         ]
@@ -95,7 +129,8 @@ class Net(nn.Module):
         w1, w2, w3 = config.widths
         norm = get_norm_layer(config.norm, config.num_groups, config.group_size or None)
         block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout,
-                        activation=get_activation(config.activation))
+                        activation=get_activation(config.activation),
+                        conv=StdConv2d if config.weight_std else nn.Conv2d)
 
         self.C1 = block("C1", 3, w1)
         self.C2 = block("C2", w1, w1)
@@ -107,6 +142,7 @@ class Net(nn.Module):
         self.C8 = block("C8", w3, w3)
         self.C9 = block("C9", w3, w3)
         self.C10 = nn.Conv2d(w3, config.num_classes, 1)
+        init_identity(self, config.identity_init)
 
     def forward(self, x):                      # x: (N, 3, 32, 32)
         x = self.C1(x)                         # (N, w1, 32, 32)
@@ -121,6 +157,59 @@ class Net(nn.Module):
 
     def get_num_params(self, trainable_only=True):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+RESIDUAL_BRANCH_ENDS = ("C2", "C5", "C8")  # the blocks whose output is added to a skip
+
+
+@torch.no_grad()
+def init_identity(model, how):
+    """Start the residual branches as (near) identities: "zero" zeroes the norm scale at the end
+    of each branch, so each skip add passes its input alone; "dirac" adds an identity kernel
+    to every 3x3 conv with as many outputs as inputs (Goyal et al., 2017; airbench)."""
+    if how == "zero":
+        for name in RESIDUAL_BRANCH_ENDS:
+            norm = getattr(model, name)[1]
+            if not hasattr(norm, "weight"):
+                raise ValueError("identity_init zero needs a normalization with a scale")
+            norm.weight.zero_()
+    elif how == "dirac":
+        for conv in model.modules():
+            if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and \
+                    conv.in_channels == conv.out_channels:
+                conv.weight.add_(nn.init.dirac_(torch.empty_like(conv.weight)))
+
+
+@torch.no_grad()
+def patch_whitening(images, num_filters, eps=5e-4):
+    """(num_filters, C, 3, 3) filters that whiten the 3x3 patches of `images` (normalized,
+    (N, C, H, W)): the top num_filters/2 eigenvectors of the patches' covariance, each scaled by
+    1/sqrt(eigenvalue + eps), and their negatives (so ReLU keeps both signs)."""
+    if num_filters % 2:
+        raise ValueError(f"patch whitening needs an even number of filters, got {num_filters}")
+    c = images.shape[1]
+    patches = images.double().unfold(2, 3, 1).unfold(3, 3, 1)   # (N, C, H-2, W-2, 3, 3)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 9)
+    covariance = torch.cov(patches.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)      # ascending
+    top = eigenvectors[:, -(num_filters // 2):].T / (eigenvalues[-(num_filters // 2):, None]
+                                                     + eps).sqrt()
+    return torch.cat([top, -top]).view(num_filters, c, 3, 3).float()
+
+
+@torch.no_grad()
+def prepare_for_training(model, config, images):
+    """What a TrainConfig asks of the model before training: C1's filters set by
+    patch_whitening of `images` (the training split's, never validation or test images),
+    frozen unless config.whiten is "trainable"; the norms' scales frozen at 1."""
+    if config.whiten != "off":
+        conv = model.C1[0]
+        conv.weight.copy_(patch_whitening(images, conv.out_channels).to(conv.weight))
+        conv.weight.requires_grad_(config.whiten == "trainable")
+    if config.freeze_norm_scale:
+        for block in model.modules():
+            if isinstance(block, ConvBlock) and getattr(block[1], "weight", None) is not None:
+                block[1].weight.requires_grad_(False)
 
 
 def build_model(norm=ModelConfig.norm, seed=None, **config_overrides):

@@ -12,22 +12,22 @@ time holds a name.
 
 import argparse
 import inspect
-import io
+import re
 import shutil
 import tempfile
-import tokenize
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
-from model import ACTIVATIONS, ModelConfig, build_model, show_summary
+from model import ACTIVATIONS, IDENTITY_INITS, ModelConfig, build_model, show_summary
 from plots import plot_history, plot_misclassified
 from precision import PRECISIONS, get_device
 from results import (RunLock, RunLockedError, collect_misclassified, divergence_results,
                      config_run_name, load_results, make_results, same_recipe,
                      save_json_atomic)
-from utils import (CheckpointError, NonFiniteLossError, TrainConfig, fit, load_checkpoint,
+from utils import (WHITEN_MODES, CheckpointError, NonFiniteLossError, TrainConfig, fit,
+                   load_checkpoint,
                    make_test_loader, predict, recipe, refuse_to_replace_checkpoint)
 from variants import norm_aliases
 
@@ -36,7 +36,8 @@ MAX_PARAMS, MAX_EPOCHS = 50_000, 20  # the assignment's limits
 # Flags whose names predate the derived ones; every other setting's flag is its field's name.
 FLAG_NAMES = {"num_groups": "--groups", "ema_decay": "--ema"}
 CHOICES = {"norm": lambda: sorted(norm_aliases()), "activation": lambda: sorted(ACTIVATIONS),
-           "precision": lambda: PRECISIONS}  # read when the parser is built
+           "precision": lambda: PRECISIONS, "whiten": lambda: WHITEN_MODES,
+           "identity_init": lambda: IDENTITY_INITS}  # read when the parser is built
 NOT_FLAGS = {"num_classes"}
 
 
@@ -45,17 +46,20 @@ class OutputError(ValueError):
 
 
 def field_comments(cls):
-    """{field: the comment beside it} of a configuration dataclass: the flag's help is the
-    comment a reader of the class sees, so the two cannot drift."""
-    comments, last = {}, None
-    tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline)
-    for token in tokens:
-        if token.type == tokenize.NAME and token.start[1] == 4 and last is None:
-            last = token.string  # a field's name opens its line at class-body indentation
-        elif token.type == tokenize.COMMENT and last is not None:
-            comments[last] = token.string.lstrip("# ").strip()
-        elif token.type in (tokenize.NEWLINE, tokenize.NL):
-            last = None
+    """{field: the comment beside it, with its continuation lines} of a configuration
+    dataclass: a flag's help is the comment a reader of the class sees, so the two cannot
+    drift (defaults hold no "#")."""
+    comments, field = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        declared = re.match(r"    (\w+): [^#]*#\s?(.*)$", line)
+        continued = re.match(r"\s{5,}#\s?(.*)$", line)
+        if declared:
+            field = declared[1]
+            comments[field] = declared[2].strip()
+        elif continued and field:
+            comments[field] += " " + continued[1].strip()
+        else:
+            field = None
     return comments
 
 

@@ -16,11 +16,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from dataset import TensorLoader
-from norm_stats import fixed_batch, probe_layers
+from model import check_range, prepare_for_training
+from norm_stats import fixed_batch, norm_layers, probe_layers
 from precision import (PRECISIONS, autocast, compile_model, get_device, make_grad_scaler,
                        resolve_precision, warn_if_emulated)
 
 CHECKPOINT_FORMAT = 1
+
+
+WHITEN_MODES = ("off", "frozen", "trainable")
 
 
 @dataclass
@@ -40,34 +44,25 @@ class TrainConfig:
     flip: bool = True             # random horizontal flips while training
     precision: str = "auto"       # auto, fp32, bf16 or fp16; auto picks by device (precision.py)
     compile: bool = False         # torch.compile the model; its compile time outweighs its gain here
+    whiten: str = "off"           # C1 whitens 3x3 patches of training images: off, frozen, trainable
+    norm_bias_lr: float = 1.0     # the norms' shifts learn at this multiple of `lr`
+    freeze_norm_scale: bool = False  # the norms' scales stay at 1
+    alternate_flip: bool = False  # each image flipped in every other epoch instead of at random
 
     def __post_init__(self):
         check_range(self, epochs=(1, None), batch_size=(2, None), lr=(0, None, "open"),
                     momentum=(0, 1, "half"), weight_decay=(0, None), label_smoothing=(0, 1, "half"),
                     pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
-                    pad=(0, 31))
+                    pad=(0, 31), norm_bias_lr=(0, None, "open"))
+        if self.whiten not in WHITEN_MODES:
+            raise ValueError(f"whiten must be one of {', '.join(WHITEN_MODES)}, got "
+                             f"{self.whiten!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{self.precision!r}")
 
     def to_dict(self):
         return asdict(self)
-
-
-def check_range(config, **bounds):
-    """One line per setting out of its range, before anything loads: {field: (low, high[, how])}
-    with None for no bound, how "open" (low excluded) or "half" (high excluded)."""
-    for field, (low, high, *how) in bounds.items():
-        value = getattr(config, field)
-        open_low, open_high = how == ["open"], how == ["half"]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-            and (low is None or (value > low if open_low else value >= low)) \
-            and (high is None or (value < high if open_high else value <= high))
-        if not ok:
-            where = " and ".join(filter(None, [
-                low is not None and f"{'above' if open_low else 'at least'} {low}",
-                high is not None and f"{'below' if open_high else 'at most'} {high}"]))
-            raise ValueError(f"{field} must be {where}, got {value!r}")
 
 
 # How a run computes, not what it computes: a checkpoint may be resumed under other values.
@@ -79,7 +74,6 @@ NAN_CHECK_EVERY = 100
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names where and what to do."""
-
     def __init__(self, message, epoch=None, step=None):
         super().__init__(message)
         self.epoch, self.step = epoch, step
@@ -96,23 +90,26 @@ def seed_everything(seed):
 
 
 def make_optimizer(model, config, device="cpu"):
-    """SGD with Nesterov momentum; weight decay on conv weights only (norm scales, shifts and
-    biases gain nothing from it); on CUDA the fused kernel, one launch for all parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    """SGD with Nesterov momentum over the parameters that train; weight decay on conv weights
+    only (norm scales, shifts and biases gain nothing from it), the norms' shifts at
+    `norm_bias_lr` times the rate; on CUDA the fused kernel, one launch for all parameters."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    shifts = {id(m.bias) for _, m in norm_layers(model) if getattr(m, "bias", None) is not None}
+    fast = [p for p in trained if id(p) in shifts and config.norm_bias_lr != 1]
+    groups = [{"params": [p for p in trained if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in trained if p.ndim <= 1 and all(p is not f for f in fast)],
+               "weight_decay": 0.0}]
+    if fast:
+        groups.append({"params": fast, "weight_decay": 0.0, "lr": config.lr * config.norm_bias_lr})
     return torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=True,
+        groups, lr=config.lr, momentum=config.momentum, nesterov=True,
         fused=torch.device(device).type == "cuda" or None,
     )
 
 
 def one_cycle(step, total_steps, pct_start, start=0.1, end=0.001):
-    """Learning-rate factor of a linear one-cycle: start -> 1 over the warm-up, then -> end.
-
-    Written out rather than torch's OneCycleLR, which divides by zero on runs of a few steps
-    (smoke runs, tests)."""
+    """Learning-rate factor of a linear one-cycle: start -> 1 over the warm-up, then -> end
+    (torch's OneCycleLR divides by zero on runs of a few steps)."""
     warmup = max(1, round(pct_start * total_steps))
     if step < warmup:
         return start + (1 - start) * step / warmup
@@ -217,7 +214,8 @@ def make_test_loader(data, config, device, channels_last=True):
 def make_loaders(data, config, device, channels_last=True):
     train = TensorLoader(data.train_x, data.train_y, data.mean, data.std, config.batch_size,
                          train=True, device=device, seed=config.seed, pad=config.pad,
-                         flip=config.flip, channels_last=channels_last)
+                         flip=config.flip, alternate_flip=config.alternate_flip,
+                         channels_last=channels_last)
     return train, make_test_loader(data, config, device, channels_last)
 
 
@@ -255,6 +253,9 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
     if channels_last:
         model.to(memory_format=torch.channels_last)
     seed_everything(config.seed)
+    if config.whiten != "off" or config.freeze_norm_scale:  # the training split's images only
+        prepare_for_training(model, config, fixed_batch(
+            data.train_x, data.train_y, data.mean, data.std, "cpu", per_class=500)[0])
     train_loader, test_loader = make_loaders(data, config, device, channels_last)
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
@@ -284,8 +285,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
         for i in range(len(history["epoch"])):
             print(epoch_line(history, i, config.epochs, eval_name))
     elif resume:
-        print(f"No checkpoint at {checkpoint_path}: training starts from epoch 1."
-              if checkpoint_path else "No checkpoint path given: training starts from epoch 1.")
+        print(f"No checkpoint at {checkpoint_path}: training starts from epoch 1.")
     step_model = compile_model(model, config.compile)  # shares the parameters of `model`
 
     bar = None

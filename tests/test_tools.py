@@ -312,14 +312,21 @@ def fake_tuning_run(acc, seed, epochs=5, tta=None):
             "data": {"train_images": 45000, "test_images": 5000}}
 
 
-def test_ablation_table_compares_each_lever_with_the_current_recipe_beyond_seed_spread():
-    groups = {("batch", "base", 5): [fake_tuning_run(0.70, 0), fake_tuning_run(0.71, 1)],
-              ("batch", "lr0.2", 5): [fake_tuning_run(0.74, 0), fake_tuning_run(0.75, 1)],
-              ("batch", "ls0", 5): [fake_tuning_run(0.705, 0), fake_tuning_run(0.72, 1)]}
+def test_ablation_table_judges_each_lever_by_the_interval_of_its_paired_differences():
+    base = [0.70, 0.71, 0.69, 0.72]
+    groups = {("batch", "base", 5): [fake_tuning_run(a, s) for s, a in enumerate(base)],
+              ("batch", "lr0.2", 5): [fake_tuning_run(a + 0.04, s) for s, a in enumerate(base)],
+              ("batch", "ls0", 5): [fake_tuning_run(0.705, 0), fake_tuning_run(0.72, 1)],
+              ("batch", "gelu", 5): [fake_tuning_run(a - d, s) for s, (a, d) in
+                                     enumerate(zip(base, (0.01, 0.02, 0.01, 0.02)))]}
     text = report.tuning_section(groups)
     row = lambda config: next(l for l in text.splitlines() if f"| {config} |" in l)  # noqa: E731
-    assert "| 74.50 (74.00–75.00) | +4.00 | +4.00, +4.00 | yes |" in row("lr0.2")
-    assert "| +0.75 | +0.50, +1.00 | no |" in row("ls0")  # within the larger seed range (1.5)
+    assert "| 74.50 (73.00–76.00) | +4.00, +4.00, +4.00, +4.00 | +4.00 [+4.00, +4.00] | wins |" \
+        in row("lr0.2")
+    # +0.50 and +1.00: mean +0.75, sd 0.354, t(1) = 12.706 -> half-width 3.18
+    assert "| +0.50, +1.00 | +0.75 [-2.43, +3.93] | no decision |" in row("ls0")
+    # -1, -2, -1, -2: mean -1.5, sd 0.577, t(3) = 3.182 -> half-width 0.92
+    assert "| -1.50 [-2.42, -0.58] | loses |" in row("gelu")
     assert "`--lr 0.2`" in row("lr0.2") and "(current recipe)" in row("base")
     assert "scored on the 5000 held-out validation images (never the test set)" in text
 

@@ -324,27 +324,23 @@ def tuning_section(groups):
     if not groups:
         return "No tuning runs yet (results/tuning/ is empty)."
     lines = ["| variant | configuration | change from the current recipe | params | epochs | seeds "
-             "| val. acc. mean (min–max) | Δ vs current | Δ per seed (paired) | "
-             "beats the seed spread? | flip-TTA val. acc. |",
+             "| val. acc. mean (min–max) | Δ per seed (paired) | mean paired Δ [95% CI] | "
+             "verdict | flip-TTA val. acc. |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(tune.CONFIGS)
     for key in sorted(groups, key=lambda k: (tuple(REGISTRY).index(k[0]), k[2],
                                              order.index(k[1]) if k[1] in order else 99, k[1])):
         norm, config, epochs = key
         runs, base = groups[key], groups.get((norm, "base", epochs), [])
-        accs, base_accs = _accs(runs), _accs(base)
+        accs = _accs(runs)
         mean = statistics.mean(accs)
-        if base_accs and config != "base":
-            delta = mean - statistics.mean(base_accs)
-            spread = max(max(accs) - min(accs), max(base_accs) - min(base_accs))
-            verdict = ("yes" if abs(delta) > spread else "no") if len(accs) > 1 and \
-                len(base_accs) > 1 else "needs 2 seeds"
-            delta_cell = f"{delta:+.2f}"
+        if base and config != "base":
             # Same seed, same initialization and data order: the difference the lever made.
-            base_by_seed = {r["seed"]: 100 * r["final_test_acc"] for r in base}
-            paired = ", ".join(f"{100 * r['final_test_acc'] - base_by_seed[r['seed']]:+.2f}"
-                               for r in sorted(runs, key=lambda r: r["seed"])
-                               if r["seed"] in base_by_seed) or "-"
+            diff = compare.paired_difference(runs, base)
+            paired = ", ".join(f"{d:+.2f}" for d in diff["diffs"]) or "-"
+            interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+            delta_cell = "-" if diff["mean"] is None else f"{diff['mean']:+.2f}{interval}"
+            verdict = compare.verdict(diff)
         else:
             delta_cell, verdict, paired = "-", "-", "-"
         try:
@@ -354,7 +350,7 @@ def tuning_section(groups):
         lines.append(
             f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
             f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
-            f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {delta_cell} | {paired} | {verdict} | "
+            f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {paired} | {delta_cell} | {verdict} | "
             f"{statistics.mean(_accs(runs, 'final_test_acc_flip_tta')):.2f} |")
     runs_all = [r for rs in groups.values() for r in rs]
     dates = sorted(r["date"][:10] for r in runs_all)
@@ -364,10 +360,10 @@ def tuning_section(groups):
     lines += ["", f"{len(runs_all)} runs, each trained on {'/'.join(map(str, train_images))} "
                   f"training images and scored on the {'/'.join(map(str, val_images))} held-out "
                   f"validation images (never the test set); single-view validation accuracy "
-                  f"after the last epoch. A change beats the seed spread when its difference "
-                  f"from the current recipe exceeds the larger min–max range of the two; the "
-                  f"paired column is its difference with each seed, which shares the "
-                  f"initialization and data order with the current recipe's run. "
+                  f"after the last epoch. Each change is compared with the current recipe's run "
+                  f"of the same seed (same initialization and data order): the per-seed "
+                  f"differences, their mean and its 95% t-interval over seeds; a change wins "
+                  f"when the interval lies above zero, loses when it lies below. "
                   f"{'; '.join(hardware)}; {dates[0]} to {dates[-1]}."]
     budgets = sorted({k[2] for k in groups})
     for norm in tuple(REGISTRY):

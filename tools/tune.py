@@ -52,6 +52,16 @@ CONFIGS = {
     "warmup0.1": ["--pct-start", "0.1"],
     "ema0.99": ["--ema", "0.99"],     # an average over the last ~100 steps
     "ema0.998": ["--ema", "0.998"],   # ~500 steps: about 1.4 epochs at batch 128
+    # The learning-per-epoch study (README): techniques from fast CIFAR-10 training, at 20
+    # epochs with paired seeds, in the order of the effect expected
+    "whiten": ["--whiten", "frozen"],            # C1 whitens 3x3 patches, frozen
+    "whiten-train": ["--whiten", "trainable"],   # the same start, then trained
+    "dirac": ["--identity-init", "dirac"],       # square 3x3 convs start near identity
+    "aflip": ["--alternate-flip"],               # each image flipped every other epoch
+    "blr8-fs": ["--norm-bias-lr", "8", "--freeze-norm-scale"],  # fast shifts, scales at 1
+    "zinit": ["--identity-init", "zero"],        # residual branches start at zero
+    "ls0.2": ["--label-smoothing", "0.2"],
+    "wstd": ["--weight-std"],                    # Weight Standardization (for LN and GN)
     # GroupNorm only (--norm group): 1, 2, 4 groups are all that divide 16/28/32 channels; the
     # group-size view keeps channels per group fixed instead (GN paper, Table 3)
     "g2": ["--groups", "2"],

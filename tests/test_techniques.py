@@ -1,0 +1,138 @@
+"""The techniques of the learning-per-epoch study (README): each does what its setting says, and
+each is off by default, leaving the recipe's computation as it was."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import NORMS
+from dataset import TensorLoader
+from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
+from norm_stats import probe_layers
+from utils import TrainConfig, fit, make_optimizer
+
+
+def test_every_technique_is_off_by_default():
+    model, train = ModelConfig(), TrainConfig()
+    assert (model.identity_init, model.weight_std) == ("off", False)
+    assert (train.whiten, train.norm_bias_lr, train.freeze_norm_scale, train.alternate_flip) == \
+        ("off", 1.0, False, False)
+
+
+def test_patch_whitening_filters_decorrelate_the_patches_they_were_computed_from():
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(3, 3, generator=g)  # correlated colour channels
+    images = torch.einsum("ij,njhw->nihw", mixing, torch.randn(64, 3, 12, 12, generator=g))
+    filters = patch_whitening(images, 16, eps=0.0)
+    assert filters.shape == (16, 3, 3, 3)
+    assert torch.equal(filters[8:], -filters[:8])  # +/- pairs, so ReLU keeps both signs
+    out = F.conv2d(images, filters[:8]).permute(1, 0, 2, 3).reshape(8, -1)
+    assert torch.allclose(torch.cov(out), torch.eye(8), atol=1e-3)
+
+
+def test_whitening_reads_only_the_images_it_is_given_and_can_be_frozen(tiny_data):
+    model = build_model("batch", seed=0)
+    images = tiny_data.train_x[:50].float() / 255
+    prepare_for_training(model, TrainConfig(whiten="frozen"), images)
+    assert torch.allclose(model.C1[0].weight, patch_whitening(images, 16))
+    assert not model.C1[0].weight.requires_grad
+    assert model.get_num_params() == 46_538 - 432  # C1's filters no longer train
+    trainable = build_model("batch", seed=0)
+    prepare_for_training(trainable, TrainConfig(whiten="trainable"), images)
+    assert trainable.C1[0].weight.requires_grad
+
+
+def test_a_frozen_first_layer_stays_put_and_the_probe_still_reports_it(tiny_data):
+    model = build_model("batch", seed=0)
+    config = TrainConfig(epochs=2, batch_size=20, whiten="frozen")
+    history = fit(model, tiny_data, config, "cpu", progress=False)
+    images, _ = __import__("norm_stats").fixed_batch(
+        tiny_data.train_x, tiny_data.train_y, tiny_data.mean, tiny_data.std, "cpu", per_class=500)
+    assert torch.allclose(model.C1[0].weight, patch_whitening(images, 16))
+    assert all(g > 0 for g in history["grad_norm"][-1])  # C1's gradient is measured anyway
+
+
+def test_the_norms_shifts_get_their_own_rate_and_frozen_scales_stay_at_one(tiny_data):
+    model = build_model("group", seed=0)
+    config = TrainConfig(epochs=1, batch_size=20, norm_bias_lr=16, freeze_norm_scale=True)
+    prepare_for_training(model, config, None)
+    optimizer = make_optimizer(model, config)
+    shifts = {id(b[1].bias) for b in model.modules() if isinstance(b, ConvBlock)}
+    fast = optimizer.param_groups[-1]
+    assert {id(p) for p in fast["params"]} == shifts and fast["lr"] == 16 * config.lr
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(b[1].weight) in trained for b in model.modules() if isinstance(b, ConvBlock))
+    fit(model, tiny_data, config, "cpu", progress=False)
+    assert all(torch.equal(b[1].weight, torch.ones_like(b[1].weight))
+               for b in model.modules() if isinstance(b, ConvBlock))
+
+
+def test_the_default_optimizer_is_the_recipes_two_groups():
+    groups = make_optimizer(build_model("batch", seed=0), TrainConfig()).param_groups
+    assert [len(g["params"]) for g in groups] == [10, 15]  # conv weights; norms and head bias
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_zero_identity_init_makes_each_residual_branch_pass_its_input_alone(norm):
+    model = build_model(norm, seed=0, identity_init="zero").eval()
+    for name in ("C2", "C5", "C8"):
+        assert torch.count_nonzero(getattr(model, name)[1].weight) == 0
+    x = torch.randn(2, 16, 32, 32)
+    assert torch.equal(model.C2(x), torch.zeros_like(x))  # ReLU(0 * z + shift=0)
+
+
+def test_dirac_identity_init_adds_an_identity_kernel_to_square_3x3_convs():
+    plain, dirac = build_model("batch", seed=0), build_model("batch", seed=0, identity_init="dirac")
+    for name in ("C2", "C4", "C5", "C7", "C8", "C9"):
+        diff = getattr(dirac, name)[0].weight - getattr(plain, name)[0].weight
+        assert torch.allclose(diff, nn.init.dirac_(torch.empty_like(diff)))
+    assert torch.equal(dirac.C1[0].weight, plain.C1[0].weight)  # 3 -> 16: not square
+
+
+def test_identity_init_zero_needs_a_scale_to_zero():
+    with pytest.raises(ValueError, match="needs a normalization with a scale"):
+        build_model("none", identity_init="zero")
+    with pytest.raises(ValueError, match="identity_init must be one of"):
+        ModelConfig(identity_init="eye")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_weight_standardization_convolves_with_standardized_filters(norm):
+    model = build_model(norm, seed=0, weight_std=True)
+    conv = model.C4[0]
+    x = torch.randn(2, 28, 16, 16)
+    w = conv.weight
+    standardized = (w - w.mean((1, 2, 3), keepdim=True)) / \
+        w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
+    assert torch.allclose(conv(x), F.conv2d(x, standardized, padding=1), atol=1e-5)
+    assert model.get_num_params() == 46_538
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch():
+    images = torch.arange(8 * 3 * 4 * 4, dtype=torch.float32).view(8, 3, 4, 4).to(torch.uint8)
+    labels = torch.arange(8)
+    loader = TensorLoader(images, labels, (0, 0, 0), (1, 1, 1), 8, train=True, pad=0,
+                          alternate_flip=True, channels_last=False)
+
+    def flipped():
+        (x, y), = list(loader)
+        plain = images[y].float() / 255
+        return {int(label): bool(torch.equal(img, p.flip(2)))
+                for img, p, label in zip(x, plain, y)}
+
+    first, second, third = flipped(), flipped(), flipped()
+    assert all(second[i] != first[i] for i in range(8)) and third == first
+    assert 0 < sum(first.values()) < 8
+    resumed = TensorLoader(images, labels, (0, 0, 0), (1, 1, 1), 8, train=True, pad=0,
+                           alternate_flip=True, channels_last=False)
+    resumed.load_state_dict(loader.state_dict())
+    assert resumed.epoch == 3
+
+
+def test_probe_reports_a_frozen_conv(tiny_data):
+    model = build_model("layer", seed=0)
+    model.C1[0].weight.requires_grad_(False)
+    batch = (torch.randn(10, 3, 32, 32), torch.arange(10))
+    grad_norms = probe_layers(model, batch)["grad_norm"]
+    assert len(grad_norms) == 7 and grad_norms[0] > 0  # C1 first, frozen or not
