@@ -24,6 +24,7 @@ from variants import REGISTRY, in_order
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
 LR_STUDY_DIR = RESULTS_DIR / "lr_study"
+CEILING_DIR = RESULTS_DIR / "ceiling"  # today's recipe beyond 20 epochs (validation split)
 # the variant that keeps running statistics, evaluated with train-mode (batch) statistics too
 RUNNING = next(name for name, v in REGISTRY.items() if v.running_stats)
 BN_BATCH_STATS = f"{RUNNING} (batch stats)"
@@ -429,5 +430,65 @@ def plot_lr_study(study, path=None, show=False):
     ax.axhline(10, color="k", lw=0.6, ls=":")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return finish_figure(fig, path, show)
+
+
+# ------------------------------------------------------------------ learning per epoch
+
+def recipe_curve(runs_by_epochs):
+    """[(epochs, mean accuracy %)] of today's recipe at each budget, ascending."""
+    return sorted((e, statistics.mean(100 * r["final_test_acc"] for r in rs))
+                  for e, rs in runs_by_epochs.items() if rs)
+
+
+def equivalent_epochs(accuracy, curve):
+    """How many epochs today's recipe needs to reach `accuracy` (%), read off `curve` by linear
+    interpolation in log2(epochs): a number, or a bound ("< 20", "> 80") outside the curve."""
+    if len(curve) < 2:
+        return None
+    (e_lo, a_lo), (e_hi, _) = curve[0], curve[-1]
+    if accuracy < a_lo:
+        return f"< {e_lo}"
+    if accuracy > max(a for _, a in curve):
+        return f"> {e_hi}"
+    for (e0, a0), (e1, a1) in zip(curve, curve[1:]):
+        if min(a0, a1) <= accuracy <= max(a0, a1) and a0 != a1:
+            t = (accuracy - a0) / (a1 - a0)
+            return float(2 ** (np.log2(e0) + t * (np.log2(e1) - np.log2(e0))))
+    return float(curve[0][0])
+
+
+def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
+    """Validation accuracy of today's recipe against its budget in epochs (log scale; one dot per
+    run, the line through the means), and each technique's 20-epoch mean as a marker placed at
+    the epochs today's recipe needs for that accuracy. `recipe_runs`: {variant: {epochs:
+    [runs]}}; `techniques`: {variant: {name: accuracy %}}."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for variant, by_epochs in recipe_runs.items():
+        colour = REGISTRY[variant].colour
+        curve = recipe_curve(by_epochs)
+        ax.plot([e for e, _ in curve], [a for _, a in curve], "o-", color=colour,
+                label=f"{variant}: today's recipe")
+        for e, rs in by_epochs.items():
+            ax.scatter([e] * len(rs), [100 * r["final_test_acc"] for r in rs], color=colour,
+                       s=10, alpha=0.5)
+        for name, acc in techniques.get(variant, {}).items():
+            where = equivalent_epochs(acc, curve)
+            x = where if isinstance(where, float) else curve[0][0] if where.startswith("<") \
+                else curve[-1][0]
+            ax.scatter([x], [acc], marker="D", color=colour, edgecolor="k", zorder=3)
+            ax.annotate(name, (x, acc), textcoords="offset points", xytext=(5, -10),
+                        fontsize=8)
+    ax.axvline(20, color="k", lw=0.6, ls=":")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({e for by_epochs in recipe_runs.values() for e in by_epochs})
+    ax.set_xticks(ticks, [str(e) for e in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel="epochs of today's recipe (beyond 20: outside the assignment's limit)",
+           ylabel="validation accuracy (%)",
+           title="What each 20-epoch technique is worth in epochs of today's recipe")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return finish_figure(fig, path, show)

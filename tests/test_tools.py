@@ -392,3 +392,34 @@ def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_record
     assert args[args.index("--run-name") + 1] == name
     with pytest.raises(ValueError, match="not both"):
         sweep.plan(["bn"], [0], batch_sizes=[128], lrs=[0.1])
+
+
+def test_equivalent_epochs_reads_a_changes_accuracy_off_todays_recipe_in_log_epochs():
+    import compare
+
+    curve = [(20, 80.0), (40, 82.0), (80, 83.0)]
+    assert compare.equivalent_epochs(81.0, curve) == pytest.approx(20 * 2 ** 0.5)
+    assert compare.equivalent_epochs(82.5, curve) == pytest.approx(40 * 2 ** 0.5)
+    assert compare.equivalent_epochs(79.0, curve) == "< 20"
+    assert compare.equivalent_epochs(84.0, curve) == "> 80"
+    assert compare.equivalent_epochs(81.0, curve[:1]) is None
+
+
+def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
+    def runs(acc, seeds=(0, 1, 2, 3), epochs=20):
+        return [fake_tuning_run(a, s, epochs=epochs) for s, a in zip(seeds, acc)]
+
+    tuning = {("batch", "base", 20): runs([0.80, 0.81, 0.79, 0.80]),
+              ("batch", "whiten", 20): runs([0.81, 0.82, 0.80, 0.81]),
+              ("batch", "base", 5): runs([0.70, 0.71])}
+    ceiling = {("batch", "base", 40): runs([0.82, 0.82], (0, 1)),
+               ("batch", "base", 80): runs([0.83], (0,))}
+    text = report.per_epoch_section(tuning, ceiling)
+    assert "| batch | 40 | 0, 1 | 82.00 (82.00–82.00) | beyond the 20-epoch limit" in text
+    row = next(line for line in text.splitlines() if "| whiten |" in line)
+    # +1.00 on every seed: an interval of zero width above zero; 81.0% is 28 epochs of today's
+    assert "| 81.00 | +1.00 [+1.00, +1.00] | wins | 28 |" in row
+    fig = __import__("compare").plot_equivalent_epochs(
+        report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
+        tmp_path / "e.png")
+    assert (tmp_path / "e.png").stat().st_size > 5000 and fig.axes[0].get_xscale() == "log"

@@ -52,6 +52,8 @@ AXES_FIGURE = IMAGES / "norm_axes.png"
 NORM_STATS_FIGURE = IMAGES / "norm_statistics.png"
 PROBE_FIGURE = IMAGES / "layer_probe.png"
 TUNING_DIR = ROOT / "results" / "tuning"
+CEILING_DIR = compare.CEILING_DIR
+EPOCHS_FIGURE = IMAGES / "equivalent_epochs.png"
 BEFORE_STUDY_DIR = ROOT / "results" / "before-study"  # the runs published before the recipe study
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
@@ -382,6 +384,70 @@ def tuning_section(groups):
     return "\n".join(lines)
 
 
+def recipe_by_epochs(tuning, ceiling):
+    """{variant: {epochs: [runs]}} of today's recipe on the validation split: its 20-epoch runs
+    (results/tuning/) and the longer ones (results/ceiling/)."""
+    curves = {}
+    for (norm, config, epochs), runs in [*tuning.items(), *ceiling.items()]:
+        if config == "base" and epochs >= 20:
+            curves.setdefault(norm, {})[epochs] = runs
+    return {v: dict(sorted(curves[v].items())) for v in tuple(REGISTRY) if v in curves}
+
+
+def technique_means(tuning):
+    """{variant: {configuration: mean validation accuracy (%)}} of the 20-epoch changes."""
+    means = {}
+    for (norm, config, epochs), runs in tuning.items():
+        if epochs == 20 and config != "base":
+            means.setdefault(norm, {})[config] = statistics.mean(_accs(runs))
+    return means
+
+
+def per_epoch_section(tuning, ceiling):
+    """The learning-per-epoch study: today's recipe at 20, 40 and 80 epochs (the scale), then
+    every change measured at 20 epochs with its paired interval and its worth in epochs."""
+    curves = recipe_by_epochs(tuning, ceiling)
+    if not curves:
+        return "No runs of today's recipe on the validation split yet."
+    lines = ["| variant | epochs | seeds | val. acc. mean (min–max) | note |", "|---|---|---|---|---|"]
+    for variant, by_epochs in curves.items():
+        for epochs, runs in by_epochs.items():
+            accs = _accs(runs)
+            lines.append(f"| {variant} | {epochs} | "
+                         f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
+                         f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
+                         f"{'the assignment’s budget' if epochs == 20 else 'beyond the 20-epoch limit: a scale, never a result'} |")
+    lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | mean paired Δ "
+                  "[95% CI] | verdict | today's recipe needs (epochs) |",
+              "|---|---|---|---|---|---|---|---|"]
+    order = list(tune.CONFIGS)
+    for variant, by_config in technique_means(tuning).items():
+        base = tuning.get((variant, "base", 20), [])
+        curve = compare.recipe_curve(curves.get(variant, {}))
+        for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
+            runs = tuning[(variant, config, 20)]
+            diff = compare.paired_difference(runs, base)
+            interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+            worth = compare.equivalent_epochs(by_config[config], curve)
+            worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
+            try:
+                flags = " ".join(tune.config_flags(config))
+            except SystemExit:
+                flags = "(no longer defined in tools/tune.py)"
+            mean = "-" if diff["mean"] is None else f"{diff['mean']:+.2f}{interval}"
+            lines.append(f"| {variant} | {config} | `{flags}` | "
+                         f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
+                         f" | {by_config[config]:.2f} | {mean} | {compare.verdict(diff)} | {worth} |")
+    runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs]
+    lines += ["", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 "
+                  f"held out; {'; '.join(sorted({compare.threads(r['hardware']) + ', ' + r['precision'] for r in runs_all}))}; "
+                  f"today's recipe's runs dated {min(r['date'][:10] for r in runs_all)} to "
+                  f"{max(r['date'][:10] for r in runs_all)}. \"Today's recipe needs\": the epochs "
+                  f"at which today's recipe reaches the change's mean, read off the first table "
+                  f"(linear in log2 epochs)."]
+    return "\n".join(lines)
+
+
 def replace_between(text, start, end, body):
     if start not in text or end not in text:
         raise SystemExit(f"README.md lacks the {start} / {end} markers")
@@ -396,6 +462,7 @@ SECTIONS = [
     ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
     ("precision", lambda f: precision_section(f["checks"], f["runs"], f["before"])),
     ("tuning", lambda f: tuning_section(f["tuning"])),
+    ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
     ("norm-statistics", lambda f: norm_statistics_section(f["runs"])),
@@ -407,7 +474,7 @@ def render_readme(readme_text, files):
     renderer reads; one left out renders as empty). The results table must have its markers;
     other sections are rendered where the README has theirs."""
     files = {"runs": {}, "before": None, "study": {}, "budget": None, "checks": [],
-             "bench_files": [], "tuning": {}, "lr_study": {}, **files}
+             "bench_files": [], "tuning": {}, "ceiling": {}, "lr_study": {}, **files}
     text = readme_text
     for name, render in SECTIONS:
         start, end = markers(name)
@@ -463,7 +530,7 @@ def load_files():
     """Every committed results file the README's sections are generated from."""
     return {"runs": load_runs(), "study": load_study(), "budget": study_budget(),
             "checks": load_precision_checks(), "bench_files": bench_files(),
-            "tuning": load_tuning(),
+            "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
             "before": load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None,
             "lr_study": compare.load_lr_study()}
 
@@ -473,7 +540,7 @@ def render_current(text, files=None):
     return render_readme(text, load_files() if files is None else files)
 
 
-def write_figures(runs, study, lr_study):
+def write_figures(runs, study, lr_study, tuning=None, ceiling=None):
     import matplotlib
     matplotlib.use("Agg")  # files only; the notebooks draw the same figures inline
 
@@ -483,6 +550,9 @@ def write_figures(runs, study, lr_study):
     if study:
         compare.plot_batch_size_study(study, STUDY_FIGURE)
     normalizations.plot_norm_axes(AXES_FIGURE)
+    curves = recipe_by_epochs(tuning or {}, ceiling or {})
+    if any(len(by_epochs) > 1 for by_epochs in curves.values()):
+        compare.plot_equivalent_epochs(curves, technique_means(tuning), EPOCHS_FIGURE)
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
@@ -519,7 +589,8 @@ def main():
         print("README.md results tables are current")
         return
     README.write_text(new)
-    write_figures(files["runs"], files["study"], files["lr_study"])
+    write_figures(files["runs"], files["study"], files["lr_study"], files["tuning"],
+                  files["ceiling"])
     if not args.no_notebook:
         execute_compare_notebook()
     print(f"README.md tables rewritten from {sum(len(r) for r in files['runs'].values())} "
