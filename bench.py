@@ -43,7 +43,8 @@ from torchvision import transforms
 from dataset import load_cifar10
 from model import build_model
 from precision import get_device, hardware_info, make_grad_scaler, resolve_precision
-from utils import TrainConfig, evaluate, make_loaders, make_optimizer, train_one_epoch
+from optimizers import make_optimizer
+from utils import TrainConfig, evaluate, make_loaders, train_one_epoch
 from variants import DEFAULT
 
 TRAIN_IMAGES = 50_000

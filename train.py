@@ -22,6 +22,7 @@ from pathlib import Path
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
 from model import ACTIVATIONS, IDENTITY_INITS, ModelConfig, build_model, show_summary
 from plots import plot_history, plot_misclassified
+from optimizers import OPTIMIZERS
 from precision import PRECISIONS, get_device
 from results import (RunLock, RunLockedError, collect_misclassified, divergence_results,
                      config_run_name, load_results, make_results, same_recipe,
@@ -37,7 +38,8 @@ MAX_PARAMS, MAX_EPOCHS = 50_000, 20  # the assignment's limits
 FLAG_NAMES = {"num_groups": "--groups", "ema_decay": "--ema"}
 CHOICES = {"norm": lambda: sorted(norm_aliases()), "activation": lambda: sorted(ACTIVATIONS),
            "precision": lambda: PRECISIONS, "whiten": lambda: WHITEN_MODES,
-           "identity_init": lambda: IDENTITY_INITS}  # read when the parser is built
+           "identity_init": lambda: IDENTITY_INITS,
+           "optimizer": lambda: OPTIMIZERS}  # read when the parser is built
 NOT_FLAGS = {"num_classes"}
 
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from dataset import TensorLoader
 from model import check_range, prepare_for_training
-from norm_stats import fixed_batch, norm_layers, probe_layers
+from norm_stats import fixed_batch, probe_layers
+from optimizers import OPTIMIZERS, make_optimizer
 from precision import (PRECISIONS, autocast, compile_model, get_device, make_grad_scaler,
                        resolve_precision, warn_if_emulated)
 
@@ -48,12 +49,17 @@ class TrainConfig:
     norm_bias_lr: float = 1.0     # the norms' shifts learn at this multiple of `lr`
     freeze_norm_scale: bool = False  # the norms' scales stay at 1
     alternate_flip: bool = False  # each image flipped in every other epoch instead of at random
+    optimizer: str = "sgd"        # sgd, muon (3x3 conv kernels; SGD for the rest) or adamw
+    muon_lr: float = 0.05         # Muon's peak learning rate for the 3x3 conv kernels
 
     def __post_init__(self):
         check_range(self, epochs=(1, None), batch_size=(2, None), lr=(0, None, "open"),
                     momentum=(0, 1, "half"), weight_decay=(0, None), label_smoothing=(0, 1, "half"),
                     pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
-                    pad=(0, 31), norm_bias_lr=(0, None, "open"))
+                    pad=(0, 31), norm_bias_lr=(0, None, "open"), muon_lr=(0, None, "open"))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                             f"{self.optimizer!r}")
         if self.whiten not in WHITEN_MODES:
             raise ValueError(f"whiten must be one of {', '.join(WHITEN_MODES)}, got "
                              f"{self.whiten!r}")
@@ -87,24 +93,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def make_optimizer(model, config, device="cpu"):
-    """SGD with Nesterov momentum over the parameters that train; weight decay on conv weights
-    only (norm scales, shifts and biases gain nothing from it), the norms' shifts at
-    `norm_bias_lr` times the rate; on CUDA the fused kernel, one launch for all parameters."""
-    trained = [p for p in model.parameters() if p.requires_grad]
-    shifts = {id(m.bias) for _, m in norm_layers(model) if getattr(m, "bias", None) is not None}
-    fast = [p for p in trained if id(p) in shifts and config.norm_bias_lr != 1]
-    groups = [{"params": [p for p in trained if p.ndim > 1], "weight_decay": config.weight_decay},
-              {"params": [p for p in trained if p.ndim <= 1 and all(p is not f for f in fast)],
-               "weight_decay": 0.0}]
-    if fast:
-        groups.append({"params": fast, "weight_decay": 0.0, "lr": config.lr * config.norm_bias_lr})
-    return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=True,
-        fused=torch.device(device).type == "cuda" or None,
-    )
 
 
 def one_cycle(step, total_steps, pct_start, start=0.1, end=0.001):

@@ -9,8 +9,9 @@ from conftest import NORMS
 from model import build_model
 from precision import make_grad_scaler, resolve_precision
 from results import make_results, run_precision
+from optimizers import make_optimizer
 from utils import (NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint,
-                   make_loaders, make_optimizer, train_one_epoch)
+                   make_loaders, train_one_epoch)
 
 
 @pytest.mark.parametrize("device, capability, native_bf16, expected", [

@@ -10,7 +10,8 @@ from conftest import NORMS
 from dataset import TensorLoader
 from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
 from norm_stats import probe_layers
-from utils import TrainConfig, fit, make_optimizer
+from optimizers import make_optimizer
+from utils import TrainConfig, fit
 
 
 def test_every_technique_is_off_by_default():
@@ -136,3 +137,48 @@ def test_probe_reports_a_frozen_conv(tiny_data):
     batch = (torch.randn(10, 3, 32, 32), torch.arange(10))
     grad_norms = probe_layers(model, batch)["grad_norm"]
     assert len(grad_norms) == 7 and grad_norms[0] > 0  # C1 first, frozen or not
+
+
+def test_muon_updates_the_3x3_kernels_through_their_matrix_views_and_sgd_the_rest(tiny_data):
+    from optimizers import Chain, KernelMatrix
+
+    model = build_model("batch", seed=0).to(memory_format=torch.channels_last)
+    config = TrainConfig(optimizer="muon")
+    optimizer = make_optimizer(model, config)
+    assert isinstance(optimizer, Chain)
+    sgd, muon = optimizer.optimizers
+    kernels = [m.weight for m in model.modules()
+               if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    matrices = muon.param_groups[0]["params"]
+    assert len(matrices) == len(kernels) == 7 and all(isinstance(p, KernelMatrix) for p in matrices)
+    assert not any(k is p for k in kernels for g in sgd.param_groups for p in g["params"])
+    before = [k.detach().clone() for k in kernels]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
+    optimizer.step()
+    for kernel, old, matrix in zip(kernels, before, matrices):
+        assert not torch.equal(kernel, old)  # the view's update landed in the kernel
+        step = (kernel - old).permute(matrix.order).reshape(kernel.shape[0], -1)
+        singular = torch.linalg.svdvals(step.double())  # an orthogonalized update: equal values
+        assert singular.max() / singular[singular > 1e-9].min() < 2
+    optimizer.zero_grad()
+    assert all(k.grad is None for k in kernels)
+
+
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_every_optimizer_trains_under_one_schedule_and_resumes_exactly(name, tiny_data, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=20, optimizer=name,
+                         lr=0.1 if name == "muon" else 0.003)
+    whole = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
+    assert whole["train_loss"][-1] < whole["train_loss"][0]
+    ckpt = tmp_path / "run.pt"
+    fit(build_model("group", seed=0), tiny_data, TrainConfig(**{**config.to_dict(), "epochs": 2}),
+        "cpu", checkpoint_path=ckpt, progress=False)
+    interrupted = torch.load(ckpt, weights_only=True)
+    assert interrupted["epoch"] == 2
+    assert whole["test_loss"] == interrupted["history"]["test_loss"]
+
+
+def test_an_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, muon, adamw"):
+        TrainConfig(optimizer="lion")

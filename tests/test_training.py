@@ -12,8 +12,9 @@ from model import build_model
 from plots import plot_data_preview, plot_history, plot_misclassified
 from results import (collect_misclassified, confusion_matrix, evaluate_batch_stats,
                      has_running_stats, load_results, make_results, save_json_atomic)
+from optimizers import make_optimizer
 from utils import (CheckpointError, NonFiniteLossError, TrainConfig, evaluate, fit,
-                   load_checkpoint, make_loaders, make_optimizer, predict, train_one_epoch)
+                   load_checkpoint, make_loaders, predict, train_one_epoch)
 
 SHORT = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
 
