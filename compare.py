@@ -473,7 +473,7 @@ def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
         for e, rs in by_epochs.items():
             ax.scatter([e] * len(rs), [100 * r["final_test_acc"] for r in rs], color=colour,
                        s=10, alpha=0.5)
-        for name, acc in techniques.get(variant, {}).items():
+        for name, acc in techniques.get(variant, {}).items() if len(curve) > 1 else ():
             where = equivalent_epochs(acc, curve)
             x = where if isinstance(where, float) else curve[0][0] if where.startswith("<") \
                 else curve[-1][0]
