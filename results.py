@@ -90,7 +90,7 @@ class RunLock:
     """Holds a run's files for its whole life: an exclusive lock (flock, released by the system
     when the process ends, so a crash leaves no stale lock) on `<path>.lock` beside each path,
     holding the process id. A second process is refused with one line naming the holder; the
-    same process may take it again (a notebook cell re-run, train.py's run around fit)."""
+    process that holds it may take it again (nested holders release it with the outermost)."""
 
     _held = {}  # lock file -> [open file, how many holders in this process]
 
