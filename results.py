@@ -286,10 +286,12 @@ def same_recipe(path, model_config, config):
     """Whether the results file at `path` was made with these settings (any seed aside)."""
     try:
         previous = load_results(path)
-        now = json.loads(json.dumps({"model": model_config.to_dict(),  # as JSON stores it
-                                     "train": recipe(config)}))
-        return (previous["model_config"] == now["model"]
-                and all(previous["train_config"].get(k) == v for k, v in now["train"].items()))
+        as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  tuples become lists
+        # settings added since that file was written: their defaults
+        before = as_json({**ModelConfig().to_dict(), **previous["model_config"]})
+        trained = as_json({**recipe(TrainConfig()), **previous["train_config"]})
+        return before == as_json(model_config.to_dict()) and \
+            all(trained.get(k) == v for k, v in as_json(recipe(config)).items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

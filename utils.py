@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from dataset import TensorLoader
-from model import check_range, prepare_for_training
+from model import ModelConfig, check_range, prepare_for_training
 from norm_stats import fixed_batch, probe_layers
 from optimizers import OPTIMIZERS, make_optimizer
 from precision import (PRECISIONS, autocast, compile_model, get_device, make_grad_scaler,
@@ -419,6 +419,9 @@ def load_checkpoint(path, fingerprint=None):
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (format "
                               f"{CHECKPOINT_FORMAT}); delete it or pass another path")
+    saved = state["fingerprint"]  # settings added since it was written: their defaults
+    state["fingerprint"] = {**saved, "model": {**ModelConfig().to_dict(), **saved["model"]},
+                            "train": {**recipe(TrainConfig()), **saved["train"]}}
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         diffs = _fingerprint_diff(state["fingerprint"], fingerprint)
         raise CheckpointError(

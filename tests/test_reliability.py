@@ -326,3 +326,30 @@ def test_a_failed_dry_run_leaves_no_folder_behind(tmp_path):
     out = run_train("--dry-run", "--data", str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
     assert out.returncode == 1
     assert not list(tmp_path.glob("s8_dry_run_*"))
+
+
+def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
+    """A checkpoint or results file written before a setting was added is read with that
+    setting's default, so it still resumes and is still recognised as the same run."""
+    from results import same_recipe
+    from utils import save_checkpoint
+
+    ckpt = tmp_path / "run.pt"
+    config = TrainConfig(epochs=2, batch_size=20)
+    fit(build_model("batch", seed=0), tiny_data, TrainConfig(epochs=2, batch_size=20),
+        "cpu", checkpoint_path=ckpt, progress=False)
+    state = load_checkpoint(ckpt)
+    for part, added in (("model", ("identity_init", "weight_std")),
+                        ("train", ("whiten", "optimizer", "muon_lr"))):
+        for key in added:
+            del state["fingerprint"][part][key]
+    save_checkpoint(ckpt, state)
+    fit(build_model("batch", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+        resume=True, progress=False)
+    model = build_model("batch", seed=0)
+    results = tmp_path / "run.json"
+    payload = {"model_config": model.config.to_dict(), "train_config": config.to_dict()}
+    del payload["model_config"]["weight_std"], payload["train_config"]["alternate_flip"]
+    results.write_text(json.dumps(payload))
+    assert same_recipe(results, model.config, config)
+    assert not same_recipe(results, model.config, TrainConfig(epochs=3, batch_size=20))
