@@ -411,6 +411,7 @@ def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
 
     tuning = {("batch", "base", 20): runs([0.80, 0.81, 0.79, 0.80]),
               ("batch", "whiten", 20): runs([0.81, 0.82, 0.80, 0.81]),
+              ("batch", "whiten+aflip", 20): runs([0.815, 0.815, 0.805, 0.805]),
               ("batch", "base", 5): runs([0.70, 0.71])}
     ceiling = {("batch", "base", 40): runs([0.82, 0.82], (0, 1)),
                ("batch", "base", 80): runs([0.83], (0,))}
@@ -418,7 +419,9 @@ def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
     assert "| batch | 40 | 0, 1 | 82.00 (82.00–82.00) | beyond the 20-epoch limit" in text
     row = next(line for line in text.splitlines() if "| whiten |" in line)
     # +1.00 on every seed: an interval of zero width above zero; 81.0% is 28 epochs of today's
-    assert "| 81.00 | +1.00 [+1.00, +1.00] | wins | 28 |" in row
+    assert "| 81.00 | today's recipe | +1.00 [+1.00, +1.00] | wins | 28 |" in row
+    on_top = next(line for line in text.splitlines() if "| whiten+aflip |" in line)
+    assert "| whiten | +0.00 [-0.92, +0.92] | no decision |" in on_top  # against whiten alone
     fig = __import__("compare").plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")

@@ -417,16 +417,19 @@ def per_epoch_section(tuning, ceiling):
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
                          f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
                          f"{'the assignment’s budget' if epochs == 20 else 'beyond the 20-epoch limit: a scale, never a result'} |")
-    lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | mean paired Δ "
-                  "[95% CI] | verdict | today's recipe needs (epochs) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | compared with "
+                  "| mean paired Δ [95% CI] | verdict | today's recipe needs (epochs) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     order = list(tune.CONFIGS)
     for variant, by_config in technique_means(tuning).items():
-        base = tuning.get((variant, "base", 20), [])
         curve = compare.recipe_curve(curves.get(variant, {}))
         for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
             runs = tuning[(variant, config, 20)]
-            diff = compare.paired_difference(runs, base)
+            # greedy: a change on top of an earlier one ("muon+aflip") against that one alone
+            reference = config.rsplit("+", 1)[0] if "+" in config else "base"
+            if (variant, reference, 20) not in tuning:
+                reference = "base"
+            diff = compare.paired_difference(runs, tuning.get((variant, reference, 20), []))
             interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
             worth = compare.equivalent_epochs(by_config[config], curve)
             worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
@@ -437,7 +440,9 @@ def per_epoch_section(tuning, ceiling):
             mean = "-" if diff["mean"] is None else f"{diff['mean']:+.2f}{interval}"
             lines.append(f"| {variant} | {config} | `{flags}` | "
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
-                         f" | {by_config[config]:.2f} | {mean} | {compare.verdict(diff)} | {worth} |")
+                         f" | {by_config[config]:.2f} | "
+                         f"{'today' + chr(39) + 's recipe' if reference == 'base' else reference} | "
+                         f"{mean} | {compare.verdict(diff)} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs]
     lines += ["", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 "
                   f"held out; {'; '.join(sorted({compare.threads(r['hardware']) + ', ' + r['precision'] for r in runs_all}))}; "
