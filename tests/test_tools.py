@@ -421,7 +421,11 @@ def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
     # +1.00 on every seed: an interval of zero width above zero; 81.0% is 28 epochs of today's
     assert "| 81.00 | today's recipe | +1.00 [+1.00, +1.00] | wins | 28 |" in row
     on_top = next(line for line in text.splitlines() if "| whiten+aflip |" in line)
-    assert "| whiten | +0.00 [-0.92, +0.92] | no decision |" in on_top  # against whiten alone
+    assert "| whiten | +0.00 [-0.92, +0.92] | no decision |" in on_top  # whiten won: against it
+    tuning[("batch", "whiten", 20)] = runs([0.80, 0.82, 0.79, 0.80])  # no longer a win
+    on_top = next(line for line in report.per_epoch_section(tuning, ceiling).splitlines()
+                  if "| whiten+aflip |" in line)
+    assert "| today's recipe |" in on_top
     fig = __import__("compare").plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")

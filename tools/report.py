@@ -403,6 +403,9 @@ def technique_means(tuning):
     return means
 
 
+NOTE_20, NOTE_BEYOND = "the assignment's budget", "beyond the 20-epoch limit: a scale, never a result"
+
+
 def per_epoch_section(tuning, ceiling):
     """The learning-per-epoch study: today's recipe at 20, 40 and 80 epochs (the scale), then
     every change measured at 20 epochs with its paired interval and its worth in epochs."""
@@ -416,20 +419,23 @@ def per_epoch_section(tuning, ceiling):
             lines.append(f"| {variant} | {epochs} | "
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
                          f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
-                         f"{'the assignment’s budget' if epochs == 20 else 'beyond the 20-epoch limit: a scale, never a result'} |")
+                         f"{NOTE_20 if epochs == 20 else NOTE_BEYOND} |")
     lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | compared with "
                   "| mean paired Δ [95% CI] | verdict | today's recipe needs (epochs) |",
               "|---|---|---|---|---|---|---|---|---|"]
     order = list(tune.CONFIGS)
     for variant, by_config in technique_means(tuning).items():
         curve = compare.recipe_curve(curves.get(variant, {}))
+        base = tuning.get((variant, "base", 20), [])
         for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
             runs = tuning[(variant, config, 20)]
-            # greedy: a change on top of an earlier one ("muon+aflip") against that one alone
+            # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
             reference = config.rsplit("+", 1)[0] if "+" in config else "base"
-            if (variant, reference, 20) not in tuning:
+            if reference != "base" and compare.verdict(compare.paired_difference(
+                    tuning.get((variant, reference, 20), []), base)) != "wins":
                 reference = "base"
-            diff = compare.paired_difference(runs, tuning.get((variant, reference, 20), []))
+            diff = compare.paired_difference(runs, tuning[(variant, reference, 20)] if reference
+                                             != "base" else base)
             interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
             worth = compare.equivalent_epochs(by_config[config], curve)
             worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
