@@ -473,13 +473,15 @@ def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
         for e, rs in by_epochs.items():
             ax.scatter([e] * len(rs), [100 * r["final_test_acc"] for r in rs], color=colour,
                        s=10, alpha=0.5)
-        for name, acc in techniques.get(variant, {}).items() if len(curve) > 1 else ():
+        for i, (name, acc) in enumerate(sorted(techniques.get(variant, {}).items(),
+                                               key=lambda item: item[1])
+                                        if len(curve) > 1 else ()):
             where = equivalent_epochs(acc, curve)
             x = where if isinstance(where, float) else curve[0][0] if where.startswith("<") \
                 else curve[-1][0]
             ax.scatter([x], [acc], marker="D", color=colour, edgecolor="k", zorder=3)
-            ax.annotate(name, (x, acc), textcoords="offset points", xytext=(5, -10),
-                        fontsize=8)
+            ax.annotate(name, (x, acc), textcoords="offset points", fontsize=8,
+                        xytext=(6, 4) if i % 2 else (6, -11))  # neighbours: one above, one below
     ax.axvline(20, color="k", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ticks = sorted({e for by_epochs in recipe_runs.values() for e in by_epochs})
