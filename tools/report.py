@@ -430,10 +430,12 @@ def per_epoch_section(tuning, ceiling):
         for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
             runs = tuning[(variant, config, 20)]
             # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
-            reference = config.rsplit("+", 1)[0] if "+" in config else "base"
-            if reference != "base" and compare.verdict(compare.paired_difference(
-                    tuning.get((variant, reference, 20), []), base)) != "wins":
-                reference = "base"
+            parts = config.split("+")
+            winners = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
+                       if len(parts) > 1 and compare.verdict(compare.paired_difference(
+                           tuning.get((variant, "+".join(parts[:i] + parts[i + 1:]), 20), []),
+                           base)) == "wins"]
+            reference = max(winners, key=lambda c: by_config[c], default="base")
             diff = compare.paired_difference(runs, tuning[(variant, reference, 20)] if reference
                                              != "base" else base)
             interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
