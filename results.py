@@ -20,7 +20,8 @@ from dataset import TensorLoader
 from model import ModelConfig
 from norm_stats import measure_norm_statistics
 from precision import autocast, hardware_info, resolve_precision
-from utils import TrainConfig, atomic_write, make_test_loader, predict, recipe
+from utils import (TrainConfig, atomic_write, make_test_loader, predict, recipe,
+                   with_defaults)
 from variants import get_variant
 
 RESULTS_FORMAT = 1
@@ -288,8 +289,8 @@ def same_recipe(path, model_config, config):
         previous = load_results(path)
         as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  tuples become lists
         # settings added since that file was written: their defaults
-        before = as_json({**ModelConfig().to_dict(), **previous["model_config"]})
-        trained = as_json({**recipe(TrainConfig()), **previous["train_config"]})
+        before, trained = map(as_json, with_defaults(previous["model_config"],
+                                                     previous["train_config"]))
         return before == as_json(model_config.to_dict()) and \
             all(trained.get(k) == v for k, v in as_json(recipe(config)).items())
     except (OSError, ValueError, KeyError, TypeError):

@@ -212,6 +212,12 @@ def recipe(config):
     return {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
+def with_defaults(model_config, train_config):
+    """The (model, recipe) dicts a file recorded, with the settings added since it was written
+    at their defaults."""
+    return {**ModelConfig().to_dict(), **model_config}, {**recipe(TrainConfig()), **train_config}
+
+
 def run_fingerprint(model, data, config):
     """What a checkpoint must match to be resumed: architecture, recipe and data (not how the
     arithmetic is done: a CPU fp32 checkpoint may be resumed in bf16 on a GPU)."""
@@ -419,9 +425,9 @@ def load_checkpoint(path, fingerprint=None):
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (format "
                               f"{CHECKPOINT_FORMAT}); delete it or pass another path")
-    saved = state["fingerprint"]  # settings added since it was written: their defaults
-    state["fingerprint"] = {**saved, "model": {**ModelConfig().to_dict(), **saved["model"]},
-                            "train": {**recipe(TrainConfig()), **saved["train"]}}
+    saved = state["fingerprint"]
+    model, train = with_defaults(saved["model"], saved["train"])
+    state["fingerprint"] = {**saved, "model": model, "train": train}
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         diffs = _fingerprint_diff(state["fingerprint"], fingerprint)
         raise CheckpointError(
