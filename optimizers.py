@@ -9,6 +9,8 @@ schedule:
 Muon (Jordan et al., 2024) replaces a matrix's momentum by the nearest orthogonal matrix
 (Newton-Schulz iterations), so every direction of the update moves at the same rate; it takes
 2-D parameters only, hence the kernels' matrix views, which share the kernels' storage.
+
+Any of them can be wrapped in Lookahead (`config.lookahead` steps; Zhang et al., 2019).
 """
 
 import torch
@@ -44,9 +46,12 @@ class Chain(torch.optim.Optimizer):
 
     def __init__(self, *optimizers):  # no super().__init__: the parts hold the state
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
         self.defaults, self.state = {}, {}
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    @property
+    def param_groups(self):  # read each time: load_state_dict gives the parts new group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure=None):
         for optimizer in self.optimizers:
@@ -72,10 +77,59 @@ class Chain(torch.optim.Optimizer):
             optimizer.load_state_dict(part)
 
 
+class Lookahead(torch.optim.Optimizer):
+    """Lookahead (Zhang et al., 2019): every `k` steps of `optimizer` (the fast weights), the slow
+    weights move `alpha` of the way towards the fast ones and the fast ones restart from there,
+    which damps the oscillation of a high learning rate. Shares `optimizer`'s param_groups, so a
+    scheduler over this one sets the rates of that one."""
+
+    def __init__(self, optimizer, k=5, alpha=0.5):  # no super().__init__: `optimizer` holds it
+        self.optimizer, self.k, self.alpha, self.steps = optimizer, k, alpha, 0
+        self.defaults, self.state = {}, {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self.slow = [p.detach().clone() for p in self._params()]
+
+    @property
+    def param_groups(self):  # read each time: load_state_dict gives `optimizer` new group dicts
+        return self.optimizer.param_groups
+
+    def _params(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.optimizer.step()
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for slow, fast in zip(self.slow, self._params()):
+                slow.lerp_(fast, self.alpha)
+                fast.copy_(slow)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"inner": self.optimizer.state_dict(), "slow": self.slow, "steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["inner"])
+        for slow, saved in zip(self.slow, state["slow"]):
+            slow.copy_(saved)
+        self.steps = state["steps"]
+
+
 def make_optimizer(model, config, device="cpu"):
     """The optimizer `config.optimizer` names, over the parameters that train; weight decay on
     conv weights only (norm scales, shifts and biases gain nothing from it), the norms' shifts
-    at `norm_bias_lr` times the rate; on CUDA, SGD's fused kernel."""
+    at `norm_bias_lr` times the rate; on CUDA, SGD's fused kernel; inside Lookahead where
+    `config.lookahead` asks for it."""
+    optimizer = _base_optimizer(model, config, device)
+    if not config.lookahead:
+        return optimizer
+    return Lookahead(optimizer, config.lookahead, config.lookahead_alpha)
+
+
+def _base_optimizer(model, config, device):
     trained = [p for p in model.parameters() if p.requires_grad]
     shifts = {id(m.bias) for _, m in norm_layers(model) if getattr(m, "bias", None) is not None}
     kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)

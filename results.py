@@ -34,6 +34,7 @@ NAME_TAGS = {
     "group_size": "gs", "widths": "w", "activation": "", "pad": "pad", "flip": "flip",
     "identity_init": "id", "weight_std": "wstd", "whiten": "wh", "norm_bias_lr": "blr",
     "freeze_norm_scale": "fs", "alternate_flip": "aflip", "optimizer": "", "muon_lr": "mlr",
+    "lookahead": "la", "lookahead_alpha": "laa",
 }
 # Which data a run trained and was scored on: not configuration fields, but part of its name.
 DATA_TAGS = {"subset": "subset", "train_subset": "trainsub", "validation": "val"}

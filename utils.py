@@ -51,12 +51,15 @@ class TrainConfig:
     alternate_flip: bool = False  # each image flipped in every other epoch instead of at random
     optimizer: str = "sgd"        # sgd, muon (3x3 conv kernels; SGD for the rest) or adamw
     muon_lr: float = 0.05         # Muon's peak learning rate for the 3x3 conv kernels
+    lookahead: int = 0            # Lookahead: sync with the slow weights every this many steps; 0: off
+    lookahead_alpha: float = 0.5  # Lookahead: how far the slow weights move towards the fast ones
 
     def __post_init__(self):
         check_range(self, epochs=(1, None), batch_size=(2, None), lr=(0, None, "open"),
                     momentum=(0, 1, "half"), weight_decay=(0, None), label_smoothing=(0, 1, "half"),
                     pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
-                    pad=(0, 31), norm_bias_lr=(0, None, "open"), muon_lr=(0, None, "open"))
+                    pad=(0, 31), norm_bias_lr=(0, None, "open"), muon_lr=(0, None, "open"),
+                    lookahead=(0, None), lookahead_alpha=(0, 1, "open"))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
                              f"{self.optimizer!r}")

@@ -10,15 +10,15 @@ from conftest import NORMS
 from dataset import TensorLoader
 from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
 from norm_stats import probe_layers
-from optimizers import make_optimizer
-from utils import TrainConfig, fit
+from optimizers import Chain, KernelMatrix, Lookahead, make_optimizer
+from utils import TrainConfig, fit, load_checkpoint
 
 
 def test_every_technique_is_off_by_default():
     model, train = ModelConfig(), TrainConfig()
     assert (model.identity_init, model.weight_std) == ("off", False)
-    assert (train.whiten, train.norm_bias_lr, train.freeze_norm_scale, train.alternate_flip) == \
-        ("off", 1.0, False, False)
+    assert (train.whiten, train.norm_bias_lr, train.freeze_norm_scale, train.alternate_flip,
+            train.optimizer, train.lookahead) == ("off", 1.0, False, False, "sgd", 0)
 
 
 def test_patch_whitening_filters_decorrelate_the_patches_they_were_computed_from():
@@ -140,8 +140,6 @@ def test_probe_reports_a_frozen_conv(tiny_data):
 
 
 def test_muon_updates_the_3x3_kernels_through_their_matrix_views_and_sgd_the_rest(tiny_data):
-    from optimizers import Chain, KernelMatrix
-
     model = build_model("batch", seed=0).to(memory_format=torch.channels_last)
     config = TrainConfig(optimizer="muon")
     optimizer = make_optimizer(model, config)
@@ -165,18 +163,62 @@ def test_muon_updates_the_3x3_kernels_through_their_matrix_views_and_sgd_the_res
     assert all(k.grad is None for k in kernels)
 
 
-@pytest.mark.parametrize("name", ["muon", "adamw"])
+OPTIMIZER_SETTINGS = {"muon": {"optimizer": "muon", "lr": 0.1},
+                      "adamw": {"optimizer": "adamw", "lr": 0.003},
+                      "sgd+lookahead": {"lookahead": 3},
+                      "muon+lookahead": {"optimizer": "muon", "lookahead": 3}}
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_SETTINGS)
 def test_every_optimizer_trains_under_one_schedule_and_resumes_exactly(name, tiny_data, tmp_path):
-    config = TrainConfig(epochs=2, batch_size=20, optimizer=name,
-                         lr=0.1 if name == "muon" else 0.003)
+    config = TrainConfig(epochs=2, batch_size=20, **OPTIMIZER_SETTINGS[name])
     whole = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
     assert whole["train_loss"][-1] < whole["train_loss"][0]
+
+    def stop_after_epoch_1(epoch, history):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
     ckpt = tmp_path / "run.pt"
-    fit(build_model("group", seed=0), tiny_data, TrainConfig(**{**config.to_dict(), "epochs": 2}),
-        "cpu", checkpoint_path=ckpt, progress=False)
-    interrupted = torch.load(ckpt, weights_only=True)
-    assert interrupted["epoch"] == 2
-    assert whole["test_loss"] == interrupted["history"]["test_loss"]
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+            progress=False, on_epoch_end=stop_after_epoch_1)
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    resumed = fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+                  resume=True, progress=False)
+    assert resumed["test_loss"] == whole["test_loss"]  # the optimizer's state came back whole
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_lookahead_pulls_the_fast_weights_back_alpha_of_the_way_every_k_steps(optimizer):
+    plain_model, model = build_model("batch", seed=0), build_model("batch", seed=0)
+    settings = {"optimizer": optimizer, "lookahead": 2, "lookahead_alpha": 0.25}
+    plain = make_optimizer(plain_model, TrainConfig(optimizer=optimizer))
+    lookahead = make_optimizer(model, TrainConfig(**settings))
+    assert isinstance(lookahead, Lookahead)
+    lookahead.param_groups[-1]["lr"] = 0.123  # what a scheduler does: it reaches the inner one
+    assert lookahead.optimizer.param_groups[-1]["lr"] == 0.123
+    lookahead.param_groups[-1]["lr"] = plain.param_groups[-1]["lr"]
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+    for step in (1, 2):  # the same batch: the fast weights follow the plain optimizer's path
+        for m, opt in ((plain_model, plain), (model, lookahead)):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        if step == 1:
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(),
+                                                         plain_model.parameters()))
+    for p, fast, old in zip(model.parameters(), plain_model.parameters(), start):
+        torch.testing.assert_close(p, old + 0.25 * (fast - old))
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
+
+
+def test_lookahead_settings_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="lookahead must be at least 0"):
+        TrainConfig(lookahead=-1)
+    with pytest.raises(ValueError, match="lookahead_alpha must be above 0 and at most 1"):
+        TrainConfig(lookahead_alpha=0)
 
 
 def test_an_unknown_optimizer_is_refused():

@@ -64,6 +64,7 @@ CONFIGS = {
     "wstd": ["--weight-std"],                    # Weight Standardization (for LN and GN)
     "muon": ["--optimizer", "muon"],             # Muon for the 3x3 kernels, SGD for the rest
     "adamw": ["--optimizer", "adamw", "--lr", "0.003"],
+    "lookahead": ["--lookahead", "5"],           # k = 5, alpha = 0.5 (Zhang et al., 2019)
     # GroupNorm only (--norm group): 1, 2, 4 groups are all that divide 16/28/32 channels; the
     # group-size view keeps channels per group fixed instead (GN paper, Table 3)
     "g2": ["--groups", "2"],
