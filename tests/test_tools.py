@@ -430,3 +430,43 @@ def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000 and fig.axes[0].get_xscale() == "log"
+
+
+def test_the_study_grid_runs_the_winner_on_every_variant_first_and_lists_what_is_done(
+        tmp_path, monkeypatch, capsys):
+    import tune
+    from variants import DEFAULT, course_variants
+
+    monkeypatch.setattr(tune, "OUT_DIR", tmp_path / "tuning")
+    monkeypatch.setattr(tune, "CEILING_DIR", tmp_path / "ceiling")
+    runs = tune.grid_plan(tune.per_epoch_grid())
+    names = [name for name, _, _ in runs]
+    assert len(names) == len(set(names))  # no run planned twice
+    first = {name for name, _, _ in runs[:8 * len(course_variants())]}
+    assert first == {f"{v}_{c}_e20_seed{s}" for v in course_variants() for c in ("base", "muon")
+                     for s in range(4)}
+    for name, args, folder in runs:  # known configurations, the budget in the name
+        epochs = args[args.index("--epochs") + 1]
+        assert f"_e{epochs}_" in name and "--validation" in args
+        assert folder == (tmp_path / "tuning" if epochs == "20" else tmp_path / "ceiling")
+    (tmp_path / "ceiling").mkdir()
+    (tmp_path / "ceiling" / f"{DEFAULT}_base_e80_seed1.json").write_text("{}")
+    tune.main(["--grid", "--list"])
+    out = capsys.readouterr().out
+    assert f"done  ceiling/{DEFAULT}_base_e80_seed1" in out
+    assert f"todo  ceiling/{DEFAULT}_base_e80_seed0" in out
+    assert f"1 of {len(runs)} runs done" in out
+
+
+def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
+    import sweep
+
+    commands = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **k: commands.append(cmd) or
+                        type("Done", (), {"returncode": 0})())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "done.json").write_text("{}")
+    sweep.run_all([("done", [], tmp_path / "a"), ("new", [], tmp_path / "b"), ("plain", [])],
+                  tmp_path / "c", tmp_path / "img")
+    assert [cmd[cmd.index("--out-dir") + 1] for cmd in commands] == \
+        [str(tmp_path / "b"), str(tmp_path / "c")]  # the finished one skipped

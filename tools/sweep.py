@@ -108,14 +108,16 @@ def main(argv=None):
 
 
 def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs"):
-    """Run train.py for each (name, arguments) of `runs`, `jobs` at a time, skipping those whose
-    results file exists and resuming from their checkpoints; exit non-zero if any failed, after
-    trying all of them (one diverged or broken run must not stop a night's sweep)."""
+    """Run train.py for each (name, arguments[, its own out_dir]) of `runs`, `jobs` at a time,
+    skipping those whose results file exists and resuming from their checkpoints; exit non-zero
+    if any failed, after trying all of them (one diverged or broken run must not stop a night's
+    sweep)."""
     todo = []
-    for name, run_args in runs:
-        out = Path(out_dir) / f"{name}.json"
+    for name, run_args, *own_dir in runs:
+        folder = own_dir[0] if own_dir else out_dir
+        out = Path(folder) / f"{name}.json"
         todo.append((name, out, [sys.executable, str(ROOT / "train.py"), *run_args,
-                                 "--out-dir", str(out_dir), "--images-dir", str(images_dir),
+                                 "--out-dir", str(folder), "--images-dir", str(images_dir),
                                  "--resume", "--no-progress", *train_args]))
 
     env = dict(os.environ)

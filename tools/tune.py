@@ -7,6 +7,8 @@
     # the proxy check: some of the screen's configurations again at the full 20 epochs
     python tools/tune.py --configs base lr0.2 ls0 --epochs 20 --seeds 0
     python tools/tune.py --list          # the configurations and their train.py arguments
+    # the learning-per-epoch study's whole grid, in order; --list with it: what is done
+    python tools/tune.py --grid --jobs 8
 
 Every run is `train.py --validation`: it trains on 45,000 training images and is scored on the
 5,000 held out (500 per class, a fixed split: dataset.CIFAR10Data.validation_split), with the
@@ -26,9 +28,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from results import run_name  # noqa: E402
 from sweep import run_all  # noqa: E402
-from variants import DEFAULT, canonical_norm, get_variant  # noqa: E402
+from variants import DEFAULT, canonical_norm, course_variants, get_variant  # noqa: E402
 
 OUT_DIR = ROOT / "results" / "tuning"
+CEILING_DIR = ROOT / "results" / "ceiling"  # today's recipe beyond 20 epochs: a scale
 
 # One lever at a time from the current recipe (utils.TrainConfig, model.ModelConfig), in the
 # order worth running first: the runs of 20 epochs say the network under-fits (train accuracy
@@ -99,6 +102,32 @@ def plan(configs, seeds, epochs, norm=DEFAULT):
             for name in [tuning_run_name(norm, config, epochs, seed)]]
 
 
+def per_epoch_grid():
+    """The learning-per-epoch study (README), as [(variant, configurations, epochs, seeds,
+    folder)] in the order worth running: the winner so far on every variant first (the recipe
+    changes only when it holds on all three), then the next candidates on top of it, the
+    ceiling scale, and the single changes for the ablation table. Arms whose interval still
+    straddles zero get seeds 4 to 7 by hand (`--configs ... --seeds 4 5`)."""
+    every, seeds = course_variants(), [0, 1, 2, 3]
+    batch_free = [v for v in every if not get_variant(v).running_stats]
+    return [
+        *[(v, ["base", "muon"], 20, seeds, OUT_DIR) for v in every],
+        (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+zinit", "muon+aflip", "muon+dirac",
+                   "muon+ls0.2"], 20, seeds, OUT_DIR),
+        *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
+        *[(v, ["base"], 40, [0, 1] if v == DEFAULT else [0], CEILING_DIR) for v in every],
+        (DEFAULT, ["base"], 80, [0, 1], CEILING_DIR),
+        (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "zinit", "ls0.2",
+                   "lookahead", "adamw"], 20, seeds, OUT_DIR),
+    ]
+
+
+def grid_plan(grid):
+    """[(name, train.py arguments, folder)] of every run of `grid`, in its order."""
+    return [(name, run_args, folder) for norm, configs, epochs, seeds, folder in grid
+            for name, run_args in plan(configs, seeds, epochs, norm)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="+", default=None,
@@ -112,7 +141,23 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(OUT_DIR), help="(default: results/tuning)")
     p.add_argument("--images-dir", default="runs/tuning", help="(default: runs/tuning)")
     p.add_argument("--list", action="store_true", help="print the configurations and stop")
+    p.add_argument("--grid", action="store_true",
+                   help="run the learning-per-epoch study's whole grid (per_epoch_grid) instead "
+                        "of --configs/--seeds/--epochs/--norm; with --list: each run, done or not")
     args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
+    if args.grid:
+        runs = grid_plan(per_epoch_grid())
+        if args.list:
+            done = [Path(folder, f"{name}.json").exists() for name, _, folder in runs]
+            for (name, _, folder), finished in zip(runs, done):
+                print(f"{'done' if finished else 'todo'}  {Path(folder).name}/{name}")
+            print(f"{sum(done)} of {len(runs)} runs done")
+            return
+        if args.jobs < 1:
+            p.error("--jobs must be at least 1")
+        run_all(runs, args.out_dir, args.images_dir, train_args, args.jobs,
+                log_dir="runs/logs/tuning")
+        return
     if args.list:
         for name, flags in CONFIGS.items():
             print(f"{name:12s} {' '.join(flags) or '(the current recipe)'}")
