@@ -451,10 +451,12 @@ def per_epoch_section(tuning, ceiling):
                          f" | {by_config[config]:.2f} | "
                          f"{'today' + chr(39) + 's recipe' if reference == 'base' else reference} | "
                          f"{mean} | {compare.verdict(diff)} | {worth} |")
-    runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs]
+    runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
+        [r for variant, by_config in technique_means(tuning).items() for config in by_config
+         for r in tuning[(variant, config, 20)]]
     lines += ["", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 "
                   f"held out; {'; '.join(sorted({compare.threads(r['hardware']) + ', ' + r['precision'] for r in runs_all}))}; "
-                  f"today's recipe's runs dated {min(r['date'][:10] for r in runs_all)} to "
+                  f"runs dated {min(r['date'][:10] for r in runs_all)} to "
                   f"{max(r['date'][:10] for r in runs_all)}. \"Today's recipe needs\": the epochs "
                   f"at which today's recipe reaches the change's mean, read off the first table "
                   f"(linear in log2 epochs)."]

@@ -118,7 +118,8 @@ def per_epoch_grid():
         *[(v, ["base"], 40, [0, 1] if v == DEFAULT else [0], CEILING_DIR) for v in every],
         (DEFAULT, ["base"], 80, [0, 1], CEILING_DIR),
         (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "zinit", "ls0.2",
-                   "lookahead", "adamw"], 20, seeds, OUT_DIR),
+                   "lookahead", "adamw", "pad2", "bs256"], 20, seeds, OUT_DIR),
+        *[(v, ["gs4"], 20, seeds, OUT_DIR) for v in every if get_variant(v).uses_groups],
     ]
 
 
