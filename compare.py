@@ -479,9 +479,13 @@ def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
             where = equivalent_epochs(acc, curve)
             x = where if isinstance(where, float) else curve[0][0] if where.startswith("<") \
                 else curve[-1][0]
-            ax.scatter([x], [acc], marker="D", color=colour, edgecolor="k", zorder=3)
-            ax.annotate(name, (x, acc), textcoords="offset points", fontsize=8,
-                        xytext=(6, 4) if i % 2 else (6, -11))  # neighbours: one above, one below
+            # off the scale: drawn at its end, pointing outwards, the bound in the label
+            marker = "D" if isinstance(where, float) else "<" if where.startswith("<") else ">"
+            ax.scatter([x], [acc], marker=marker, color=colour, edgecolor="k", zorder=3)
+            label = name if isinstance(where, float) else f"{name} ({where})"
+            ax.annotate(label, (x, acc), textcoords="offset points", fontsize=8,
+                        xytext=(6, 4) if i % 2 else (6, -11),  # neighbours: above, below
+                        ha="right" if marker == ">" else "left")
     ax.axvline(20, color="k", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ticks = sorted({e for by_epochs in recipe_runs.values() for e in by_epochs})

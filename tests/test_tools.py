@@ -430,6 +430,11 @@ def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000 and fig.axes[0].get_xscale() == "log"
+    tuning[("batch", "aflip", 20)] = runs([0.90, 0.90, 0.90, 0.90])  # past the longest budget
+    fig = __import__("compare").plot_equivalent_epochs(
+        report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning))
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert "aflip (> 80)" in labels and "whiten" in labels  # a bound says it is one
 
 
 def test_the_study_grid_runs_the_winner_on_every_variant_first_and_lists_what_is_done(

@@ -567,7 +567,9 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None):
     normalizations.plot_norm_axes(AXES_FIGURE)
     curves = recipe_by_epochs(tuning or {}, ceiling or {})
     if any(len(by_epochs) > 1 for by_epochs in curves.values()):
-        compare.plot_equivalent_epochs(curves, technique_means(tuning), EPOCHS_FIGURE)
+        paired = {v: {c: acc for c, acc in by_config.items() if len(tuning[(v, c, 20)]) > 1}
+                  for v, by_config in technique_means(tuning).items()}  # the table has the rest
+        compare.plot_equivalent_epochs(curves, paired, EPOCHS_FIGURE)
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
