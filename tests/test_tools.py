@@ -58,11 +58,23 @@ def test_table_labels_an_earlier_recipe_by_how_it_differs_from_todays_defaults()
     runs = {"batch": [fake_run("batch", s, 0.86) for s in (0, 1, 2)]}
     before = {"batch": [fake_run("batch", s, 0.81, lr=old_lr, activation="celu")
                         for s in (0, 1, 2)]}
-    rows = [line for line in report.table(runs, before).splitlines()
-            if line.startswith("| batch")]
+    v1 = {"batch": [fake_run("batch", s, 0.83, lr=old_lr) for s in (0, 1, 2)]}
+    archives = [("before the study", "before-study", before), ("recipe v1", "recipe-v1", v1)]
+    text = report.table(runs, archives)
+    rows = [line for line in text.splitlines() if line.startswith("| batch")]
     assert rows[0].startswith("| batch | current |") and "met (+1.00)" in rows[0]
     assert rows[1].startswith(f"| batch | `activation celu; lr {old_lr}` (before the study) |")
-    assert "results/before-study/" in report.table(runs, before)
+    assert rows[2].startswith(f"| batch | `lr {old_lr}` (recipe v1) |")
+    assert "(before the study) are kept in `results/before-study/`" in text
+    assert "(recipe v1) are kept in `results/recipe-v1/`" in text
+
+
+def test_archived_recipes_load_oldest_first_and_only_where_kept(tmp_path):
+    (tmp_path / "recipe-v1").mkdir()
+    assert report.load_archives(tmp_path) == [("recipe v1", "recipe-v1", {})]
+    (tmp_path / "before-study").mkdir()
+    assert [label for label, _, _ in report.load_archives(tmp_path)] == \
+        ["before the study", "recipe v1"]
 
 
 def test_precision_check_compares_with_the_same_recipe_in_another_precision():
@@ -73,7 +85,8 @@ def test_precision_check_compares_with_the_same_recipe_in_another_precision():
                         for s, a in ((0, 0.81), (1, 0.82))]
     other_recipe = [fake_run("batch", s, 0.90, precision="bf16") for s in (0, 1)]
     text = report.precision_section([check], {"batch": other_recipe},
-                                    {"batch": same_recipe_fp32})
+                                    [("before the study", "before-study",
+                                      {"batch": same_recipe_fp32})])
     assert "| batch seed 0 | bf16 |" in text
     assert "| fp32, cpu, 0, 1 | 81.50 ± 0.71 (81.00–82.00) | +0.00 (+0.0 std) | yes |" in text
     assert "90.00" not in text  # another recipe is no reference, whatever its precision
@@ -85,7 +98,8 @@ def test_a_gpu_run_is_checked_against_every_cpu_run_of_its_recipe():
     check = {**fake_run("batch", 0, 0.83, precision="bf16"), "hardware": gpu}
     cpu_bf16 = [fake_run("batch", s, a, precision="bf16") for s, a in ((0, 0.81), (1, 0.82))]
     cpu_fp32 = [fake_run("batch", s, 0.815) for s in (0, 1)]
-    text = report.precision_section([check], {"batch": cpu_bf16}, {"batch": cpu_fp32})
+    text = report.precision_section([check], {"batch": cpu_bf16},
+                                    [("before the study", "before-study", {"batch": cpu_fp32})])
     line = row(text, "| batch seed 0 | bf16 |")
     assert "| NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0) | 83.00 |" in line
     assert "| bf16, cpu, 0, 1; fp32, cpu, 0, 1 | 81.50 ± 0.41 (81.00–82.00) |" in line

@@ -54,7 +54,10 @@ PROBE_FIGURE = IMAGES / "layer_probe.png"
 TUNING_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = compare.CEILING_DIR
 EPOCHS_FIGURE = IMAGES / "equivalent_epochs.png"
-BEFORE_STUDY_DIR = ROOT / "results" / "before-study"  # the runs published before the recipe study
+# Earlier recipes' final runs, kept beside today's for a before/after comparison, oldest first:
+# (folder under results/, the label of their rows).
+ARCHIVES = [("before-study", "before the study"),  # published before the recipe study
+            ("recipe-v1", "recipe v1")]            # the recipe study's, before learning per epoch
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
 
@@ -68,19 +71,25 @@ def _flip_acc(run):
     return None if acc is None else 100 * acc
 
 
-BEFORE_NOTE = ("; rows marked (before the study) are the runs published before the recipe study, "
-               "kept in `results/before-study/` for a before/after comparison")
+def archive_note(archives):
+    """The table's sentence on its rows of earlier recipes (load_archives())."""
+    kept = "; ".join(f"rows marked ({label}) are kept in `results/{folder}/`"
+                     for label, folder, _ in archives)
+    return f"; {kept}, earlier recipes' final runs for a before/after comparison" \
+        if archives else ""
 
 
-def table(runs, before=None):
-    """The results table: today's runs, then (`before`) the runs published before the recipe
-    study, each row labelled with how its recipe differs from today's defaults."""
+def table(runs, archives=()):
+    """The results table: today's runs, then the final runs of earlier recipes (`archives`:
+    [(label, folder, {variant: runs})], load_archives()), each row labelled with how its recipe
+    differs from today's defaults."""
     lines = ["| variant | recipe | seeds | train acc. mean (%) | test acc. mean ± std (%) | "
              "flip-TTA test acc. mean (%) | best | worst | target | params | epochs | "
              "s/epoch (median) | hardware | precision | data |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = [(v, runs[v], "") for v in tuple(REGISTRY) if v in runs]
-    groups += [(v, before[v], " (before the study)") for v in tuple(REGISTRY) if v in (before or {})]
+    groups += [(v, by_variant[v], f" ({label})") for label, _, by_variant in archives
+               for v in tuple(REGISTRY) if v in by_variant]
     for _, group, _ in groups:
         for run in group:
             outside = train.limits_warning(run["num_params"], run["epochs"])
@@ -127,7 +136,7 @@ def table(runs, before=None):
                      f"over seeds; s/epoch is the median wall time of an epoch (training + test "
                      f"evaluation) over all runs, robust to the odd epoch slowed by other work on "
                      f"the machine. The recipe column says how a row's recipe differs from "
-                     f"today's defaults (`current`: it is today's){BEFORE_NOTE if before else ''}. "
+                     f"today's defaults (`current`: it is today's){archive_note(archives)}. "
                      f"Runs dated {dates[0]} to {dates[-1]}; one JSON file per run in `results/`.")
     return "\n".join(lines)
 
@@ -187,16 +196,17 @@ def arithmetic(run):
     return recorded_precision(run), device_kind(run)
 
 
-def precision_section(checks, runs, before=None):
+def precision_section(checks, runs, archives=()):
     """Each run of results/precision/ against the seed spread of the runs of the same variant
     and recipe done in other arithmetic (another precision, or another kind of device) in
-    results/ or results/before-study/: the same computation, rounded differently."""
+    results/ or an archive of it (ARCHIVES): the same computation, rounded differently."""
     if not checks:
         return "No precision-check runs yet (results/precision/ is empty)."
     lines = ["| run | precision | hardware | test acc. (%) | reference runs: precision, device, "
              "seeds | reference mean ± std (range) | difference from the reference mean | "
              "within the reference range? |", "|---|---|---|---|---|---|---|---|"]
-    pool = [r for group in (runs, before or {}) for rs in group.values() for r in rs]
+    pool = [r for group in (runs, *(by_v for _, _, by_v in archives)) for rs in group.values()
+            for r in rs]
     references = {id(run): sorted((r for r in pool if same_recipe(r, run)
                                    and arithmetic(r) != arithmetic(run)),
                                   key=lambda r: (recorded_precision(r), r["seed"]))
@@ -473,9 +483,9 @@ def replace_between(text, start, end, body):
 
 # The README's generated sections, in README order: (marker, renderer of the loaded files).
 SECTIONS = [
-    ("results", lambda f: table(f["runs"], f["before"])),
+    ("results", lambda f: table(f["runs"], f["archives"])),
     ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
-    ("precision", lambda f: precision_section(f["checks"], f["runs"], f["before"])),
+    ("precision", lambda f: precision_section(f["checks"], f["runs"], f["archives"])),
     ("tuning", lambda f: tuning_section(f["tuning"])),
     ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
@@ -488,7 +498,7 @@ def render_readme(readme_text, files):
     """README text with each generated section rebuilt from `files` (load_files(): what each
     renderer reads; one left out renders as empty). The results table must have its markers;
     other sections are rendered where the README has theirs."""
-    files = {"runs": {}, "before": None, "study": {}, "budget": None, "checks": [],
+    files = {"runs": {}, "archives": [], "study": {}, "budget": None, "checks": [],
              "bench_files": [], "tuning": {}, "ceiling": {}, "lr_study": {}, **files}
     text = readme_text
     for name, render in SECTIONS:
@@ -541,12 +551,18 @@ def bench_files(folder=BENCH_DIR):
     return sorted(f for f in folder.glob("*.txt") if "\npipeline" in f.read_text())
 
 
+def load_archives(results_dir=ROOT / "results"):
+    """[(label, folder, {variant: runs})] of the ARCHIVES that exist, oldest first."""
+    return [(label, folder, load_runs(results_dir / folder)) for folder, label in ARCHIVES
+            if (results_dir / folder).is_dir()]
+
+
 def load_files():
     """Every committed results file the README's sections are generated from."""
     return {"runs": load_runs(), "study": load_study(), "budget": study_budget(),
             "checks": load_precision_checks(), "bench_files": bench_files(),
             "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
-            "before": load_runs(BEFORE_STUDY_DIR) if BEFORE_STUDY_DIR.is_dir() else None,
+            "archives": load_archives(),
             "lr_study": compare.load_lr_study()}
 
 
