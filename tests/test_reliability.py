@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -46,8 +47,9 @@ def archive(tmp_path):
 # 1. A NaN anywhere in an epoch stops the run before its checkpoint and results are written.
 
 def test_a_nan_only_in_evaluation_publishes_nothing(archive, tmp_path):
-    out = run_train("--lr", "1e6", "--subset", "2", "--epochs", "2", "--data", archive,
-                    "--no-progress", cwd=tmp_path)
+    # SGD: Muon's orthogonalized steps stay bounded whatever --lr says
+    out = run_train("--optimizer", "sgd", "--lr", "1e6", "--subset", "2", "--epochs", "2",
+                    "--data", archive, "--no-progress", cwd=tmp_path)
     assert "the evaluation loss became nan at epoch 1" in one_line_error(out)
     assert not list(tmp_path.glob("runs/*.json")) and not list(tmp_path.glob("checkpoints/*.pt"))
 
@@ -139,7 +141,7 @@ def test_the_lock_says_who_holds_it(tmp_path):
 def notebook_config(tmp_path, monkeypatch, **env):
     import make_notebooks
 
-    for key in ("S8_SMOKE", "CI"):
+    for key in ("S8_SMOKE", "CI", "S8_PUBLISH"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -160,6 +162,15 @@ def test_a_notebook_run_writes_into_runs_under_a_name_with_its_settings(tmp_path
     assert scope["RESULTS_DIR"].name == "runs" and scope["IMAGES_DIR"].name == "runs"
     assert "run_name(NORM, SEED, epochs=EPOCHS, subset=SUBSET)" in run_cell
     assert run_name("batch", 0, epochs=5, subset=None) == "batch_seed0_e5"
+
+
+def test_only_s8_publish_1_makes_a_full_notebook_run_write_the_committed_files(tmp_path,
+                                                                               monkeypatch):
+    scope, _ = notebook_config(tmp_path, monkeypatch, S8_PUBLISH="1")
+    assert scope["PUBLISH"] and scope["RESULTS_DIR"] == Path("results")
+    assert scope["IMAGES_DIR"] == Path("images")
+    smoke, _ = notebook_config(tmp_path, monkeypatch, S8_PUBLISH="1", S8_SMOKE="1")
+    assert smoke["RESULTS_DIR"].parent != Path(".")  # a smoke run never writes the repository
 
 
 def test_publishing_never_replaces_another_configurations_results(tmp_path):

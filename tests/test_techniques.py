@@ -18,7 +18,7 @@ def test_every_technique_is_off_by_default():
     model, train = ModelConfig(), TrainConfig()
     assert (model.identity_init, model.weight_std) == ("off", False)
     assert (train.whiten, train.norm_bias_lr, train.freeze_norm_scale, train.alternate_flip,
-            train.optimizer, train.lookahead) == ("off", 1.0, False, False, "sgd", 0)
+            train.lookahead) == ("off", 1.0, False, False, 0)
 
 
 def test_patch_whitening_filters_decorrelate_the_patches_they_were_computed_from():
@@ -69,8 +69,16 @@ def test_the_norms_shifts_get_their_own_rate_and_frozen_scales_stay_at_one(tiny_
                for b in model.modules() if isinstance(b, ConvBlock))
 
 
-def test_the_default_optimizer_is_the_recipes_two_groups():
-    groups = make_optimizer(build_model("batch", seed=0), TrainConfig()).param_groups
+def test_the_default_optimizer_is_muon_for_the_3x3_kernels_and_sgd_for_the_rest():
+    optimizer = make_optimizer(build_model("batch", seed=0), TrainConfig())
+    sgd, muon = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(sgd, torch.optim.SGD)
+    assert [len(g["params"]) for g in muon.param_groups] == [7]  # C1 C2 C4 C5 C7 C8 C9
+    assert [len(g["params"]) for g in sgd.param_groups] == [3, 15]  # 1x1 convs; norms, bias
+
+
+def test_recipe_v1_optimizer_is_sgd_with_two_groups():
+    groups = make_optimizer(build_model("batch", seed=0), TrainConfig(optimizer="sgd")).param_groups
     assert [len(g["params"]) for g in groups] == [10, 15]  # conv weights; norms and head bias
 
 
@@ -165,7 +173,7 @@ def test_muon_updates_the_3x3_kernels_through_their_matrix_views_and_sgd_the_res
 
 OPTIMIZER_SETTINGS = {"muon": {"optimizer": "muon", "lr": 0.1},
                       "adamw": {"optimizer": "adamw", "lr": 0.003},
-                      "sgd+lookahead": {"lookahead": 3},
+                      "sgd+lookahead": {"optimizer": "sgd", "lookahead": 3},
                       "muon+lookahead": {"optimizer": "muon", "lookahead": 3}}
 
 

@@ -361,7 +361,8 @@ def test_proxy_check_reports_rank_agreement_between_budgets():
 def test_tuning_combinations_join_the_flags_of_their_parts():
     import tune
 
-    assert tune.config_flags("lr0.2+ls0") == ["--lr", "0.2", "--label-smoothing", "0"]
+    assert tune.config_flags("lr0.2+ls0") == [*tune.RECIPE_V1, "--lr", "0.2", "--label-smoothing",
+                                              "0"]
     (name, args), = tune.plan(["w24-32-28+ema0.99"], [1], epochs=5)
     assert name == "batch_w24-32-28+ema0.99_e5_seed1"
     assert args[args.index("--widths") + 1: args.index("--widths") + 4] == ["24", "32", "28"]

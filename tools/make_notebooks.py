@@ -64,8 +64,8 @@ def notebook(norm):
             f"With `S8_SMOKE=1` (or `CI` set) the notebook trains 1 epoch on a small stratified "
             f"subset and writes into a temporary folder; otherwise it trains the full 20 epochs "
             f"and writes its results file and figures into `runs/`, as `train.py` does, under a "
-            f"name that carries every setting you changed. Only `PUBLISH = True` writes into "
-            f"`results/` and `images/` (to regenerate the committed outputs)."),
+            f"name that carries every setting you changed. Only `PUBLISH = True` (or `S8_PUBLISH=1`) "
+            f"writes into `results/` and `images/` (to regenerate the committed outputs)."),
         colab_setup_cell("model.py", extra_install="torchsummary"),
         new_code_cell(
             "# Configuration\n"
@@ -79,7 +79,7 @@ def notebook(norm):
             "DATA = os.environ.get(\"CIFAR10_DATA\")  # archive or folder; None downloads (Colab)\n"
             "RESUME = True                     # continue from the checkpoint after a disconnect\n"
             "PRECISION = \"auto\"                # auto: bf16 on A100/H100/L4 and bf16-capable CPUs, fp16 on T4\n"
-            "PUBLISH = False                   # True: write results/ and images/ (the committed runs)\n"
+            "PUBLISH = os.environ.get(\"S8_PUBLISH\") == \"1\"  # True: write results/ and images/ (the committed runs)\n"
             "# Smoke runs never write into the repository; yours go to runs/, as train.py's do.\n"
             "OUT = Path(tempfile.mkdtemp()) if SMOKE else Path(\".\")\n"
             "RESULTS_DIR = OUT / (\"results\" if PUBLISH else \"runs\")\n"

@@ -33,11 +33,14 @@ from variants import DEFAULT, canonical_norm, course_variants, get_variant  # no
 OUT_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = ROOT / "results" / "ceiling"  # today's recipe beyond 20 epochs: a scale
 
-# One lever at a time from the current recipe (utils.TrainConfig, model.ModelConfig), in the
-# order worth running first: the runs of 20 epochs say the network under-fits (train accuracy
+# Every configuration is a change from the recipe the studies started from (recipe v1: today's
+# defaults with SGD), so a name keeps its meaning now that Muon is the default.
+RECIPE_V1 = ["--optimizer", "sgd"]
+
+# One lever at a time from recipe v1, in the order worth running first: the runs of 20 epochs say the network under-fits (train accuracy
 # at or below test accuracy), so capacity and optimisation come before regularisation.
 CONFIGS = {
-    "base": [],
+    "base": [],                                  # recipe v1 itself
     "w24-32-28": ["--widths", "24", "32", "28"],    # 47,778 parameters
     "w28-32-28": ["--widths", "28", "32", "28"],    # 49,902 parameters
     "lr0.2": ["--lr", "0.2"],
@@ -79,12 +82,12 @@ GROUP_ONLY = {"g2", "gs4", "gs2"}
 
 def config_flags(config):
     """train.py flags of a configuration: a name of CONFIGS, or names joined with "+" (a
-    combination; a later name's flag wins where two set the same one)."""
+    combination; a later name's flag wins where two set the same one), after recipe v1's."""
     parts = config.split("+")
     unknown = [c for c in parts if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
-    return [flag for part in parts for flag in CONFIGS[part]]
+    return [*RECIPE_V1, *[flag for part in parts for flag in CONFIGS[part]]]
 
 
 def tuning_run_name(norm, config, epochs, seed):
@@ -161,7 +164,7 @@ def main(argv=None):
         return
     if args.list:
         for name, flags in CONFIGS.items():
-            print(f"{name:12s} {' '.join(flags) or '(the current recipe)'}")
+            print(f"{name:12s} {' '.join(flags) or '(recipe v1)'}")
         return
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
