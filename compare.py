@@ -18,13 +18,13 @@ import numpy as np
 from model import ModelConfig
 from plots import finish_figure
 from results import load_results
-from utils import TrainConfig, recipe
+from utils import TrainConfig, recipe, with_defaults
 from variants import REGISTRY, in_order
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
 LR_STUDY_DIR = RESULTS_DIR / "lr_study"
-CEILING_DIR = RESULTS_DIR / "ceiling"  # today's recipe beyond 20 epochs (validation split)
+CEILING_DIR = RESULTS_DIR / "ceiling"  # recipe v1 beyond 20 epochs (validation split)
 # the variant that keeps running statistics, evaluated with train-mode (batch) statistics too
 RUNNING = next(name for name, v in REGISTRY.items() if v.running_stats)
 BN_BATCH_STATS = f"{RUNNING} (batch stats)"
@@ -38,7 +38,8 @@ def recipe_changes(run, ignore=()):
     which one it was without anyone typing it. Fields in `ignore` are left out (a study's own
     variable)."""
     defaults = {**ModelConfig(norm=run["variant"]).to_dict(), **recipe(TrainConfig())}
-    ran = {**run["model_config"], **run["train_config"]}
+    model_config, train_config = with_defaults(run["model_config"], run["train_config"])
+    ran = {**model_config, **train_config}
     skip = {"seed", "precision", "compile", "norm", *ignore}
     changed = [f"{k} {_flag_value(ran[k])}" for k in defaults
                if k in ran and k not in skip and _flag_value(ran[k]) != _flag_value(defaults[k])]
@@ -437,13 +438,13 @@ def plot_lr_study(study, path=None, show=False):
 # ------------------------------------------------------------------ learning per epoch
 
 def recipe_curve(runs_by_epochs):
-    """[(epochs, mean accuracy %)] of today's recipe at each budget, ascending."""
+    """[(epochs, mean accuracy %)] of recipe v1 at each budget, ascending."""
     return sorted((e, statistics.mean(100 * r["final_test_acc"] for r in rs))
                   for e, rs in runs_by_epochs.items() if rs)
 
 
 def equivalent_epochs(accuracy, curve):
-    """How many epochs today's recipe needs to reach `accuracy` (%), read off `curve` by linear
+    """How many epochs recipe v1 needs to reach `accuracy` (%), read off `curve` by linear
     interpolation in log2(epochs): a number, or a bound ("< 20", "> 80") outside the curve."""
     if len(curve) < 2:
         return None
@@ -460,16 +461,16 @@ def equivalent_epochs(accuracy, curve):
 
 
 def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
-    """Validation accuracy of today's recipe against its budget in epochs (log scale; one dot per
+    """Validation accuracy of recipe v1 against its budget in epochs (log scale; one dot per
     run, the line through the means), and each technique's 20-epoch mean as a marker placed at
-    the epochs today's recipe needs for that accuracy. `recipe_runs`: {variant: {epochs:
+    the epochs recipe v1 needs for that accuracy. `recipe_runs`: {variant: {epochs:
     [runs]}}; `techniques`: {variant: {name: accuracy %}}."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for variant, by_epochs in recipe_runs.items():
         colour = REGISTRY[variant].colour
         curve = recipe_curve(by_epochs)
         ax.plot([e for e, _ in curve], [a for _, a in curve], "o-", color=colour,
-                label=f"{variant}: today's recipe")
+                label=f"{variant}: recipe v1")
         for e, rs in by_epochs.items():
             ax.scatter([e] * len(rs), [100 * r["final_test_acc"] for r in rs], color=colour,
                        s=10, alpha=0.5)
@@ -491,9 +492,9 @@ def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
     ticks = sorted({e for by_epochs in recipe_runs.values() for e in by_epochs})
     ax.set_xticks(ticks, [str(e) for e in ticks])
     ax.minorticks_off()
-    ax.set(xlabel="epochs of today's recipe (beyond 20: outside the assignment's limit)",
+    ax.set(xlabel="epochs of recipe v1 (beyond 20: outside the assignment's limit)",
            ylabel="validation accuracy (%)",
-           title="What each 20-epoch technique is worth in epochs of today's recipe")
+           title="What each 20-epoch technique is worth in epochs of recipe v1")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

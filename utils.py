@@ -215,10 +215,16 @@ def recipe(config):
     return {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
+# What a run recorded before a setting existed used: its first default, where that differs from
+# today's: files from before the optimizer setting (2026-11-24) ran SGD, Muon's default since.
+FIRST_DEFAULTS = {"optimizer": "sgd"}
+
+
 def with_defaults(model_config, train_config):
     """The (model, recipe) dicts a file recorded, with the settings added since it was written
-    at their defaults."""
-    return {**ModelConfig().to_dict(), **model_config}, {**recipe(TrainConfig()), **train_config}
+    at the defaults they had then."""
+    return ({**ModelConfig().to_dict(), **model_config},
+            {**recipe(TrainConfig()), **FIRST_DEFAULTS, **train_config})
 
 
 def run_fingerprint(model, data, config):

@@ -69,6 +69,13 @@ def test_table_labels_an_earlier_recipe_by_how_it_differs_from_todays_defaults()
     assert "(recipe v1) are kept in `results/recipe-v1/`" in text
 
 
+def test_a_results_file_from_before_the_optimizer_setting_reads_as_the_sgd_it_ran():
+    old = fake_run("batch", 0, 0.81)
+    del old["train_config"]["optimizer"]  # recipe v1's files predate the setting
+    assert report.compare.recipe_changes(old) == "optimizer sgd"
+    assert report.compare.recipe_changes(fake_run("batch", 0, 0.81)) == "current"
+
+
 def test_archived_recipes_load_oldest_first_and_only_where_kept(tmp_path):
     (tmp_path / "recipe-v1").mkdir()
     assert report.load_archives(tmp_path) == [("recipe v1", "recipe-v1", {})]
@@ -409,7 +416,7 @@ def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_record
         sweep.plan(["bn"], [0], batch_sizes=[128], lrs=[0.1])
 
 
-def test_equivalent_epochs_reads_a_changes_accuracy_off_todays_recipe_in_log_epochs():
+def test_equivalent_epochs_reads_a_changes_accuracy_off_recipe_v1_in_log_epochs():
     import compare
 
     curve = [(20, 80.0), (40, 82.0), (80, 83.0)]
@@ -420,7 +427,7 @@ def test_equivalent_epochs_reads_a_changes_accuracy_off_todays_recipe_in_log_epo
     assert compare.equivalent_epochs(81.0, curve[:1]) is None
 
 
-def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
+def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
     def runs(acc, seeds=(0, 1, 2, 3), epochs=20):
         return [fake_tuning_run(a, s, epochs=epochs) for s, a in zip(seeds, acc)]
 
@@ -434,13 +441,13 @@ def test_per_epoch_section_places_each_change_on_todays_recipe(tmp_path):
     assert "| batch | 40 | 0, 1 | 82.00 (82.00–82.00) | beyond the 20-epoch limit" in text
     row = next(line for line in text.splitlines() if "| whiten |" in line)
     # +1.00 on every seed: an interval of zero width above zero; 81.0% is 28 epochs of today's
-    assert "| 81.00 | today's recipe | +1.00 [+1.00, +1.00] | wins | 28 |" in row
+    assert "| 81.00 | recipe v1 | +1.00 [+1.00, +1.00] | wins | 28 |" in row
     on_top = next(line for line in text.splitlines() if "| whiten+aflip |" in line)
     assert "| whiten | +0.00 [-0.92, +0.92] | no decision |" in on_top  # whiten won: against it
     tuning[("batch", "whiten", 20)] = runs([0.80, 0.82, 0.79, 0.80])  # no longer a win
     on_top = next(line for line in report.per_epoch_section(tuning, ceiling).splitlines()
                   if "| whiten+aflip |" in line)
-    assert "| today's recipe |" in on_top
+    assert "| recipe v1 |" in on_top
     fig = __import__("compare").plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")

@@ -331,11 +331,11 @@ def spearman(xs, ys):
 
 
 def tuning_section(groups):
-    """The ablation table (each configuration against the current recipe, same norm and budget)
+    """The ablation table (each configuration against recipe v1, same norm and budget)
     and the proxy check (configurations run at two budgets: do they rank alike?)."""
     if not groups:
         return "No tuning runs yet (results/tuning/ is empty)."
-    lines = ["| variant | configuration | change from the current recipe | params | epochs | seeds "
+    lines = ["| variant | configuration | change from recipe v1 | params | epochs | seeds "
              "| val. acc. mean (min–max) | Δ per seed (paired) | mean paired Δ [95% CI] | "
              "verdict | flip-TTA val. acc. |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -356,7 +356,7 @@ def tuning_section(groups):
         else:
             delta_cell, verdict, paired = "-", "-", "-"
         try:
-            change = " ".join(tune.config_flags(config)) or "(current recipe)"
+            change = " ".join(tune.change_flags(config)) or "(recipe v1)"
         except SystemExit:  # a configuration renamed since its runs: say so, do not guess
             change = "(no longer defined in tools/tune.py)"
         lines.append(
@@ -372,7 +372,7 @@ def tuning_section(groups):
     lines += ["", f"{len(runs_all)} runs, each trained on {'/'.join(map(str, train_images))} "
                   f"training images and scored on the {'/'.join(map(str, val_images))} held-out "
                   f"validation images (never the test set); single-view validation accuracy "
-                  f"after the last epoch. Each change is compared with the current recipe's run "
+                  f"after the last epoch. Each change is compared with recipe v1's run "
                   f"of the same seed (same initialization and data order): the per-seed "
                   f"differences, their mean and its 95% t-interval over seeds; a change wins "
                   f"when the interval lies above zero, loses when it lies below. "
@@ -395,7 +395,7 @@ def tuning_section(groups):
 
 
 def recipe_by_epochs(tuning, ceiling):
-    """{variant: {epochs: [runs]}} of today's recipe on the validation split: its 20-epoch runs
+    """{variant: {epochs: [runs]}} of recipe v1 on the validation split: its 20-epoch runs
     (results/tuning/) and the longer ones (results/ceiling/)."""
     curves = {}
     for (norm, config, epochs), runs in [*tuning.items(), *ceiling.items()]:
@@ -417,11 +417,11 @@ NOTE_20, NOTE_BEYOND = "the assignment's budget", "beyond the 20-epoch limit: a 
 
 
 def per_epoch_section(tuning, ceiling):
-    """The learning-per-epoch study: today's recipe at 20, 40 and 80 epochs (the scale), then
+    """The learning-per-epoch study: recipe v1 at 20, 40 and 80 epochs (the scale), then
     every change measured at 20 epochs with its paired interval and its worth in epochs."""
     curves = recipe_by_epochs(tuning, ceiling)
     if not curves:
-        return "No runs of today's recipe on the validation split yet."
+        return "No runs of recipe v1 on the validation split yet."
     lines = ["| variant | epochs | seeds | val. acc. mean (min–max) | note |", "|---|---|---|---|---|"]
     for variant, by_epochs in curves.items():
         for epochs, runs in by_epochs.items():
@@ -431,7 +431,7 @@ def per_epoch_section(tuning, ceiling):
                          f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
                          f"{NOTE_20 if epochs == 20 else NOTE_BEYOND} |")
     lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | compared with "
-                  "| mean paired Δ [95% CI] | verdict | today's recipe needs (epochs) |",
+                  "| mean paired Δ [95% CI] | verdict | recipe v1 needs (epochs) |",
               "|---|---|---|---|---|---|---|---|---|"]
     order = list(tune.CONFIGS)
     for variant, by_config in technique_means(tuning).items():
@@ -452,14 +452,14 @@ def per_epoch_section(tuning, ceiling):
             worth = compare.equivalent_epochs(by_config[config], curve)
             worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
             try:
-                flags = " ".join(tune.config_flags(config))
+                flags = " ".join(tune.change_flags(config))
             except SystemExit:
                 flags = "(no longer defined in tools/tune.py)"
             mean = "-" if diff["mean"] is None else f"{diff['mean']:+.2f}{interval}"
             lines.append(f"| {variant} | {config} | `{flags}` | "
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
                          f" | {by_config[config]:.2f} | "
-                         f"{'today' + chr(39) + 's recipe' if reference == 'base' else reference} | "
+                         f"{'recipe v1' if reference == 'base' else reference} | "
                          f"{mean} | {compare.verdict(diff)} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
@@ -467,8 +467,8 @@ def per_epoch_section(tuning, ceiling):
     lines += ["", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 "
                   f"held out; {'; '.join(sorted({compare.threads(r['hardware']) + ', ' + r['precision'] for r in runs_all}))}; "
                   f"runs dated {min(r['date'][:10] for r in runs_all)} to "
-                  f"{max(r['date'][:10] for r in runs_all)}. \"Today's recipe needs\": the epochs "
-                  f"at which today's recipe reaches the change's mean, read off the first table "
+                  f"{max(r['date'][:10] for r in runs_all)}. \"Recipe v1 needs\": the epochs "
+                  f"at which recipe v1 reaches the change's mean, read off the first table "
                   f"(linear in log2 epochs)."]
     return "\n".join(lines)
 
@@ -518,10 +518,13 @@ def lr_section(study):
     scored_on = (f"the {scored} validation images held out of the training set (never trained "
                  f"on; the test set is not used)" if evaluated == "validation"
                  else f"all {scored} test images")
+    changes = sorted({compare.recipe_changes(r, ignore=("epochs", "lr")) for r in runs})
+    otherwise = ("the recipe otherwise today's" if changes == ["current"] else
+                 f"the recipe otherwise today's but {' / '.join(f'`{c}`' for c in changes)}")
     return (f"{compare.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
             f"epochs on {shared(lambda r: r['data']['train_images'])} training images (a "
             f"stratified subset, drawn per seed), scored on {scored_on}, batch "
-            f"{shared(lambda r: r['train_config']['batch_size'])}, the recipe otherwise today's; "
+            f"{shared(lambda r: r['train_config']['batch_size'])}, {otherwise}; "
             f"{'; '.join(sorted({compare.threads(r['hardware']) for r in runs}))}, "
             f"{shared(lambda r: r['precision'])}; data {shared(compare.data_file)}; "
             f"{min(r['date'][:10] for r in runs)} to {max(r['date'][:10] for r in runs)}. "

@@ -31,7 +31,7 @@ from sweep import run_all  # noqa: E402
 from variants import DEFAULT, canonical_norm, course_variants, get_variant  # noqa: E402
 
 OUT_DIR = ROOT / "results" / "tuning"
-CEILING_DIR = ROOT / "results" / "ceiling"  # today's recipe beyond 20 epochs: a scale
+CEILING_DIR = ROOT / "results" / "ceiling"  # recipe v1 beyond 20 epochs: a scale
 
 # Every configuration is a change from the recipe the studies started from (recipe v1: today's
 # defaults with SGD), so a name keeps its meaning now that Muon is the default.
@@ -80,14 +80,19 @@ CONFIGS = {
 GROUP_ONLY = {"g2", "gs4", "gs2"}
 
 
-def config_flags(config):
-    """train.py flags of a configuration: a name of CONFIGS, or names joined with "+" (a
-    combination; a later name's flag wins where two set the same one), after recipe v1's."""
+def change_flags(config):
+    """The flags a configuration changes from recipe v1: a name of CONFIGS, or names joined with
+    "+" (a combination; a later name's flag wins where two set the same one)."""
     parts = config.split("+")
     unknown = [c for c in parts if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
-    return [*RECIPE_V1, *[flag for part in parts for flag in CONFIGS[part]]]
+    return [flag for part in parts for flag in CONFIGS[part]]
+
+
+def config_flags(config):
+    """train.py flags of a configuration: recipe v1's, then its changes."""
+    return [*RECIPE_V1, *change_flags(config)]
 
 
 def tuning_run_name(norm, config, epochs, seed):
