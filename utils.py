@@ -30,11 +30,11 @@ WHITEN_MODES = ("off", "frozen", "trainable")
 
 @dataclass
 class TrainConfig:
-    # The recipe; README "How the recipe was chosen" holds the evidence for each default.
+    # The recipe; README "Training recipe" says why each default is there, with its evidence.
     epochs: int = 20              # passes over the training set; the assignment allows 20
     batch_size: int = 128         # images per optimizer step
-    lr: float = 0.1               # peak learning rate of the one-cycle schedule
-    momentum: float = 0.9         # SGD (Nesterov) momentum
+    lr: float = 0.1               # peak learning rate of the one-cycle schedule (all but Muon's)
+    momentum: float = 0.9         # Nesterov momentum of SGD and Muon (AdamW's beta1)
     weight_decay: float = 5e-4    # L2 penalty on conv weights only (not norms, biases)
     label_smoothing: float = 0.1  # cross-entropy target smoothing
     pct_start: float = 0.25       # fraction of the steps spent warming up to `lr`
