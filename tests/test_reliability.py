@@ -346,9 +346,9 @@ def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
     from utils import save_checkpoint
 
     ckpt = tmp_path / "run.pt"
-    config = TrainConfig(epochs=2, batch_size=20)
-    fit(build_model("batch", seed=0), tiny_data, TrainConfig(epochs=2, batch_size=20),
-        "cpu", checkpoint_path=ckpt, progress=False)
+    config = TrainConfig(epochs=2, batch_size=20, optimizer="sgd")  # what files before it ran
+    fit(build_model("batch", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
+        progress=False)
     state = load_checkpoint(ckpt)
     for part, added in (("model", ("identity_init", "weight_std")),
                         ("train", ("whiten", "optimizer", "muon_lr"))):
@@ -363,4 +363,5 @@ def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
     del payload["model_config"]["weight_std"], payload["train_config"]["alternate_flip"]
     results.write_text(json.dumps(payload))
     assert same_recipe(results, model.config, config)
-    assert not same_recipe(results, model.config, TrainConfig(epochs=3, batch_size=20))
+    assert not same_recipe(results, model.config, TrainConfig(epochs=3, batch_size=20,
+                                                              optimizer="sgd"))

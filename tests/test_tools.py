@@ -348,7 +348,7 @@ def test_ablation_table_judges_each_lever_by_the_interval_of_its_paired_differen
     assert "| +0.50, +1.00 | +0.75 [-2.43, +3.93] | no decision |" in row("ls0")
     # -1, -2, -1, -2: mean -1.5, sd 0.577, t(3) = 3.182 -> half-width 0.92
     assert "| -1.50 [-2.42, -0.58] | loses |" in row("gelu")
-    assert "`--lr 0.2`" in row("lr0.2") and "(current recipe)" in row("base")
+    assert "`--lr 0.2`" in row("lr0.2") and "(recipe v1)" in row("base")
     assert "scored on the 5000 held-out validation images (never the test set)" in text
 
 
