@@ -65,6 +65,11 @@ def field_comments(cls):
     return comments
 
 
+def flag_name(field):
+    """The command-line flag of a configuration field ("lr" -> "--lr")."""
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
 def add_config_flags(parser, cls):
     """One flag per field of a configuration dataclass: its name, type, default and help."""
     comments = field_comments(cls)
@@ -72,7 +77,7 @@ def add_config_flags(parser, cls):
     for f in fields(cls):
         if f.name in NOT_FLAGS:
             continue
-        flag = FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        flag = flag_name(f.name)
         default = getattr(defaults, f.name)
         help_text = f"{comments.get(f.name, '')} (default: {default})".replace("%", "%%")
         if isinstance(default, bool):

@@ -378,6 +378,19 @@ def test_tuning_combinations_join_the_flags_of_their_parts():
         tune.config_flags("lr0.2+lr9")
 
 
+def test_tuning_base_trains_the_recipe_v1_that_files_from_before_muon_record():
+    import tune
+    import train
+    from utils import TrainConfig, recipe, with_defaults
+
+    _, config = train.configs_from(train.parse_args(tune.config_flags("base")))
+    assert config.optimizer == "sgd" != TrainConfig().optimizer
+    old_file = {k: v for k, v in recipe(TrainConfig()).items() if k != "optimizer"}
+    assert recipe(config) == with_defaults({}, old_file)[1]
+    _, muon = train.configs_from(train.parse_args(tune.config_flags("muon")))
+    assert muon.optimizer == "muon"
+
+
 def test_group_only_configurations_are_left_out_of_other_variants_studies(monkeypatch):
     import tune
 

@@ -28,14 +28,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from results import run_name  # noqa: E402
 from sweep import run_all  # noqa: E402
+from train import flag_name  # noqa: E402
+from utils import FIRST_DEFAULTS  # noqa: E402
 from variants import DEFAULT, canonical_norm, course_variants, get_variant  # noqa: E402
 
 OUT_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = ROOT / "results" / "ceiling"  # recipe v1 beyond 20 epochs: a scale
 
 # Every configuration is a change from the recipe the studies started from (recipe v1: today's
-# defaults with SGD), so a name keeps its meaning now that Muon is the default.
-RECIPE_V1 = ["--optimizer", "sgd"]
+# defaults at their first values, SGD), so a name keeps its meaning now that Muon is the default.
+RECIPE_V1 = [arg for field, value in FIRST_DEFAULTS.items()
+             for arg in (flag_name(field), str(value))]
 
 # One lever at a time from recipe v1, in the order worth running first: the runs of 20 epochs say the network under-fits (train accuracy
 # at or below test accuracy), so capacity and optimisation come before regularisation.
