@@ -166,14 +166,20 @@ def study_section(study, budget, runs):
     return "\n".join(parts)
 
 
-def study_recipe(budget):
-    """Which recipe a study ran, but for the batch size and rate it varies: today's, or how it
-    differs, so a study run before a recipe change stays labelled with the recipe it used."""
-    recipes = budget.get("recipe") or ["current"]
+def against_today(recipes):
+    """How recipe labels (compare.recipe_changes) read against today's defaults: "today's
+    defaults", or "today's defaults but `lr 0.1` / ...", so a study run before a recipe change
+    names the one it used."""
     if recipes == ["current"]:
-        return "Recipe: today's defaults."
-    return (f"Recipe: not today's defaults but {' / '.join(f'`{r}`' for r in recipes)}; the "
-            f"comparisons hold within that recipe.")
+        return "today's defaults"
+    return f"today's defaults but {' / '.join(f'`{r}`' for r in recipes)}"
+
+
+def study_recipe(budget):
+    """Which recipe a study ran, but for the batch size and rate it varies."""
+    recipes = budget.get("recipe") or ["current"]
+    caveat = "" if recipes == ["current"] else "; the comparisons hold within that recipe"
+    return f"Recipe: {against_today(recipes)}{caveat}."
 
 
 def recorded_precision(run):
@@ -519,8 +525,7 @@ def lr_section(study):
                  f"on; the test set is not used)" if evaluated == "validation"
                  else f"all {scored} test images")
     changes = sorted({compare.recipe_changes(r, ignore=("epochs", "lr")) for r in runs})
-    otherwise = ("the recipe otherwise today's" if changes == ["current"] else
-                 f"the recipe otherwise today's but {' / '.join(f'`{c}`' for c in changes)}")
+    otherwise = f"the recipe otherwise {against_today(changes)}"
     return (f"{compare.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
             f"epochs on {shared(lambda r: r['data']['train_images'])} training images (a "
             f"stratified subset, drawn per seed), scored on {scored_on}, batch "
