@@ -74,6 +74,9 @@ CONFIGS = {
     "muon": ["--optimizer", "muon"],             # Muon for the 3x3 kernels, SGD for the rest
     "adamw": ["--optimizer", "adamw", "--lr", "0.003"],
     "lookahead": ["--lookahead", "5"],           # k = 5, alpha = 0.5 (Zhang et al., 2019)
+    # where the capacity sits: channels moved to the 8x8 stage (w24-32-28 moved them earlier)
+    "w12-24-36": ["--widths", "12", "24", "36"],    # 48,862 parameters
+    "w16-20-36": ["--widths", "16", "20", "36"],    # 46,698 parameters
     # GroupNorm only (--norm group): 1, 2, 4 groups are all that divide 16/28/32 channels; the
     # group-size view keeps channels per group fixed instead (GN paper, Table 3)
     "g2": ["--groups", "2"],
@@ -126,6 +129,7 @@ def per_epoch_grid():
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+zinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
+        (DEFAULT, ["muon+w12-24-36", "muon+w16-20-36"], 20, seeds, OUT_DIR),
         *[(v, ["base"], 40, [0, 1] if v == DEFAULT else [0], CEILING_DIR) for v in every],
         (DEFAULT, ["base"], 80, [0, 1], CEILING_DIR),
         (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "zinit", "ls0.2",
