@@ -12,6 +12,11 @@ They sit where a layer's input and output have the same shape, i.e. right after 
 so the 1x1 transitions double as the projection that a ResNet would otherwise need, and every
 stage gives gradients a short path to the stem. C9 is left plain so the head sees one more
 non-linear mixing of the stage-3 features before pooling.
+
+`ModelConfig.skips` moves the adds for the study of where they sit (SKIP_LAYOUTS): "per-conv"
+makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "none" removes
+them (the plain chain, to measure what they buy). Adds cost no parameters, so every layout has
+the same parameter count.
 """
 
 import copy
@@ -50,6 +55,14 @@ def check_range(config, **bounds):
 
 
 IDENTITY_INITS = ("off", "zero", "dirac")
+# Where the identity adds sit: the 3x3 blocks whose output gets the branch's input added (a
+# branch starts after the previous add, or at the stage's input).
+SKIP_LAYOUTS = {
+    "blocks": ("C2", "C5", "C8"),                        # the default: see the docstring
+    "per-conv": ("C2", "C4", "C5", "C7", "C8", "C9"),    # one conv per residual branch
+    "none": (),                                          # a plain chain
+}
+STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "celu": nn.CELU}
 
 
@@ -73,6 +86,7 @@ class ModelConfig:
     identity_init: str = "off"  # residual branches start as identity: off, zero (last norm
                                 # scale 0) or dirac (3x3 convs plus an identity kernel)
     weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
+    skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or none
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
@@ -85,6 +99,12 @@ class ModelConfig:
         if self.identity_init not in IDENTITY_INITS:
             raise ValueError(f"identity_init must be one of {', '.join(IDENTITY_INITS)}, got "
                              f"{self.identity_init!r}")
+        if self.skips not in SKIP_LAYOUTS:
+            raise ValueError(f"skips must be one of {', '.join(SKIP_LAYOUTS)}, got "
+                             f"{self.skips!r}")
+        if self.identity_init == "zero" and not SKIP_LAYOUTS[self.skips]:
+            raise ValueError("identity_init zero needs skip connections (skips blocks or "
+                             "per-conv): without them a zeroed branch silences the network")
 
     def to_dict(self):
         return asdict(self)
@@ -145,21 +165,26 @@ class Net(nn.Module):
         init_identity(self, config.identity_init)
 
     def forward(self, x):                      # x: (N, 3, 32, 32)
-        x = self.C1(x)                         # (N, w1, 32, 32)
-        x = x + self.C2(x)                     # skip 1
+        stage1, stage2, stage3 = STAGES
+        x = self._stage(self.C1(x), stage1)    # C2 (+ skip) -> (N, w1, 32, 32)
         x = F.max_pool2d(self.c3(x), 2)        # P1 -> (N, w2, 16, 16)
-        x = x + self.C5(self.C4(x))            # skip 2
+        x = self._stage(x, stage2)             # C4 C5 (+ skip)
         x = F.max_pool2d(self.c6(x), 2)        # P2 -> (N, w3, 8, 8)
-        x = x + self.C8(self.C7(x))            # skip 3
-        x = self.C9(x)
+        x = self._stage(x, stage3)             # C7 C8 (+ skip) C9
         x = F.adaptive_avg_pool2d(x, 1)        # GAP -> (N, w3, 1, 1)
         return self.C10(x).flatten(1)          # (N, num_classes) logits
 
+    def _stage(self, x, blocks):
+        """Run a stage's square 3x3 blocks, adding each residual branch's input at its end."""
+        branch_input, ends = x, SKIP_LAYOUTS[self.config.skips]
+        for name in blocks:
+            x = getattr(self, name)(x)
+            if name in ends:
+                x = branch_input = x + branch_input
+        return x
+
     def get_num_params(self, trainable_only=True):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
-RESIDUAL_BRANCH_ENDS = ("C2", "C5", "C8")  # the blocks whose output is added to a skip
 
 
 @torch.no_grad()
@@ -168,7 +193,7 @@ def init_identity(model, how):
     of each branch, so each skip add passes its input alone; "dirac" adds an identity kernel
     to every 3x3 conv with as many outputs as inputs (Goyal et al., 2017; airbench)."""
     if how == "zero":
-        for name in RESIDUAL_BRANCH_ENDS:
+        for name in SKIP_LAYOUTS[model.config.skips]:
             norm = getattr(model, name)[1]
             if not hasattr(norm, "weight"):
                 raise ValueError("identity_init zero needs a normalization with a scale")

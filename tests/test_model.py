@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import NORMS
-from model import ModelConfig, Net, build_model, get_norm_layer
+from model import SKIP_LAYOUTS, ModelConfig, Net, build_model, get_norm_layer
 from variants import canonical_norm
 
 
@@ -34,14 +34,49 @@ def test_every_parameter_gets_a_finite_gradient(norm):
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("block", ["C2", "C5", "C8"])
-def test_skip_connections_carry_the_signal_past_a_silenced_block(norm, block):
-    # In a plain chain, a block that outputs zeros makes the logits independent of the input.
-    model = build_model(norm, seed=0).eval()
+def logits_with_a_silenced_block(model, block):
+    """Logits of two different images when `block` outputs zeros."""
     getattr(model, block).register_forward_hook(lambda m, i, out: torch.zeros_like(out))
-    a, b = model(torch.randn(2, 3, 32, 32)).detach()
+    return model(torch.randn(2, 3, 32, 32)).detach()
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("skips,block", [("blocks", "C2"), ("blocks", "C5"), ("blocks", "C8"),
+                                         ("per-conv", "C4"), ("per-conv", "C9")])
+def test_skip_connections_carry_the_signal_past_a_silenced_block(norm, skips, block):
+    # In a plain chain, a block that outputs zeros makes the logits independent of the input.
+    a, b = logits_with_a_silenced_block(build_model(norm, seed=0, skips=skips).eval(), block)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("skips,block", [("none", "C2"), ("none", "C8"), ("blocks", "C9")])
+def test_a_block_without_a_skip_around_it_cuts_the_signal(skips, block):
+    a, b = logits_with_a_silenced_block(build_model("batch", seed=0, skips=skips).eval(), block)
+    assert torch.allclose(a, b)
+
+
+def test_the_default_skips_are_the_three_documented_adds():
+    model = build_model("batch", seed=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    h = model.C1(x)
+    h = h + model.C2(h)
+    h = F.max_pool2d(model.c3(h), 2)
+    h = h + model.C5(model.C4(h))
+    h = F.max_pool2d(model.c6(h), 2)
+    h = model.C9(h + model.C8(model.C7(h)))
+    assert torch.equal(model(x), model.C10(F.adaptive_avg_pool2d(h, 1)).flatten(1))
+
+
+@pytest.mark.parametrize("skips", SKIP_LAYOUTS)
+def test_every_skip_layout_keeps_the_parameters_and_the_logits_shape(skips):
+    model = build_model("group", seed=0, skips=skips)
+    assert model.get_num_params() == build_model("group", seed=0).get_num_params()
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_an_unknown_skip_layout_lists_the_accepted_ones():
+    with pytest.raises(ValueError, match="skips must be one of blocks, per-conv, none"):
+        ModelConfig(skips="dense")
 
 
 @pytest.mark.parametrize("alias,expected", [("bn", nn.BatchNorm2d), ("BatchNorm", nn.BatchNorm2d),

@@ -100,6 +100,16 @@ def test_dirac_identity_init_adds_an_identity_kernel_to_square_3x3_convs():
     assert torch.equal(dirac.C1[0].weight, plain.C1[0].weight)  # 3 -> 16: not square
 
 
+def test_zero_identity_init_follows_the_skip_layout():
+    model = build_model("batch", seed=0, identity_init="zero", skips="per-conv")
+    zeroed = [name for name in ("C2", "C4", "C5", "C7", "C8", "C9")
+              if torch.count_nonzero(getattr(model, name)[1].weight) == 0]
+    assert zeroed == ["C2", "C4", "C5", "C7", "C8", "C9"]
+    assert torch.count_nonzero(model.C1[1].weight) == 16  # C1 starts no branch
+    with pytest.raises(ValueError, match="identity_init zero needs skip connections"):
+        ModelConfig(identity_init="zero", skips="none")
+
+
 def test_identity_init_zero_needs_a_scale_to_zero():
     with pytest.raises(ValueError, match="needs a normalization with a scale"):
         build_model("none", identity_init="zero")

@@ -306,7 +306,10 @@ def config_names():
                                   for b in list(tune.CONFIGS)[i + 1:]]
     found = {}
     for name in names:
-        model_config, config = train.configs_from(train.parse_args(tune.config_flags(name)))
+        try:
+            model_config, config = train.configs_from(train.parse_args(tune.config_flags(name)))
+        except ValueError:  # a pair that cannot be built (zinit+no-skips) was never run
+            continue
         run = {"variant": model_config.norm, "model_config": model_config.to_dict(),
                "train_config": config.to_dict()}
         found.setdefault(compare.recipe_changes(run, ignore=("norm", "epochs")), name)

@@ -40,8 +40,9 @@ CEILING_DIR = ROOT / "results" / "ceiling"  # recipe v1 beyond 20 epochs: a scal
 RECIPE_V1 = [arg for field, value in FIRST_DEFAULTS.items()
              for arg in (flag_name(field), str(value))]
 
-# One lever at a time from recipe v1, in the order worth running first: the runs of 20 epochs say the network under-fits (train accuracy
-# at or below test accuracy), so capacity and optimisation come before regularisation.
+# One lever at a time from recipe v1, in the order worth running first: the runs of 20 epochs
+# say the network under-fits (train accuracy at or below test accuracy), so capacity and
+# optimisation come before regularisation.
 CONFIGS = {
     "base": [],                                  # recipe v1 itself
     "w24-32-28": ["--widths", "24", "32", "28"],    # 47,778 parameters
@@ -77,6 +78,9 @@ CONFIGS = {
     # where the capacity sits: channels moved to the 8x8 stage (w24-32-28 moved them earlier)
     "w12-24-36": ["--widths", "12", "24", "36"],    # 48,862 parameters
     "w16-20-36": ["--widths", "16", "20", "36"],    # 46,698 parameters
+    # where the skip adds sit (no parameters): every square 3x3 conv its own branch, or none
+    "skips-per-conv": ["--skips", "per-conv"],
+    "no-skips": ["--skips", "none"],
     # GroupNorm only (--norm group): 1, 2, 4 groups are all that divide 16/28/32 channels; the
     # group-size view keeps channels per group fixed instead (GN paper, Table 3)
     "g2": ["--groups", "2"],
@@ -129,11 +133,12 @@ def per_epoch_grid():
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+zinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
-        (DEFAULT, ["muon+w12-24-36", "muon+w16-20-36"], 20, seeds, OUT_DIR),
+        (DEFAULT, ["muon+w12-24-36", "muon+w16-20-36", "muon+skips-per-conv"], 20, seeds,
+         OUT_DIR),
         *[(v, ["base"], 40, [0, 1] if v == DEFAULT else [0], CEILING_DIR) for v in every],
         (DEFAULT, ["base"], 80, [0, 1], CEILING_DIR),
         (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "zinit", "ls0.2",
-                   "lookahead", "adamw", "pad2", "bs256"], 20, seeds, OUT_DIR),
+                   "lookahead", "adamw", "pad2", "bs256", "no-skips"], 20, seeds, OUT_DIR),
         *[(v, ["gs4"], 20, seeds, OUT_DIR) for v in every if get_variant(v).uses_groups],
     ]
 
