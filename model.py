@@ -14,7 +14,7 @@ stage gives gradients a short path to the stem. C9 is left plain so the head see
 non-linear mixing of the stage-3 features before pooling.
 
 `ModelConfig.skips` moves the adds for the study of where they sit (SKIP_LAYOUTS): "per-conv"
-makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "none" removes
+makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "off" removes
 them (the plain chain, to measure what they buy). Adds cost no parameters, so every layout has
 the same parameter count.
 """
@@ -60,7 +60,7 @@ IDENTITY_INITS = ("off", "zero", "dirac")
 SKIP_LAYOUTS = {
     "blocks": ("C2", "C5", "C8"),                        # the default: see the docstring
     "per-conv": ("C2", "C4", "C5", "C7", "C8", "C9"),    # one conv per residual branch
-    "none": (),                                          # a plain chain
+    "off": (),                                           # a plain chain
 }
 STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "celu": nn.CELU}
@@ -86,7 +86,7 @@ class ModelConfig:
     identity_init: str = "off"  # residual branches start as identity: off, zero (last norm
                                 # scale 0) or dirac (3x3 convs plus an identity kernel)
     weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
-    skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or none
+    skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)

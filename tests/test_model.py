@@ -49,7 +49,7 @@ def test_skip_connections_carry_the_signal_past_a_silenced_block(norm, skips, bl
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("skips,block", [("none", "C2"), ("none", "C8"), ("blocks", "C9")])
+@pytest.mark.parametrize("skips,block", [("off", "C2"), ("off", "C8"), ("blocks", "C9")])
 def test_a_block_without_a_skip_around_it_cuts_the_signal(skips, block):
     a, b = logits_with_a_silenced_block(build_model("batch", seed=0, skips=skips).eval(), block)
     assert torch.allclose(a, b)
@@ -75,7 +75,7 @@ def test_every_skip_layout_keeps_the_parameters_and_the_logits_shape(skips):
 
 
 def test_an_unknown_skip_layout_lists_the_accepted_ones():
-    with pytest.raises(ValueError, match="skips must be one of blocks, per-conv, none"):
+    with pytest.raises(ValueError, match="skips must be one of blocks, per-conv, off"):
         ModelConfig(skips="dense")
 
 

@@ -107,7 +107,7 @@ def test_zero_identity_init_follows_the_skip_layout():
     assert zeroed == ["C2", "C4", "C5", "C7", "C8", "C9"]
     assert torch.count_nonzero(model.C1[1].weight) == 16  # C1 starts no branch
     with pytest.raises(ValueError, match="identity_init zero needs skip connections"):
-        ModelConfig(identity_init="zero", skips="none")
+        ModelConfig(identity_init="zero", skips="off")
 
 
 def test_identity_init_zero_needs_a_scale_to_zero():

@@ -80,7 +80,7 @@ CONFIGS = {
     "w16-20-36": ["--widths", "16", "20", "36"],    # 46,698 parameters
     # where the skip adds sit (no parameters): every square 3x3 conv its own branch, or none
     "skips-per-conv": ["--skips", "per-conv"],
-    "no-skips": ["--skips", "none"],
+    "no-skips": ["--skips", "off"],
     # GroupNorm only (--norm group): 1, 2, 4 groups are all that divide 16/28/32 channels; the
     # group-size view keeps channels per group fixed instead (GN paper, Table 3)
     "g2": ["--groups", "2"],
