@@ -55,14 +55,14 @@ def check_range(config, **bounds):
 
 
 IDENTITY_INITS = ("off", "zero", "dirac")
+STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 # Where the identity adds sit: the 3x3 blocks whose output gets the branch's input added (a
 # branch starts after the previous add, or at the stage's input).
 SKIP_LAYOUTS = {
-    "blocks": ("C2", "C5", "C8"),                        # the default: see the docstring
-    "per-conv": ("C2", "C4", "C5", "C7", "C8", "C9"),    # one conv per residual branch
-    "off": (),                                           # a plain chain
+    "blocks": ("C2", "C5", "C8"),                              # the default: see the docstring
+    "per-conv": tuple(name for stage in STAGES for name in stage),  # one conv per branch
+    "off": (),                                                 # a plain chain
 }
-STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "celu": nn.CELU}
 
 
