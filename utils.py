@@ -63,6 +63,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
                              f"{self.optimizer!r}")
+        if self.optimizer != "muon" and self.muon_lr != TrainConfig.muon_lr:
+            raise ValueError(f"muon_lr applies to optimizer 'muon' only, got optimizer "
+                             f"{self.optimizer!r}; add --optimizer muon or leave --muon-lr out")
         if self.whiten not in WHITEN_MODES:
             raise ValueError(f"whiten must be one of {', '.join(WHITEN_MODES)}, got "
                              f"{self.whiten!r}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import NORMS
 from dataset import TensorLoader
 from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
-from norm_stats import probe_layers
+from norm_stats import fixed_batch, probe_layers
 from optimizers import Chain, KernelMatrix, Lookahead, make_optimizer
 from utils import TrainConfig, fit, load_checkpoint
 
@@ -48,7 +48,7 @@ def test_a_frozen_first_layer_stays_put_and_the_probe_still_reports_it(tiny_data
     model = build_model("batch", seed=0)
     config = TrainConfig(epochs=2, batch_size=20, whiten="frozen")
     history = fit(model, tiny_data, config, "cpu", progress=False)
-    images, _ = __import__("norm_stats").fixed_batch(
+    images, _ = fixed_batch(
         tiny_data.train_x, tiny_data.train_y, tiny_data.mean, tiny_data.std, "cpu", per_class=500)
     assert torch.allclose(model.C1[0].weight, patch_whitening(images, 16))
     assert all(g > 0 for g in history["grad_norm"][-1])  # C1's gradient is measured anyway
@@ -238,6 +238,12 @@ def test_lookahead_settings_out_of_range_are_refused():
         TrainConfig(lookahead=-1)
     with pytest.raises(ValueError, match="lookahead_alpha must be above 0 and at most 1"):
         TrainConfig(lookahead_alpha=0)
+
+
+def test_a_muon_rate_without_muon_is_refused_rather_than_ignored():
+    with pytest.raises(ValueError, match="muon_lr applies to optimizer 'muon' only"):
+        TrainConfig(optimizer="sgd", muon_lr=0.1)
+    assert TrainConfig(optimizer="muon", muon_lr=0.1).muon_lr == 0.1
 
 
 def test_an_unknown_optimizer_is_refused():

@@ -75,6 +75,9 @@ CONFIGS = {
     "muon": ["--optimizer", "muon"],             # Muon for the 3x3 kernels, SGD for the rest
     "adamw": ["--optimizer", "adamw", "--lr", "0.003"],
     "lookahead": ["--lookahead", "5"],           # k = 5, alpha = 0.5 (Zhang et al., 2019)
+    # Muon's peak rate (0.05) was placed by a 4-epoch check; the full budget decides
+    "mlr0.1": ["--muon-lr", "0.1"],
+    "mlr0.025": ["--muon-lr", "0.025"],
     # where the capacity sits: channels moved to the 8x8 stage (w24-32-28 moved them earlier)
     "w12-24-36": ["--widths", "12", "24", "36"],    # 48,862 parameters
     "w16-20-36": ["--widths", "16", "20", "36"],    # 46,698 parameters
@@ -131,7 +134,7 @@ def per_epoch_grid():
     return [
         *[(v, ["base", "muon"], 20, seeds, OUT_DIR) for v in every],
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+zinit", "muon+aflip", "muon+dirac",
-                   "muon+ls0.2"], 20, seeds, OUT_DIR),
+                   "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         (DEFAULT, ["muon+w12-24-36", "muon+w16-20-36", "muon+skips-per-conv"], 20, seeds,
          OUT_DIR),
