@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 # Alphabetical, which is also the official CIFAR-10 label order.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -201,7 +202,7 @@ def _torchvision_download(root):
 
 def _decode_torchvision(root, download, decode=True):
     try:
-        from torchvision.datasets import CIFAR10
+        from torchvision.datasets import CIFAR10  # only here: the archive path needs torch alone
         splits = {s: CIFAR10(str(root), train=(s == "train"), download=download) for s in SPLITS}
     except Exception as err:  # URLError, checksum RuntimeError, ...
         raise DatasetError(
@@ -273,8 +274,6 @@ def _decode_folder(root):
 
 
 def _decode_splits(files, where):
-    from PIL import Image, UnidentifiedImageError
-
     out = {}
     converted = []  # (name, mode) of every image that was not RGB
     for split in SPLITS:

@@ -2,7 +2,10 @@ import json
 import subprocess
 import sys
 
+from PIL import Image as PILImage
+
 from conftest import ROOT, make_archive
+from results import run_name
 
 
 def run_train(*args, cwd, env_cache):
@@ -61,8 +64,6 @@ def tiny_archive(image_tree, tmp_path):
 
 
 def test_run_names_differ_whenever_the_settings_do():
-    from results import run_name
-
     assert run_name("batch", 0) == "batch_seed0"  # the results table's runs keep their names
     assert run_name("batch", 0, epochs=1, subset=20) == "batch_seed0_e1_subset20"
     assert run_name("group", 1, lr=0.2, num_groups=8) == "group_seed1_lr0.2_g8"
@@ -164,8 +165,6 @@ def test_precision_flag_is_recorded_in_the_results(image_tree, tmp_path):
 
 
 def test_validation_runs_are_scored_on_held_out_training_images(image_tree, tmp_path):
-    from PIL import Image as PILImage
-
     root = image_tree[0]
     for cls in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                 "truck"):  # 6 training images per class, so that 1 per class can be held out

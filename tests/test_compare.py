@@ -7,8 +7,10 @@ import pytest
 
 matplotlib.use("Agg")
 
-from conftest import ROOT
-import compare
+import compare  # noqa: E402
+from conftest import ROOT  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from utils import TrainConfig  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import report  # noqa: E402
@@ -18,9 +20,6 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def study_run(variant, batch_size, seed, acc, batch_stats_acc=None, **changes):
-    from model import ModelConfig
-    from utils import TrainConfig
-
     train_config = TrainConfig(seed=seed, batch_size=batch_size, lr=0.1 * batch_size / 128,
                                epochs=6, **changes).to_dict()
     return {"variant": variant, "seed": seed, "epochs": 6, "final_test_acc": acc,

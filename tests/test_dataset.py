@@ -4,10 +4,11 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 from PIL import Image
 
 import dataset
-from conftest import make_archive, write_image_tree
+from conftest import make_archive, synthetic_data, write_image_tree
 from dataset import (CIFAR10_CLASSES, DatasetError, TensorLoader, augment_batch, channel_stats,
                      load_cifar10, stratified_subset)
 
@@ -68,8 +69,6 @@ def test_missing_path(tmp_path, cache_dir):
 
 
 def test_no_data_and_no_internet(tmp_path, cache_dir, monkeypatch):
-    import torchvision.datasets
-
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
@@ -212,8 +211,6 @@ def test_grayscale_images_are_converted_with_one_warning_naming_count_and_path(i
 
 
 def test_validation_split_holds_out_a_fixed_stratified_set_never_trained_on():
-    from conftest import synthetic_data
-
     data = synthetic_data(per_class=20, test_per_class=5)
     split = data.validation_split(per_class=4)
     assert len(split.test_y) == 40 and len(split.train_y) == 160

@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NORMS
-from model import SKIP_LAYOUTS, ModelConfig, Net, build_model, get_norm_layer
+from conftest import NORMS, ROOT
+from model import ACTIVATIONS, SKIP_LAYOUTS, ModelConfig, Net, build_model, get_norm_layer
 from variants import canonical_norm
 
 
@@ -131,8 +131,6 @@ def test_canonical_names():
 
 
 def test_readme_states_the_real_parameter_count():
-    from conftest import ROOT
-
     count = build_model("batch").get_num_params()
     assert f"**{count:,} trainable parameters**" in (ROOT / "README.md").read_text()
 
@@ -140,8 +138,6 @@ def test_readme_states_the_real_parameter_count():
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "celu"])
 @pytest.mark.parametrize("norm", NORMS)
 def test_every_activation_builds_trains_and_keeps_the_parameter_count(norm, activation):
-    from model import ACTIVATIONS
-
     model = build_model(norm, seed=0, activation=activation)
     assert model.get_num_params() == build_model(norm).get_num_params()
     assert sum(isinstance(m, ACTIVATIONS[activation]) for m in model.modules()) == 7  # C1 C2 C4 C5 C7 C8 C9

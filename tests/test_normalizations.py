@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import normalizations as ref
+from model import ModelConfig
 
 # float64 throughout: any mismatch is a wrong formula, not rounding
 F64 = torch.float64
@@ -133,8 +134,6 @@ def test_shared_statistics_masks_shade_each_methods_set():
 
 
 def test_norm_axes_figure_draws_the_masks_with_this_repositorys_group_count(tmp_path):
-    from model import ModelConfig
-
     groups = ModelConfig().num_groups
     fig, masks = ref.plot_norm_axes(tmp_path / "axes.png", num_groups=groups)
     assert (tmp_path / "axes.png").stat().st_size > 10_000
@@ -148,12 +147,10 @@ def test_norm_axes_figure_draws_the_masks_with_this_repositorys_group_count(tmp_
 
 
 def test_the_notebooks_check_reports_every_method_and_fails_on_a_wrong_formula(monkeypatch):
-    import normalizations
-
-    diffs = normalizations.check_against_torch()
+    diffs = ref.check_against_torch()
     assert len(diffs) == 6 and max(diffs.values()) < 1e-12
     # the check must see a mistake, e.g. the unbiased variance used to normalize
-    monkeypatch.setattr(normalizations, "_normalize",
+    monkeypatch.setattr(ref, "_normalize",
                         lambda x, mean, var, eps: (x - mean) / torch.sqrt(var * 1.01 + eps))
-    assert min(normalizations.check_against_torch().values()) < 1e-12  # running stats unaffected
-    assert max(normalizations.check_against_torch().values()) > 1e-4
+    assert min(ref.check_against_torch().values()) < 1e-12  # running stats unaffected
+    assert max(ref.check_against_torch().values()) > 1e-4

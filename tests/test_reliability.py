@@ -12,6 +12,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
@@ -19,10 +20,16 @@ import precision  # noqa: E402
 from conftest import ROOT, make_archive, write_image_tree  # noqa: E402
 from dataset import DatasetWarning, load_cifar10  # noqa: E402
 from model import build_model  # noqa: E402
-from results import RunLock, RunLockedError, check_publishable  # noqa: E402
-from utils import NonFiniteLossError, TrainConfig, fit, load_checkpoint  # noqa: E402
+import utils  # noqa: E402
+from results import (RunLock, RunLockedError, check_publishable, run_name,  # noqa: E402
+                     same_recipe)
+from utils import (NonFiniteLossError, TrainConfig, fit, load_checkpoint,  # noqa: E402
+                   save_checkpoint)
 
 sys.path.insert(0, str(ROOT / "tools"))
+import make_notebooks  # noqa: E402
+import report  # noqa: E402
+import train  # noqa: E402
 
 
 def run_train(*args, cwd, env=None):
@@ -56,8 +63,6 @@ def test_a_nan_only_in_evaluation_publishes_nothing(archive, tmp_path):
 
 def test_a_nan_at_the_end_of_an_epoch_keeps_the_last_clean_checkpoint(tiny_data, tmp_path,
                                                                       monkeypatch):
-    import utils
-
     real = utils.evaluate
     calls = []
 
@@ -139,8 +144,6 @@ def test_the_lock_says_who_holds_it(tmp_path):
 # 3. The notebooks write where train.py does, and never over another configuration's files.
 
 def notebook_config(tmp_path, monkeypatch, **env):
-    import make_notebooks
-
     for key in ("S8_SMOKE", "CI", "S8_PUBLISH"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
@@ -155,8 +158,6 @@ def notebook_config(tmp_path, monkeypatch, **env):
 
 
 def test_a_notebook_run_writes_into_runs_under_a_name_with_its_settings(tmp_path, monkeypatch):
-    from results import run_name
-
     scope, run_cell = notebook_config(tmp_path, monkeypatch)
     assert not scope["PUBLISH"] and scope["EPOCHS"] == 20
     assert scope["RESULTS_DIR"].name == "runs" and scope["IMAGES_DIR"].name == "runs"
@@ -198,8 +199,6 @@ def test_a_run_never_overwrites_another_runs_figures(archive, tmp_path):
 
 def test_a_failed_write_after_training_is_one_line_and_resume_rebuilds_the_results(
         archive, tmp_path, monkeypatch):
-    import train
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("S8_CACHE_DIR", str(tmp_path / "cache"))
 
@@ -232,7 +231,7 @@ def test_a_failed_write_after_training_is_one_line_and_resume_rebuilds_the_resul
     (["--pct-start", "1.5"], "pct_start must be at least 0 and below 1"),
 ])
 def test_settings_out_of_range_get_one_line_before_the_data_loads(tmp_path, flags, message):
-    if "cuda" in flags and __import__("torch").cuda.is_available():
+    if "cuda" in flags and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = run_train(*flags, "--data", str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
     assert message in one_line_error(out)
@@ -241,8 +240,6 @@ def test_settings_out_of_range_get_one_line_before_the_data_loads(tmp_path, flag
 # 7. Outside the assignment's limits: allowed, said, recorded, kept out of the results table.
 
 def test_a_run_outside_the_limits_is_flagged_and_refused_by_the_report(archive, tmp_path):
-    import report
-
     out = run_train("--widths", "32", "48", "64", "--dry-run", "--subset", "2", "--data",
                     archive, "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -256,8 +253,6 @@ def test_a_run_outside_the_limits_is_flagged_and_refused_by_the_report(archive, 
 
 
 def test_more_than_20_epochs_is_flagged():
-    import train
-
     assert train.limits_warning(46_538, 20) is None
     assert "25 epochs (limit: 20)" in train.limits_warning(46_538, 25)
 
@@ -342,8 +337,6 @@ def test_a_failed_dry_run_leaves_no_folder_behind(tmp_path):
 def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
     """A checkpoint or results file written before a setting was added is read with that
     setting's default, so it still resumes and is still recognised as the same run."""
-    from results import same_recipe
-    from utils import save_checkpoint
 
     ckpt = tmp_path / "run.pt"
     config = TrainConfig(epochs=2, batch_size=20, optimizer="sgd")  # what files before it ran

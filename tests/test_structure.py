@@ -12,7 +12,12 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 
+import make_notebooks  # noqa: E402
+import report  # noqa: E402
+import sweep  # noqa: E402
+import train  # noqa: E402
 import variants  # noqa: E402
+from test_tools import fake_run  # noqa: E402
 
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py"))
@@ -81,12 +86,6 @@ def dummy_variant(monkeypatch):
 
 
 def test_a_variant_added_to_the_registry_reaches_every_consumer(dummy_variant):
-    import make_notebooks
-    import report
-    import sweep
-    import train
-    from test_tools import fake_run
-
     # the command line: an accepted name, a configuration, a model
     model_config, _ = train.configs_from(train.parse_args(["--norm", "dm"]))
     assert model_config.norm == "dummy"

@@ -1,17 +1,27 @@
+import re
+import subprocess
 import sys
 
+import nbformat
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 
+import compare
 from conftest import ROOT
+from model import ModelConfig, Net
+from utils import TrainConfig, recipe, with_defaults
+from variants import DEFAULT, course_variants
 
 sys.path.insert(0, str(ROOT / "tools"))
+import make_notebooks  # noqa: E402
 import report  # noqa: E402
-
+import sweep  # noqa: E402
+import train  # noqa: E402
+import tune  # noqa: E402
+from make_notebooks import clean  # noqa: E402
 
 def fake_run(variant, seed, acc, epochs=3, flip_acc=None, precision=None, **changes):
     """A results file's fields, today's recipe unless `changes` overrides a config field."""
-    from model import ModelConfig
-    from utils import TrainConfig
 
     model_config = ModelConfig(norm=variant).to_dict()
     train_config = TrainConfig(seed=seed).to_dict()
@@ -52,8 +62,6 @@ def test_table_reports_mean_std_best_worst_from_the_files():
 
 
 def test_table_labels_an_earlier_recipe_by_how_it_differs_from_todays_defaults():
-    from utils import TrainConfig
-
     old_lr = TrainConfig.lr / 2
     runs = {"batch": [fake_run("batch", s, 0.86) for s in (0, 1, 2)]}
     before = {"batch": [fake_run("batch", s, 0.81, lr=old_lr, activation="celu")
@@ -85,8 +93,6 @@ def test_archived_recipes_load_oldest_first_and_only_where_kept(tmp_path):
 
 
 def test_precision_check_compares_with_the_same_recipe_in_another_precision():
-    from utils import TrainConfig
-
     check = fake_run("batch", 0, 0.815, precision="bf16", lr=TrainConfig.lr / 2)
     same_recipe_fp32 = [fake_run("batch", s, a, lr=TrainConfig.lr / 2)
                         for s, a in ((0, 0.81), (1, 0.82))]
@@ -125,9 +131,6 @@ def test_readme_section_is_replaced_between_the_markers():
 
 
 def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
-    import nbformat
-    from make_notebooks import clean
-
     nb = nbformat.v4.new_notebook(metadata={"widgets": {"state": {}}})
     cell = nbformat.v4.new_code_cell("x", metadata={"execution": {"iopub.status.busy": "t"}})
     # nbconvert saves each tqdm redraw as an output of its own
@@ -146,8 +149,6 @@ def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
 
 
 def test_sweep_skips_runs_whose_results_exist(tmp_path):
-    import subprocess
-
     (tmp_path / "batch_seed0.json").write_text("{}")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep.py"), "--norms", "bn",
                           "--seeds", "0", "--out-dir", str(tmp_path)],
@@ -163,17 +164,12 @@ def test_readme_results_tables_are_generated_from_the_committed_results():
 
 
 def test_learning_rate_scales_linearly_with_the_batch_size():
-    import sweep
-    from utils import TrainConfig
-
     assert sweep.scaled_lr(128) == TrainConfig.lr
     assert sweep.scaled_lr(2) == pytest.approx(TrainConfig.lr / 64)
     assert sweep.scaled_lr(256, base_lr=0.2) == pytest.approx(0.4)
 
 
 def test_sweep_plans_the_batch_size_study_with_linearly_scaled_learning_rates():
-    import sweep
-
     runs = sweep.plan(["bn", "gn"], [0, 1], batch_sizes=[128, 2])
     names = [name for name, _ in runs]
     assert names == ["batch_bs2_seed0", "group_bs2_seed0", "batch_bs128_seed0",
@@ -191,8 +187,6 @@ def test_sweep_plans_the_batch_size_study_with_linearly_scaled_learning_rates():
 
 
 def test_sweep_skips_finished_study_runs_and_refuses_batch_size_one(tmp_path):
-    import subprocess
-
     for norm in ("batch", "group"):
         (tmp_path / f"{norm}_bs4_seed0.json").write_text("{}")
     cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--norms", "bn", "gn", "--seeds",
@@ -205,9 +199,6 @@ def test_sweep_skips_finished_study_runs_and_refuses_batch_size_one(tmp_path):
 
 
 def test_notebook_writer_keeps_executed_notebooks(tmp_path, monkeypatch):
-    import nbformat
-    import make_notebooks
-
     monkeypatch.setattr(make_notebooks, "ROOT", tmp_path)
     name, nb = make_notebooks.compare_notebook()
     nb.cells[2].outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
@@ -223,7 +214,6 @@ def test_notebook_writer_keeps_executed_notebooks(tmp_path, monkeypatch):
 def readme_commands():
     """(block number, command) for every command in README.md's bash blocks, with backslash
     continuations joined and `&&` chains split; export lines are kept as commands."""
-    import re
 
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     commands = []
@@ -237,8 +227,6 @@ def readme_commands():
 def test_readme_commands_run_as_written_from_a_fresh_clone():
     """Every python call goes through the venv the setup command makes, every flag exists, and
     every command that reads CIFAR-10 is told where the local copy is."""
-    import re
-    import subprocess
 
     commands = readme_commands()
     assert commands, "README.md has no bash blocks"
@@ -273,9 +261,6 @@ def test_readme_commands_run_as_written_from_a_fresh_clone():
                                   "S8_GroupNorm.ipynb", "S8_Compare.ipynb"])
 def test_colab_setup_cell_stops_at_once_while_the_repository_url_is_a_placeholder(
         name, tmp_path, monkeypatch):
-    import nbformat
-    from IPython.core.inputtransformer2 import TransformerManager
-
     cell = next(c for c in nbformat.read(ROOT / name, as_version=4).cells
                 if c.cell_type == "code" and "google.colab" in c.source)
     shell_calls = []
@@ -302,8 +287,6 @@ def test_colab_setup_cell_stops_at_once_while_the_repository_url_is_a_placeholde
 
 
 def test_tuning_plan_runs_every_configuration_on_the_validation_split():
-    import tune
-
     runs = tune.plan(["base", "lr0.2"], [0, 1], epochs=5, norm="bn")
     assert [name for name, _ in runs] == ["batch_base_e5_seed0", "batch_base_e5_seed1",
                                           "batch_lr0.2_e5_seed0", "batch_lr0.2_e5_seed1"]
@@ -318,12 +301,10 @@ def test_tuning_plan_runs_every_configuration_on_the_validation_split():
 @pytest.mark.parametrize("norm", ["batch", "layer", "group"])
 def test_every_tuning_configuration_is_a_legal_network_for_every_variant(norm):
     """Under 50,000 parameters, group count dividing every width: the assignment's limits."""
-    import tune
-    import train
 
     for config, flags in tune.CONFIGS.items():
         model_config, _ = train.configs_from(train.parse_args(["--norm", norm, *flags]))
-        assert __import__("model").Net(model_config).get_num_params() < 50_000, config
+        assert Net(model_config).get_num_params() < 50_000, config
 
 
 def fake_tuning_run(acc, seed, epochs=5, tta=None):
@@ -366,8 +347,6 @@ def test_proxy_check_reports_rank_agreement_between_budgets():
 
 
 def test_tuning_combinations_join_the_flags_of_their_parts():
-    import tune
-
     assert tune.config_flags("lr0.2+ls0") == [*tune.RECIPE_V1, "--lr", "0.2", "--label-smoothing",
                                               "0"]
     (name, args), = tune.plan(["w24-32-28+ema0.99"], [1], epochs=5)
@@ -379,10 +358,6 @@ def test_tuning_combinations_join_the_flags_of_their_parts():
 
 
 def test_tuning_base_trains_the_recipe_v1_that_files_from_before_muon_record():
-    import tune
-    import train
-    from utils import TrainConfig, recipe, with_defaults
-
     _, config = train.configs_from(train.parse_args(tune.config_flags("base")))
     assert config.optimizer == "sgd" != TrainConfig().optimizer
     old_file = {k: v for k, v in recipe(TrainConfig()).items() if k != "optimizer"}
@@ -392,8 +367,6 @@ def test_tuning_base_trains_the_recipe_v1_that_files_from_before_muon_record():
 
 
 def test_group_only_configurations_are_left_out_of_other_variants_studies(monkeypatch):
-    import tune
-
     planned = {}
     monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: planned.setdefault("runs", runs))
     tune.main(["--norm", "bn", "--seeds", "0"])
@@ -404,8 +377,6 @@ def test_group_only_configurations_are_left_out_of_other_variants_studies(monkey
 
 
 def test_batch_size_study_says_which_recipe_it_ran():
-    from utils import TrainConfig
-
     today = {"recipe": ["current"]}
     assert report.study_recipe(today) == "Recipe: today's defaults."
     run = fake_run("batch", 0, 0.6, batch_size=8, lr=TrainConfig.lr / 16,
@@ -416,8 +387,6 @@ def test_batch_size_study_says_which_recipe_it_ran():
 
 
 def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_recorded():
-    import sweep
-
     runs = sweep.plan(["bn", "none"], [0, 1], lrs=[0.4, 0.0125])
     assert [name for name, _ in runs] == [
         "batch_lr0.0125_seed0", "none_lr0.0125_seed0", "batch_lr0.4_seed0", "none_lr0.4_seed0",
@@ -430,8 +399,6 @@ def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_record
 
 
 def test_equivalent_epochs_reads_a_changes_accuracy_off_recipe_v1_in_log_epochs():
-    import compare
-
     curve = [(20, 80.0), (40, 82.0), (80, 83.0)]
     assert compare.equivalent_epochs(81.0, curve) == pytest.approx(20 * 2 ** 0.5)
     assert compare.equivalent_epochs(82.5, curve) == pytest.approx(40 * 2 ** 0.5)
@@ -461,12 +428,12 @@ def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
     on_top = next(line for line in report.per_epoch_section(tuning, ceiling).splitlines()
                   if "| whiten+aflip |" in line)
     assert "| recipe v1 |" in on_top
-    fig = __import__("compare").plot_equivalent_epochs(
+    fig = compare.plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000 and fig.axes[0].get_xscale() == "log"
     tuning[("batch", "aflip", 20)] = runs([0.90, 0.90, 0.90, 0.90])  # past the longest budget
-    fig = __import__("compare").plot_equivalent_epochs(
+    fig = compare.plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning))
     labels = [t.get_text() for t in fig.axes[0].texts]
     assert "aflip (> 80)" in labels and "whiten" in labels  # a bound says it is one
@@ -474,9 +441,6 @@ def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
 
 def test_the_study_grid_runs_the_winner_on_every_variant_first_and_lists_what_is_done(
         tmp_path, monkeypatch, capsys):
-    import tune
-    from variants import DEFAULT, course_variants
-
     monkeypatch.setattr(tune, "OUT_DIR", tmp_path / "tuning")
     monkeypatch.setattr(tune, "CEILING_DIR", tmp_path / "ceiling")
     runs = tune.grid_plan(tune.per_epoch_grid())
@@ -499,8 +463,6 @@ def test_the_study_grid_runs_the_winner_on_every_variant_first_and_lists_what_is
 
 
 def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
-    import sweep
-
     commands = []
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **k: commands.append(cmd) or
                         type("Done", (), {"returncode": 0})())

@@ -7,8 +7,9 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from conftest import NORMS, synthetic_data
-from model import build_model
+import utils  # noqa: E402
+from conftest import NORMS, synthetic_data  # noqa: E402
+from model import build_model  # noqa: E402
 from plots import plot_data_preview, plot_history, plot_misclassified
 from results import (collect_misclassified, confusion_matrix, evaluate_batch_stats,
                      has_running_stats, load_results, make_results, save_json_atomic)
@@ -204,8 +205,6 @@ def test_results_from_precomputed_logits_equal_a_fresh_evaluation(tiny_data):
 
 
 def test_nan_in_the_first_epoch_does_not_promise_a_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import utils
-
     monkeypatch.setattr(utils, "one_cycle", lambda step, *a: 1e12)
     ckpt = tmp_path / "run.pt"
     with pytest.raises(NonFiniteLossError) as err:
@@ -300,7 +299,6 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
 
 
 def test_data_preview_shows_a_row_per_class_and_the_augmented_copies(tiny_data, tmp_path):
-
     fig, shown = plot_data_preview(tiny_data, tmp_path / "preview.png", per_class=3)
     assert (tmp_path / "preview.png").stat().st_size > 0
     assert shown.shape == (10, 3)
