@@ -21,6 +21,7 @@ from test_tools import fake_run  # noqa: E402
 
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py"))
+TESTS = sorted(p.stem for p in (ROOT / "tests").glob("*.py"))
 
 
 def local_imports(path, known):
@@ -59,9 +60,10 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not cycles, f"import circle: {' -> '.join(cycles[0])}"
 
 
-@pytest.mark.parametrize("module", MODULES + [f"tools/{t}" for t in TOOLS])
+@pytest.mark.parametrize("module", MODULES + [f"tools/{t}" for t in TOOLS] +
+                         [f"tests/{t}" for t in TESTS])
 def test_no_module_hides_an_import_of_the_repository_inside_a_function(module):
-    known = set(MODULES) | set(TOOLS)
+    known = set(MODULES) | set(TOOLS) | set(TESTS)
     hidden = [m for m, inside in local_imports(ROOT / f"{module}.py", known).items() if inside]
     assert not hidden, f"{module}.py imports {hidden} inside a function"
 
