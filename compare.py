@@ -460,12 +460,29 @@ def equivalent_epochs(accuracy, curve):
     return float(curve[0][0])
 
 
+def spread_labels(values, low, high, gap):
+    """Heights for labels of `values` (any order; returned in that order): each as near its
+    value as a `gap` to its neighbours allows, all within [low, high] where they fit."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    heights = []
+    for i in order:  # upwards: no closer than `gap` to the one below
+        heights.append(max(values[i], heights[-1] + gap) if heights else max(values[i], low))
+    for k in range(len(heights) - 1, -1, -1):  # downwards: under the top and the one above
+        ceiling = high if k == len(heights) - 1 else heights[k + 1] - gap
+        heights[k] = min(heights[k], ceiling)
+    placed = [0.0] * len(values)
+    for i, height in zip(order, heights):
+        placed[i] = height
+    return placed
+
+
 def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
     """Validation accuracy of recipe v1 against its budget in epochs (log scale; one dot per
     run, the line through the means), and each technique's 20-epoch mean as a marker placed at
-    the epochs recipe v1 needs for that accuracy. `recipe_runs`: {variant: {epochs:
-    [runs]}}; `techniques`: {variant: {name: accuracy %}}."""
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    the epochs recipe v1 needs for that accuracy, named in a column right of the plot.
+    `recipe_runs`: {variant: {epochs: [runs]}}; `techniques`: {variant: {name: accuracy %}}."""
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    labels = []  # (name, x, accuracy, colour)
     for variant, by_epochs in recipe_runs.items():
         colour = REGISTRY[variant].colour
         curve = recipe_curve(by_epochs)
@@ -474,19 +491,22 @@ def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
         for e, rs in by_epochs.items():
             ax.scatter([e] * len(rs), [100 * r["final_test_acc"] for r in rs], color=colour,
                        s=10, alpha=0.5)
-        for i, (name, acc) in enumerate(sorted(techniques.get(variant, {}).items(),
-                                               key=lambda item: item[1])
-                                        if len(curve) > 1 else ()):
+        for name, acc in (techniques.get(variant, {}).items() if len(curve) > 1 else ()):
             where = equivalent_epochs(acc, curve)
             x = where if isinstance(where, float) else curve[0][0] if where.startswith("<") \
                 else curve[-1][0]
             # off the scale: drawn at its end, pointing outwards, the bound in the label
             marker = "D" if isinstance(where, float) else "<" if where.startswith("<") else ">"
             ax.scatter([x], [acc], marker=marker, color=colour, edgecolor="k", zorder=3)
-            label = name if isinstance(where, float) else f"{name} ({where})"
-            ax.annotate(label, (x, acc), textcoords="offset points", fontsize=8,
-                        xytext=(6, 4) if i % 2 else (6, -11),  # neighbours: above, below
-                        ha="right" if marker == ">" else "left")
+            bound = "" if isinstance(where, float) else f" ({where})"
+            labels.append((f"{REGISTRY[variant].short} {name}{bound}", x, acc, colour))
+    low, high = ax.get_ylim()
+    # points sit on near-parallel lines, so labels beside them collide: one column instead
+    heights = spread_labels([acc for _, _, acc, _ in labels], low, high, (high - low) / 28)
+    for (label, x, acc, colour), height in zip(labels, heights):
+        ax.annotate(label, (x, acc), xytext=(1.03, height), textcoords=("axes fraction", "data"),
+                    fontsize=8, color=colour, va="center", annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, alpha=0.5))
     ax.axvline(20, color="k", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ticks = sorted({e for by_epochs in recipe_runs.values() for e in by_epochs})

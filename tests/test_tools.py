@@ -436,7 +436,17 @@ def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
     fig = compare.plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning))
     labels = [t.get_text() for t in fig.axes[0].texts]
-    assert "aflip (> 80)" in labels and "whiten" in labels  # a bound says it is one
+    assert "BN aflip (> 80)" in labels and "BN whiten" in labels  # a bound says it is one
+
+
+def test_figure_labels_keep_their_order_and_never_touch():
+    values = [80.0, 81.0, 80.01, 80.02, 79.0]
+    heights = compare.spread_labels(values, 78.0, 82.0, gap=0.1)
+    assert sorted(range(5), key=heights.__getitem__) == sorted(range(5), key=values.__getitem__)
+    assert min(b - a for a, b in zip(sorted(heights), sorted(heights)[1:])) >= 0.1 - 1e-9
+    assert heights[1] == 81.0 and heights[4] == 79.0  # labels with room stay beside their point
+    crowded_top = compare.spread_labels([81.95, 81.99, 82.0], 78.0, 82.0, gap=0.1)
+    assert max(crowded_top) <= 82.0 and sorted(crowded_top) == crowded_top
 
 
 def test_the_study_grid_runs_the_winner_on_every_variant_first_and_lists_what_is_done(
