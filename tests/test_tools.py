@@ -370,10 +370,32 @@ def test_group_only_configurations_are_left_out_of_other_variants_studies(monkey
     planned = {}
     monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: planned.setdefault("runs", runs))
     tune.main(["--norm", "bn", "--seeds", "0"])
-    configs = {name.split("_")[1] for name, _ in planned.pop("runs")}
-    assert configs == set(tune.CONFIGS) - tune.GROUP_ONLY
+    parts = {part for name, _ in planned.pop("runs") for part in name.split("_")[1].split("+")}
+    assert parts == set(tune.CONFIGS) - tune.GROUP_ONLY
     tune.main(["--norm", "gn", "--seeds", "0"])
-    assert {name.split("_")[1] for name, _ in planned["runs"]} == set(tune.CONFIGS)
+    assert {part for name, _ in planned["runs"]
+            for part in name.split("_")[1].split("+")} == set(tune.CONFIGS)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "group"])
+def test_tune_without_configs_plans_only_runs_that_train_py_accepts(norm, monkeypatch):
+    """A refinement (Muon's rate) runs on top of what it refines, never alone over recipe v1,
+    where TrainConfig refuses it: a default study must not fail half-way."""
+    planned = {}
+    monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: planned.setdefault("runs", runs))
+    tune.main(["--norm", norm, "--seeds", "0", "--epochs", "20"])
+    names = [name for name, _ in planned["runs"]]
+    assert f"{norm}_muon+mlr0.1_e20_seed0" in names and f"{norm}_mlr0.1_e20_seed0" not in names
+    for name, run_args in planned["runs"]:
+        model_config, config = train.configs_from(train.parse_args(run_args))
+        assert model_config.norm == norm and config.epochs == 20, name
+
+
+def test_a_refinement_without_its_base_is_refused_in_one_line_before_any_run():
+    with pytest.raises(SystemExit, match=r"^mlr0.1 refines a change it does not make; run "
+                                         r"muon\+mlr0.1 instead$"):
+        tune.plan(["base", "mlr0.1"], [0], epochs=20)
+    assert tune.config_flags("muon+mlr0.1")[-4:] == ["--optimizer", "muon", "--muon-lr", "0.1"]
 
 
 def test_batch_size_study_says_which_recipe_it_ran():

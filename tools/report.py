@@ -306,6 +306,8 @@ def config_names():
                                   for b in list(tune.CONFIGS)[i + 1:]]
     found = {}
     for name in names:
+        if tune.missing_bases(name):  # mlr0.1 alone is refused: it refines muon
+            continue
         try:
             model_config, config = train.configs_from(train.parse_args(tune.config_flags(name)))
         except ValueError:  # a pair that cannot be built (zinit+no-skips) was never run

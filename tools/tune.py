@@ -91,6 +91,21 @@ CONFIGS = {
     "gs2": ["--group-size", "2"],     # 8, 14, 16 groups
 }
 GROUP_ONLY = {"g2", "gs4", "gs2"}
+# Refinements of another change, meaningful only on top of it: {configuration: what it refines}
+REFINES = {"mlr0.1": "muon", "mlr0.025": "muon"}
+
+
+def missing_bases(config):
+    """The combinations to run instead where `config` holds a refinement without its base."""
+    parts = config.split("+")
+    return [f"{REFINES[p]}+{p}" for p in parts if p in REFINES and REFINES[p] not in parts]
+
+
+def default_configs(norm):
+    """Every configuration that applies to `norm`, in the order of CONFIGS: each change alone
+    from recipe v1, a refinement on top of what it refines."""
+    return [f"{REFINES[c]}+{c}" if c in REFINES else c for c in CONFIGS
+            if get_variant(norm).uses_groups or c not in GROUP_ONLY]
 
 
 def change_flags(config):
@@ -100,6 +115,9 @@ def change_flags(config):
     unknown = [c for c in parts if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
+    if missing_bases(config):
+        raise SystemExit(f"{config} refines a change it does not make; run "
+                         f"{', '.join(missing_bases(config))} instead")
     return [flag for part in parts for flag in CONFIGS[part]]
 
 
@@ -156,7 +174,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="+", default=None,
                    help="configurations to run (default: all that apply to --norm, in the "
-                        "order of --list)")
+                        "order of --list, a refinement on top of what it refines)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="(default: 0 1)")
     p.add_argument("--epochs", type=int, default=5,
                    help="budget; the schedule is compressed into it (default: 5, the proxy)")
@@ -183,13 +201,14 @@ def main(argv=None):
                 log_dir="runs/logs/tuning")
         return
     if args.list:
+        width = max(map(len, CONFIGS))
         for name, flags in CONFIGS.items():
-            print(f"{name:12s} {' '.join(flags) or '(recipe v1)'}")
+            on_top = f"  (on top of {REFINES[name]})" if name in REFINES else ""
+            print(f"{name:{width}s} {' '.join(flags) or '(recipe v1)'}{on_top}")
         return
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
-    configs = args.configs or [c for c in CONFIGS
-                               if get_variant(args.norm).uses_groups or c not in GROUP_ONLY]
+    configs = args.configs or default_configs(args.norm)
     run_all(plan(configs, args.seeds, args.epochs, args.norm), args.out_dir,
             args.images_dir, train_args, args.jobs, log_dir="runs/logs/tuning")
 
