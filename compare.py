@@ -25,6 +25,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
 LR_STUDY_DIR = RESULTS_DIR / "lr_study"
 CEILING_DIR = RESULTS_DIR / "ceiling"  # recipe v1 beyond 20 epochs (validation split)
+ARITHMETIC_DIR = RESULTS_DIR / "arithmetic"  # a baseline re-run in its changes' arithmetic
 # the variant that keeps running statistics, evaluated with train-mode (batch) statistics too
 RUNNING = next(name for name, v in REGISTRY.items() if v.running_stats)
 BN_BATCH_STATS = f"{RUNNING} (batch stats)"
@@ -106,6 +107,15 @@ def study_budget(study_dir=STUDY_DIR):
             "recipe": sorted({recipe_changes(r, ignore=("batch_size", "lr", "epochs"))
                               for r in runs}),
             "dates": (min(r["date"][:10] for r in runs), max(r["date"][:10] for r in runs))}
+
+
+def arithmetic(run):
+    """"AVX2, fp32": what decides a run's rounding beside its seed, the instruction set (or GPU)
+    and the precision; two runs of one seed agree only where this agrees."""
+    hardware = run["hardware"]
+    if hardware.get("device") == "cuda" and hardware.get("gpu"):
+        return f"{hardware['gpu']}, {run['precision']}"
+    return f"{hardware.get('cpu_capability', hardware['cpu'])}, {run['precision']}"
 
 
 def threads(hardware):

@@ -504,3 +504,26 @@ def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
                   tmp_path / "c", tmp_path / "img")
     assert [cmd[cmd.index("--out-dir") + 1] for cmd in commands] == \
         [str(tmp_path / "b"), str(tmp_path / "c")]  # the finished one skipped
+
+
+def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
+    def run(acc, seed, capability, precision):
+        r = fake_tuning_run(acc, seed, epochs=20)
+        r["hardware"] = {**r["hardware"], "cpu_capability": capability}
+        return {**r, "precision": precision}
+
+    first = [run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
+    again = [run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]
+    tuning = {("batch", "muon", 20): first,
+              ("batch", "aflip+muon", 20): [run(0.818, 0, "AVX2", "fp32"),
+                                            run(0.809, 1, "AVX2", "fp32")],
+              ("batch", "muon+zinit", 20): [run(0.80, 0, "AVX512", "bf16")],
+              ("batch", "aflip", 20): [run(0.70, 0, "AVX2", "fp32")]}
+    text = report.arithmetic_section(tuning, {("batch", "muon", 20): again})
+    assert ("| batch | muon | 0, 1 | AVX512, bf16, 81.75 | AVX2, fp32, 81.00 | -1.00, -0.50 | "
+            "-0.75 [-3.93, +2.43] |") in text
+    # +0.30, +0.40 against the re-runs, -0.70, -0.10 against the first runs of other arithmetic
+    assert "| batch | aflip+muon | 0, 1 | -0.40 [-4.21, +3.41] | +0.35 [-0.29, +0.99] |" in text
+    assert "muon+zinit" not in text  # its one seed ran in the first runs' arithmetic: no pair
+    assert "| aflip |" not in text   # not stacked on the re-run arm
+    assert report.arithmetic_section(tuning, {}).startswith("No re-runs yet")

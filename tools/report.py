@@ -361,8 +361,7 @@ def tuning_section(groups):
             # Same seed, same initialization and data order: the difference the lever made.
             diff = compare.paired_difference(runs, base)
             paired = ", ".join(f"{d:+.2f}" for d in diff["diffs"]) or "-"
-            interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
-            delta_cell = "-" if diff["mean"] is None else f"{diff['mean']:+.2f}{interval}"
+            delta_cell = _delta(diff)
             verdict = compare.verdict(diff)
         else:
             delta_cell, verdict, paired = "-", "-", "-"
@@ -459,19 +458,17 @@ def per_epoch_section(tuning, ceiling):
             reference = max(winners, key=lambda c: by_config[c], default="base")
             diff = compare.paired_difference(runs, tuning[(variant, reference, 20)] if reference
                                              != "base" else base)
-            interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
             worth = compare.equivalent_epochs(by_config[config], curve)
             worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
             try:
                 flags = " ".join(tune.change_flags(config))
             except SystemExit:
                 flags = "(no longer defined in tools/tune.py)"
-            mean = "-" if diff["mean"] is None else f"{diff['mean']:+.2f}{interval}"
             lines.append(f"| {variant} | {config} | `{flags}` | "
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
                          f" | {by_config[config]:.2f} | "
                          f"{'recipe v1' if reference == 'base' else reference} | "
-                         f"{mean} | {compare.verdict(diff)} | {worth} |")
+                         f"{_delta(diff)} | {compare.verdict(diff)} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
          for r in tuning[(variant, config, 20)]]
@@ -482,6 +479,59 @@ def per_epoch_section(tuning, ceiling):
                   f"at which recipe v1 reaches the change's mean, read off the first table "
                   f"(linear in log2 epochs)."]
     return "\n".join(lines)
+
+
+def arithmetic_section(tuning, reruns):
+    """A baseline arm re-run, same seeds, in the arithmetic its changes ran in (results/
+    arithmetic/): how far the arithmetic alone moves it, then each change stacked on it paired
+    with the re-run of its seed where the two share arithmetic, beside its usual comparison."""
+    if not reruns:
+        return "No re-runs yet (results/arithmetic/ is empty)."
+    lines = ["| variant | arm | seeds | first run: arithmetic, val. acc. | re-run: arithmetic, "
+             "val. acc. | Δ per seed (re-run − first) | mean Δ [95% CI] |",
+             "|---|---|---|---|---|---|---|"]
+    changes = ["", "| variant | change (20 epochs) | seeds | Δ against the first runs [95% CI] "
+                   "| Δ against the re-runs, same arithmetic [95% CI] | verdict |",
+               "|---|---|---|---|---|---|"]
+    for (variant, arm, epochs), again in sorted(reruns.items()):
+        first = tuning.get((variant, arm, epochs), [])
+        diff = compare.paired_difference(again, first)
+        seeds = set(diff["seeds"])
+        if not seeds:
+            continue
+        kinds = lambda runs: "; ".join(sorted({compare.arithmetic(r) for r in runs  # noqa: E731
+                                               if r["seed"] in seeds}))
+        mean = lambda runs: statistics.mean(100 * r["final_test_acc"] for r in runs  # noqa: E731
+                                            if r["seed"] in seeds)
+        lines.append(f"| {variant} | {arm} | {', '.join(map(str, sorted(seeds)))} | "
+                     f"{kinds(first)}, {mean(first):.2f} | {kinds(again)}, {mean(again):.2f} | "
+                     f"{', '.join(f'{d:+.2f}' for d in diff['diffs'])} | {_delta(diff)} |")
+        by_seed = {r["seed"]: compare.arithmetic(r) for r in again}
+        for (v, config, e), runs in sorted(tuning.items()):
+            if v != variant or e != epochs or arm not in config.split("+") or config == arm:
+                continue
+            alike = [r for r in runs if by_seed.get(r["seed"]) == compare.arithmetic(r)]
+            if not alike:
+                continue
+            against = compare.paired_difference(alike, again)
+            changes.append(f"| {variant} | {config} | "
+                           f"{', '.join(map(str, against['seeds']))} | "
+                           f"{_delta(compare.paired_difference(alike, first))} | "
+                           f"{_delta(against)} | {compare.verdict(against)} |")
+    every = [r for rs in reruns.values() for r in rs]
+    return "\n".join(lines + (changes if len(changes) > 3 else []) + [
+        "", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 held "
+            f"out; the re-runs: {'; '.join(sorted({compare.threads(r['hardware']) for r in every}))}"
+            f", {min(r['date'][:10] for r in every)} to {max(r['date'][:10] for r in every)}. "
+            f"A change's seeds count only where it ran in the same arithmetic as the re-run."])
+
+
+def _delta(diff):
+    """"+0.42 [-0.10, +0.94]": a paired difference's mean and 95% interval, "-" without pairs."""
+    if diff["mean"] is None:
+        return "-"
+    interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+    return f"{diff['mean']:+.2f}{interval}"
 
 
 def replace_between(text, start, end, body):
@@ -499,6 +549,7 @@ SECTIONS = [
     ("precision", lambda f: precision_section(f["checks"], f["runs"], f["archives"])),
     ("tuning", lambda f: tuning_section(f["tuning"])),
     ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"])),
+    ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
     ("norm-statistics", lambda f: norm_statistics_section(f["runs"])),
@@ -510,7 +561,8 @@ def render_readme(readme_text, files):
     renderer reads; one left out renders as empty). The results table must have its markers;
     other sections are rendered where the README has theirs."""
     files = {"runs": {}, "archives": [], "study": {}, "budget": None, "checks": [],
-             "bench_files": [], "tuning": {}, "ceiling": {}, "lr_study": {}, **files}
+             "bench_files": [], "tuning": {}, "ceiling": {}, "arithmetic": {}, "lr_study": {},
+             **files}
     text = readme_text
     for name, render in SECTIONS:
         start, end = markers(name)
@@ -575,6 +627,7 @@ def load_files():
     return {"runs": load_runs(), "study": load_study(), "budget": study_budget(),
             "checks": load_precision_checks(), "bench_files": bench_files(),
             "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
+            "arithmetic": load_tuning(compare.ARITHMETIC_DIR),
             "archives": load_archives(),
             "lr_study": compare.load_lr_study()}
 

@@ -171,7 +171,9 @@ def grid_plan(grid):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="Any other flag goes to every run's train.py as it is "
+                                       "(--precision fp32: see train.py --help).")
     p.add_argument("--configs", nargs="+", default=None,
                    help="configurations to run (default: all that apply to --norm, in the "
                         "order of --list, a refinement on top of what it refines)")
