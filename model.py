@@ -54,6 +54,14 @@ def check_range(config, **bounds):
             raise ValueError(f"{field} must be {where}, got {value!r}")
 
 
+def check_choice(config, **choices):
+    """One line per setting that is none of its accepted names: {field: names}."""
+    for field, accepted in choices.items():
+        if getattr(config, field) not in accepted:
+            raise ValueError(f"{field} must be one of {', '.join(accepted)}, got "
+                             f"{getattr(config, field)!r}")
+
+
 IDENTITY_INITS = ("off", "zero", "dirac")
 STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 # Where the identity adds sit: the 3x3 blocks whose output gets the branch's input added (a
@@ -96,12 +104,7 @@ class ModelConfig:
             raise ValueError(f"widths needs 3 positive stage widths, got {self.widths!r}")
         check_range(self, num_groups=(1, None), group_size=(0, None), dropout=(0, 1, "half"),
                     num_classes=(2, None))
-        if self.identity_init not in IDENTITY_INITS:
-            raise ValueError(f"identity_init must be one of {', '.join(IDENTITY_INITS)}, got "
-                             f"{self.identity_init!r}")
-        if self.skips not in SKIP_LAYOUTS:
-            raise ValueError(f"skips must be one of {', '.join(SKIP_LAYOUTS)}, got "
-                             f"{self.skips!r}")
+        check_choice(self, identity_init=IDENTITY_INITS, skips=SKIP_LAYOUTS)
         if self.identity_init == "zero" and not SKIP_LAYOUTS[self.skips]:
             raise ValueError("identity_init zero needs skip connections (skips blocks or "
                              "per-conv): without them a zeroed branch silences the network")

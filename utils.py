@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from dataset import TensorLoader
-from model import ModelConfig, check_range, prepare_for_training
+from model import ModelConfig, check_choice, check_range, prepare_for_training
 from norm_stats import fixed_batch, probe_layers
 from optimizers import OPTIMIZERS, make_optimizer
 from precision import (PRECISIONS, autocast, compile_model, get_device, make_grad_scaler,
@@ -60,18 +60,10 @@ class TrainConfig:
                     pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
                     pad=(0, 31), norm_bias_lr=(0, None, "open"), muon_lr=(0, None, "open"),
                     lookahead=(0, None), lookahead_alpha=(0, 1, "open"))
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got "
-                             f"{self.optimizer!r}")
+        check_choice(self, optimizer=OPTIMIZERS, whiten=WHITEN_MODES, precision=PRECISIONS)
         if self.optimizer != "muon" and self.muon_lr != TrainConfig.muon_lr:
             raise ValueError(f"muon_lr applies to optimizer 'muon' only, got optimizer "
                              f"{self.optimizer!r}; add --optimizer muon or leave --muon-lr out")
-        if self.whiten not in WHITEN_MODES:
-            raise ValueError(f"whiten must be one of {', '.join(WHITEN_MODES)}, got "
-                             f"{self.whiten!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{self.precision!r}")
 
     def to_dict(self):
         return asdict(self)

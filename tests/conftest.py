@@ -11,8 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import CIFAR10_CLASSES, CIFAR10Data, channel_stats  # noqa: E402
+from model import build_model  # noqa: E402
+from utils import fit, load_checkpoint  # noqa: E402
 
 NORMS = ("batch", "group", "layer")
+
+
+def interrupt_after_epoch_1(norm, data, config, checkpoint_path):
+    """Train until epoch 1 ends, then stop as Ctrl-C would: the run a resume must finish
+    exactly as if nothing had happened."""
+    def interrupt(epoch, history):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model(norm, seed=0), data, config, "cpu", checkpoint_path=checkpoint_path,
+            progress=False, on_epoch_end=interrupt)
+    assert load_checkpoint(checkpoint_path)["epoch"] == 1
 
 
 def write_image_tree(root, per_class=(3, 2), size=32, seed=0):

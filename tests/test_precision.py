@@ -5,7 +5,7 @@ import torch
 
 import precision
 import utils
-from conftest import NORMS
+from conftest import NORMS, interrupt_after_epoch_1
 from model import build_model
 from precision import make_grad_scaler, resolve_precision
 from results import make_results, run_precision
@@ -151,15 +151,8 @@ def test_a_run_may_resume_under_another_precision(norm, tiny_data, tmp_path):
     """Precision is how a run computes, not what: an fp32 checkpoint resumes in bf16 (say on a
     GPU after a CPU start), and the history says which epochs ran in which precision."""
     ckpt = tmp_path / "run.pt"
-
-    def stop_after_epoch_1(epoch, history):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(build_model(norm, seed=0), tiny_data,
-            TrainConfig(epochs=2, batch_size=50, precision="fp32"), "cpu",
-            checkpoint_path=ckpt, progress=False, on_epoch_end=stop_after_epoch_1)
+    interrupt_after_epoch_1(norm, tiny_data, TrainConfig(epochs=2, batch_size=50, precision="fp32"),
+                            ckpt)
     history = fit(build_model(norm, seed=0), tiny_data,
                   TrainConfig(epochs=2, batch_size=50, precision="bf16"), "cpu",
                   checkpoint_path=ckpt, resume=True, progress=False)

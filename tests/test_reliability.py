@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import precision  # noqa: E402
 from conftest import ROOT, make_archive, write_image_tree  # noqa: E402
 from dataset import DatasetWarning, load_cifar10  # noqa: E402
-from model import build_model  # noqa: E402
+from model import ModelConfig, build_model  # noqa: E402
 import utils  # noqa: E402
 from results import (RunLock, RunLockedError, check_publishable, run_name,  # noqa: E402
                      same_recipe)
@@ -358,3 +358,13 @@ def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
     assert same_recipe(results, model.config, config)
     assert not same_recipe(results, model.config, TrainConfig(epochs=3, batch_size=20,
                                                               optimizer="sgd"))
+
+
+@pytest.mark.parametrize("cls, field", [(ModelConfig, "identity_init"), (ModelConfig, "skips"),
+                                        (TrainConfig, "optimizer"), (TrainConfig, "whiten"),
+                                        (TrainConfig, "precision")])
+def test_a_config_refuses_a_name_it_does_not_know_in_one_line_listing_those_it_does(cls, field):
+    """Notebooks build the configs directly, without train.py's parser to check the names."""
+    with pytest.raises(ValueError, match=rf"^{field} must be one of .+, got 'nonsense'$") as err:
+        cls(**{field: "nonsense"})
+    assert all(name in str(err.value) for name in train.CHOICES[field]())

@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NORMS
+from conftest import NORMS, interrupt_after_epoch_1
 from dataset import TensorLoader
 from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
 from norm_stats import fixed_batch, probe_layers
 from optimizers import Chain, KernelMatrix, Lookahead, make_optimizer
-from utils import TrainConfig, fit, load_checkpoint
+from utils import TrainConfig, fit
 
 
 def test_every_technique_is_off_by_default():
@@ -193,16 +193,8 @@ def test_every_optimizer_trains_under_one_schedule_and_resumes_exactly(name, tin
     config = TrainConfig(epochs=2, batch_size=20, **OPTIMIZER_SETTINGS[name])
     whole = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
     assert whole["train_loss"][-1] < whole["train_loss"][0]
-
-    def stop_after_epoch_1(epoch, history):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     ckpt = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
-            progress=False, on_epoch_end=stop_after_epoch_1)
-    assert load_checkpoint(ckpt)["epoch"] == 1
+    interrupt_after_epoch_1("group", tiny_data, config, ckpt)
     resumed = fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
                   resume=True, progress=False)
     assert resumed["test_loss"] == whole["test_loss"]  # the optimizer's state came back whole

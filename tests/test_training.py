@@ -8,7 +8,7 @@ from PIL import Image
 matplotlib.use("Agg")
 
 import utils  # noqa: E402
-from conftest import NORMS, synthetic_data  # noqa: E402
+from conftest import NORMS, interrupt_after_epoch_1, synthetic_data  # noqa: E402
 from model import build_model  # noqa: E402
 from plots import plot_data_preview, plot_history, plot_misclassified
 from results import (collect_misclassified, confusion_matrix, evaluate_batch_stats,
@@ -47,19 +47,8 @@ def test_same_seed_gives_an_identical_history(tiny_data):
 @pytest.mark.parametrize("norm", NORMS)
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(norm, tiny_data, tmp_path):
     full = fit(build_model(norm, seed=0), tiny_data, SHORT, "cpu", progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_epoch_1(epoch, history):
-        if epoch == 1:
-            raise Interrupt
-
     ckpt = tmp_path / "run.pt"
-    with pytest.raises(Interrupt):
-        fit(build_model(norm, seed=0), tiny_data, SHORT, "cpu", checkpoint_path=ckpt,
-            progress=False, on_epoch_end=stop_after_epoch_1)
-    assert load_checkpoint(ckpt)["epoch"] == 1
+    interrupt_after_epoch_1(norm, tiny_data, SHORT, ckpt)
     # A fresh process would build a fresh model with whatever RNG state; resume must not care.
     torch.manual_seed(1234)
     resumed = fit(build_model(norm, seed=99), tiny_data, SHORT, "cpu", checkpoint_path=ckpt,
@@ -284,15 +273,8 @@ def test_ema_evaluates_and_returns_the_weight_average(tiny_data):
 def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
     config = TrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9})
     full = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
-
-    def stop_after_epoch_1(epoch, history):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     ckpt = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
-            progress=False, on_epoch_end=stop_after_epoch_1)
+    interrupt_after_epoch_1("group", tiny_data, config, ckpt)
     resumed = fit(build_model("group", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
                   resume=True, progress=False)
     assert same_history(resumed, full)
