@@ -62,7 +62,7 @@ def check_choice(config, **choices):
                              f"{getattr(config, field)!r}")
 
 
-IDENTITY_INITS = ("off", "zero", "dirac")
+IDENTITY_INITS = ("off", "skipinit", "dirac")
 STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 # Where the identity adds sit: the 3x3 blocks whose output gets the branch's input added (a
 # branch starts after the previous add, or at the stage's input).
@@ -91,8 +91,8 @@ class ModelConfig:
     dropout: float = 0.0      # Dropout2d rate after each 3x3 block; 0: off
     activation: str = "relu"  # after each norm: relu, gelu, silu or celu
     num_classes: int = 10     # logits
-    identity_init: str = "off"  # residual branches start as identity: off, zero (last norm
-                                # scale 0) or dirac (3x3 convs plus an identity kernel)
+    identity_init: str = "off"  # residual branches start as identity: off, skipinit (a gain
+                                # from 0 on each branch) or dirac (3x3 convs plus identity)
     weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
     skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
 
@@ -105,9 +105,9 @@ class ModelConfig:
         check_range(self, num_groups=(1, None), group_size=(0, None), dropout=(0, 1, "half"),
                     num_classes=(2, None))
         check_choice(self, identity_init=IDENTITY_INITS, skips=SKIP_LAYOUTS)
-        if self.identity_init == "zero" and not SKIP_LAYOUTS[self.skips]:
-            raise ValueError("identity_init zero needs skip connections (skips blocks or "
-                             "per-conv): without them a zeroed branch silences the network")
+        if self.identity_init == "skipinit" and not SKIP_LAYOUTS[self.skips]:
+            raise ValueError("identity_init skipinit needs skip connections (skips blocks or "
+                             "per-conv): without them there is no branch to gate")
 
     def to_dict(self):
         return asdict(self)
@@ -165,6 +165,11 @@ class Net(nn.Module):
         self.C8 = block("C8", w3, w3)
         self.C9 = block("C9", w3, w3)
         self.C10 = nn.Conv2d(w3, config.num_classes, 1)
+        # SkipInit: a learnable gain from 0 on each branch, so each skip add first passes its
+        # input alone; a zeroed norm scale would not do, a ReLU after it passes no gradient back
+        self.branch_gains = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(())) for name in SKIP_LAYOUTS[config.skips]}
+        ) if config.identity_init == "skipinit" else None
         init_identity(self, config.identity_init)
 
     def forward(self, x):                      # x: (N, 3, 32, 32)
@@ -183,6 +188,8 @@ class Net(nn.Module):
         for name in blocks:
             x = getattr(self, name)(x)
             if name in ends:
+                if self.branch_gains is not None:
+                    x = self.branch_gains[name] * x
                 x = branch_input = x + branch_input
         return x
 
@@ -192,16 +199,9 @@ class Net(nn.Module):
 
 @torch.no_grad()
 def init_identity(model, how):
-    """Start the residual branches as (near) identities: "zero" zeroes the norm scale at the end
-    of each branch, so each skip add passes its input alone; "dirac" adds an identity kernel
-    to every 3x3 conv with as many outputs as inputs (Goyal et al., 2017; airbench)."""
-    if how == "zero":
-        for name in SKIP_LAYOUTS[model.config.skips]:
-            norm = getattr(model, name)[1]
-            if not hasattr(norm, "weight"):
-                raise ValueError("identity_init zero needs a normalization with a scale")
-            norm.weight.zero_()
-    elif how == "dirac":
+    """"dirac": add an identity kernel to every 3x3 conv with as many outputs as inputs
+    (Zagoruyko & Komodakis, 2017; airbench); "skipinit" is built by Net, as its branch gains."""
+    if how == "dirac":
         for conv in model.modules():
             if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and \
                     conv.in_channels == conv.out_channels:

@@ -517,13 +517,13 @@ def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own
     tuning = {("batch", "muon", 20): first,
               ("batch", "aflip+muon", 20): [run(0.818, 0, "AVX2", "fp32"),
                                             run(0.809, 1, "AVX2", "fp32")],
-              ("batch", "muon+zinit", 20): [run(0.80, 0, "AVX512", "bf16")],
+              ("batch", "muon+skipinit", 20): [run(0.80, 0, "AVX512", "bf16")],
               ("batch", "aflip", 20): [run(0.70, 0, "AVX2", "fp32")]}
     text = report.arithmetic_section(tuning, {("batch", "muon", 20): again})
     assert ("| batch | muon | 0, 1 | AVX512, bf16, 81.75 | AVX2, fp32, 81.00 | -1.00, -0.50 | "
             "-0.75 [-3.93, +2.43] |") in text
     # +0.30, +0.40 against the re-runs, -0.70, -0.10 against the first runs of other arithmetic
     assert "| batch | aflip+muon | 0, 1 | -0.40 [-4.21, +3.41] | +0.35 [-0.29, +0.99] |" in text
-    assert "muon+zinit" not in text  # its one seed ran in the first runs' arithmetic: no pair
+    assert "muon+skipinit" not in text  # its one seed ran in the first runs' arithmetic: no pair
     assert "| aflip |" not in text   # not stacked on the re-run arm
     assert report.arithmetic_section(tuning, {}).startswith("No re-runs yet")

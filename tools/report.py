@@ -310,7 +310,7 @@ def config_names():
             continue
         try:
             model_config, config = train.configs_from(train.parse_args(tune.config_flags(name)))
-        except ValueError:  # a pair that cannot be built (zinit+no-skips) was never run
+        except ValueError:  # a pair that cannot be built (skipinit+no-skips) was never run
             continue
         run = {"variant": model_config.norm, "model_config": model_config.to_dict(),
                "train_config": config.to_dict()}

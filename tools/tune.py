@@ -69,7 +69,7 @@ CONFIGS = {
     "dirac": ["--identity-init", "dirac"],       # square 3x3 convs start near identity
     "aflip": ["--alternate-flip"],               # each image flipped every other epoch
     "blr8-fs": ["--norm-bias-lr", "8", "--freeze-norm-scale"],  # fast shifts, scales at 1
-    "zinit": ["--identity-init", "zero"],        # residual branches start at zero
+    "skipinit": ["--identity-init", "skipinit"],  # each branch gated by a gain from 0
     "ls0.2": ["--label-smoothing", "0.2"],
     "wstd": ["--weight-std"],                    # Weight Standardization (for LN and GN)
     "muon": ["--optimizer", "muon"],             # Muon for the 3x3 kernels, SGD for the rest
@@ -151,14 +151,14 @@ def per_epoch_grid():
     batch_free = [v for v in every if not get_variant(v).running_stats]
     return [
         *[(v, ["base", "muon"], 20, seeds, OUT_DIR) for v in every],
-        (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+zinit", "muon+aflip", "muon+dirac",
+        (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+skipinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         (DEFAULT, ["muon+w12-24-36", "muon+w16-20-36", "muon+skips-per-conv"], 20, seeds,
          OUT_DIR),
         *[(v, ["base"], 40, [0, 1] if v == DEFAULT else [0], CEILING_DIR) for v in every],
         (DEFAULT, ["base"], 80, [0, 1], CEILING_DIR),
-        (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "zinit", "ls0.2",
+        (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "skipinit", "ls0.2",
                    "lookahead", "adamw", "pad2", "bs256", "no-skips"], 20, seeds, OUT_DIR),
         *[(v, ["gs4"], 20, seeds, OUT_DIR) for v in every if get_variant(v).uses_groups],
     ]
