@@ -519,10 +519,11 @@ def arithmetic_section(tuning, reruns):
                            f"{_delta(compare.paired_difference(alike, first))} | "
                            f"{_delta(against)} | {compare.verdict(against)} |")
     every = [r for rs in reruns.values() for r in rs]
+    dates = [r["date"][:10] for r in every]
     return "\n".join(lines + (changes if len(changes) > 3 else []) + [
         "", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 held "
             f"out; the re-runs: {'; '.join(sorted({compare.threads(r['hardware']) for r in every}))}"
-            f", {min(r['date'][:10] for r in every)} to {max(r['date'][:10] for r in every)}. "
+            f", {' to '.join(sorted({min(dates), max(dates)}))}. "
             f"A change's seeds count only where it ran in the same arithmetic as the re-run."])
 
 
