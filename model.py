@@ -16,7 +16,7 @@ non-linear mixing of the stage-3 features before pooling.
 `ModelConfig.skips` moves the adds for the study of where they sit (SKIP_LAYOUTS): "per-conv"
 makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "off" removes
 them (the plain chain, to measure what they buy). Adds cost no parameters, so every layout has
-the same parameter count.
+the same parameter count; `identity_init="skipinit"` adds one learnable gain per branch.
 """
 
 import copy
