@@ -115,9 +115,10 @@ def change_flags(config):
     unknown = [c for c in parts if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; see --list")
-    if missing_bases(config):
+    missing = missing_bases(config)
+    if missing:
         raise SystemExit(f"{config} refines a change it does not make; run "
-                         f"{', '.join(missing_bases(config))} instead")
+                         f"{', '.join(missing)} instead")
     return [flag for part in parts for flag in CONFIGS[part]]
 
 
