@@ -13,6 +13,11 @@ so the 1x1 transitions double as the projection that a ResNet would otherwise ne
 stage gives gradients a short path to the stem. C9 is left plain so the head sees one more
 non-linear mixing of the stage-3 features before pooling.
 
+`ModelConfig.conv = "separable"` factorizes each 3x3 block after C1 into a depthwise 3x3 conv
+(one 3x3 filter per channel) and a pointwise 1x1 conv (MobileNet; Howard et al., 2017): about
+9c + c^2 weights instead of 9c^2, so the same 50,000 parameters buy stages two to three times
+wider (see the widths its configurations use in tools/tune.py).
+
 `ModelConfig.skips` moves the adds for the study of where they sit (SKIP_LAYOUTS): "per-conv"
 makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "off" removes
 them (the plain chain, to measure what they buy). Adds cost no parameters, so every layout has
@@ -63,6 +68,7 @@ def check_choice(config, **choices):
 
 
 IDENTITY_INITS = ("off", "skipinit", "dirac")
+CONVS = ("full", "separable")
 STAGES = (("C2",), ("C4", "C5"), ("C7", "C8", "C9"))  # the square 3x3 blocks of each stage
 # Where the identity adds sit: the 3x3 blocks whose output gets the branch's input added (a
 # branch starts after the previous add, or at the stage's input).
@@ -95,6 +101,7 @@ class ModelConfig:
                                 # from 0 on each branch) or dirac (3x3 convs plus identity)
     weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
     skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
+    conv: str = "full"        # the 3x3 blocks after C1: full, or separable (depthwise + 1x1)
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
@@ -104,7 +111,10 @@ class ModelConfig:
             raise ValueError(f"widths needs 3 positive stage widths, got {self.widths!r}")
         check_range(self, num_groups=(1, None), group_size=(0, None), dropout=(0, 1, "half"),
                     num_classes=(2, None))
-        check_choice(self, identity_init=IDENTITY_INITS, skips=SKIP_LAYOUTS)
+        check_choice(self, identity_init=IDENTITY_INITS, skips=SKIP_LAYOUTS, conv=CONVS)
+        if self.identity_init == "dirac" and self.conv == "separable":
+            raise ValueError("identity_init dirac needs conv full: a depthwise-plus-1x1 block "
+                             "has no single kernel to start as the identity")
         if self.identity_init == "skipinit" and not SKIP_LAYOUTS[self.skips]:
             raise ValueError("identity_init skipinit needs skip connections (skips blocks or "
                              "per-conv): without them there is no branch to gate")
@@ -122,6 +132,15 @@ class StdConv2d(nn.Conv2d):
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         std = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
         return self._conv_forward(x, (w - mean) / std, self.bias)
+
+
+class SeparableConv2d(nn.Sequential):
+    """A depthwise 3x3 conv (one filter per input channel) then a pointwise 1x1 conv: a 3x3
+    conv factorized into its spatial and its channel-mixing part (MobileNet)."""
+
+    def __init__(self, c_in, c_out, kernel_size=3, padding=1, bias=False, conv=nn.Conv2d):
+        super().__init__(conv(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False),
+                         conv(c_in, c_out, 1, bias=bias))
 
 
 class ConvBlock(nn.Sequential):
@@ -151,19 +170,21 @@ class Net(nn.Module):
         self.config = config
         w1, w2, w3 = config.widths
         norm = get_norm_layer(config.norm, config.num_groups, config.group_size or None)
+        conv = StdConv2d if config.weight_std else nn.Conv2d
         block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout,
-                        activation=get_activation(config.activation),
-                        conv=StdConv2d if config.weight_std else nn.Conv2d)
+                        activation=get_activation(config.activation), conv=conv)
+        square = block if config.conv == "full" else partial(  # C2 ... C9
+            block, conv=partial(SeparableConv2d, conv=conv))
 
-        self.C1 = block("C1", 3, w1)
-        self.C2 = block("C2", w1, w1)
+        self.C1 = block("C1", 3, w1)  # always full: a depthwise filter per RGB channel sees no colour
+        self.C2 = square("C2", w1, w1)
         self.c3 = nn.Conv2d(w1, w2, 1, bias=False)
-        self.C4 = block("C4", w2, w2)
-        self.C5 = block("C5", w2, w2)
+        self.C4 = square("C4", w2, w2)
+        self.C5 = square("C5", w2, w2)
         self.c6 = nn.Conv2d(w2, w3, 1, bias=False)
-        self.C7 = block("C7", w3, w3)
-        self.C8 = block("C8", w3, w3)
-        self.C9 = block("C9", w3, w3)
+        self.C7 = square("C7", w3, w3)
+        self.C8 = square("C8", w3, w3)
+        self.C9 = square("C9", w3, w3)
         self.C10 = nn.Conv2d(w3, config.num_classes, 1)
         # SkipInit: a learnable gain from 0 on each branch, so each skip add first passes its
         # input alone; a zeroed norm scale would not do, a ReLU after it passes no gradient back

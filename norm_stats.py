@@ -132,7 +132,8 @@ def probe_layers(model, batch):
             lambda m, inp, out, name=name: rms.__setitem__(name, inp[0].float().pow(2).mean()
                                                            .sqrt().item())))
         block = probe.get_submodule(name)
-        convs[name] = next(c for c in block.modules() if isinstance(c, nn.Conv2d))
+        # the conv nearest the norm feeds it (of a separable block, the 1x1 after the depthwise)
+        convs[name] = [c for c in block.modules() if isinstance(c, nn.Conv2d)][-1]
     try:
         F.cross_entropy(probe(x), y).backward()
     finally:

@@ -2,8 +2,9 @@
 schedule:
 
     sgd    SGD with Nesterov momentum: the recipe
-    muon   Muon for the 3x3 conv kernels (torch.optim.Muon, on each kernel's (out, in*3*3)
-           matrix), SGD as above for everything else (1x1 convs, norms, head)
+    muon   Muon for the conv kernels of the 3x3 blocks C1 to C9 (torch.optim.Muon, on each
+           kernel's (out, in*k*k) matrix; of a separable block, its 1x1 half), SGD as above for
+           everything else (1x1 transitions, depthwise filters, norms, head)
     adamw  AdamW for everything, weight decay on conv weights only
 
 Muon (Jordan et al., 2024) replaces a matrix's momentum by the nearest orthogonal matrix
@@ -16,6 +17,7 @@ Any of them can be wrapped in Lookahead (`config.lookahead` steps; Zhang et al.,
 import torch
 import torch.nn as nn
 
+from model import ConvBlock
 from norm_stats import norm_layers
 
 OPTIMIZERS = ("sgd", "muon", "adamw")
@@ -132,8 +134,10 @@ def make_optimizer(model, config, device="cpu"):
 def _base_optimizer(model, config, device):
     trained = [p for p in model.parameters() if p.requires_grad]
     shifts = {id(m.bias) for _, m in norm_layers(model) if getattr(m, "bias", None) is not None}
-    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)
-               and m.kernel_size == (3, 3) and m.weight.requires_grad}
+    # a depthwise filter is one channel's 3x3 kernel, not a matrix mixing channels: SGD's
+    kernels = {id(conv.weight) for block in model.modules() if isinstance(block, ConvBlock)
+               for conv in block.modules() if isinstance(conv, nn.Conv2d) and conv.groups == 1
+               and conv.weight.requires_grad}
     muon = [p for p in trained if id(p) in kernels] if config.optimizer == "muon" else []
     rest = [p for p in trained if all(p is not m for m in muon)]
     fast = [p for p in rest if id(p) in shifts and config.norm_bias_lr != 1]

@@ -20,7 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
-from model import ACTIVATIONS, IDENTITY_INITS, SKIP_LAYOUTS, ModelConfig, build_model, show_summary
+from model import ACTIVATIONS, CONVS, IDENTITY_INITS, SKIP_LAYOUTS, ModelConfig, build_model, show_summary
 from plots import plot_history, plot_misclassified
 from optimizers import OPTIMIZERS
 from precision import PRECISIONS, get_device
@@ -39,7 +39,7 @@ FLAG_NAMES = {"num_groups": "--groups", "ema_decay": "--ema"}
 CHOICES = {"norm": lambda: sorted(norm_aliases()), "activation": lambda: sorted(ACTIVATIONS),
            "precision": lambda: PRECISIONS, "whiten": lambda: WHITEN_MODES,
            "identity_init": lambda: IDENTITY_INITS, "skips": lambda: list(SKIP_LAYOUTS),
-           "optimizer": lambda: OPTIMIZERS}  # read when the parser is built
+           "optimizer": lambda: OPTIMIZERS, "conv": lambda: CONVS}  # read when the parser is built
 NOT_FLAGS = {"num_classes"}
 
 

@@ -49,8 +49,8 @@ class TrainConfig:
     norm_bias_lr: float = 1.0     # the norms' shifts learn at this multiple of `lr`
     freeze_norm_scale: bool = False  # the norms' scales stay at 1
     alternate_flip: bool = False  # each image flipped in every other epoch instead of at random
-    optimizer: str = "muon"       # muon (3x3 conv kernels; SGD for the rest), sgd or adamw
-    muon_lr: float = 0.05         # Muon's peak learning rate for the 3x3 conv kernels
+    optimizer: str = "muon"       # muon (the 3x3 blocks' kernels; SGD for the rest), sgd or adamw
+    muon_lr: float = 0.05         # Muon's peak learning rate for the 3x3 blocks' kernels
     lookahead: int = 0            # Lookahead: sync with the slow weights every this many steps; 0: off
     lookahead_alpha: float = 0.5  # Lookahead: how far the slow weights move towards the fast ones
 

@@ -4,7 +4,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import NORMS, ROOT
-from model import ACTIVATIONS, SKIP_LAYOUTS, ModelConfig, Net, build_model, get_norm_layer
+from model import (ACTIVATIONS, CONVS, SKIP_LAYOUTS, ModelConfig, Net, SeparableConv2d,
+                   build_model, get_norm_layer)
 from variants import canonical_norm
 
 
@@ -22,9 +23,10 @@ def test_variants_share_the_convolution_layout():
     assert len(shapes["batch"]) == 10  # C1 C2 c3 C4 C5 c6 C7 C8 C9 C10
 
 
+@pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_every_parameter_gets_a_finite_gradient(norm):
-    model = build_model(norm, seed=0)
+def test_every_parameter_gets_a_finite_gradient(norm, conv):
+    model = build_model(norm, seed=0, conv=conv)
     loss = F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8))
     loss.backward()
     assert torch.isfinite(loss)
@@ -166,3 +168,32 @@ def test_group_norm_by_group_size_keeps_channels_per_group_fixed():
     with pytest.raises(ValueError, match=r"layer C4: GroupNorm with groups of 8 channels cannot "
                                          r"normalize 28 channels"):
         build_model("group", group_size=8)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_separable_blocks_are_a_depthwise_3x3_then_a_1x1_conv_after_a_full_c1(norm):
+    model = build_model(norm, conv="separable", widths=(32, 64, 88))
+    assert model.get_num_params() < 50_000
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert isinstance(model.C1[0], nn.Conv2d) and model.C1[0].kernel_size == (3, 3)
+    for name in ("C2", "C4", "C5", "C7", "C8", "C9"):
+        depthwise, pointwise = getattr(model, name)[0]
+        c = depthwise.in_channels
+        assert (depthwise.groups, depthwise.out_channels, depthwise.kernel_size) == (c, c, (3, 3))
+        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1, name
+
+
+def test_a_separable_conv_is_the_full_conv_whose_kernel_factorizes():
+    """Pointwise weight P (out, in) after depthwise filters D (in, 3, 3): the full 3x3 conv with
+    kernel W[o, i] = P[o, i] * D[i]."""
+    torch.manual_seed(0)
+    conv = SeparableConv2d(5, 7)
+    depthwise, pointwise = conv[0].weight[:, 0], conv[1].weight[:, :, 0, 0]
+    x = torch.randn(2, 5, 8, 8)
+    full = F.conv2d(x, pointwise[:, :, None, None] * depthwise[None], padding=1)
+    torch.testing.assert_close(conv(x), full, rtol=1e-5, atol=1e-5)
+
+
+def test_dirac_with_separable_blocks_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"identity_init dirac needs conv full"):
+        build_model("batch", conv="separable", identity_init="dirac")

@@ -1,8 +1,11 @@
 """The statistics measured inside the networks: what the README's explanation relies on."""
 
+import copy
+
 import matplotlib
 import pytest
 import torch
+import torch.nn.functional as F
 
 matplotlib.use("Agg")
 
@@ -118,3 +121,13 @@ def test_figures_draw_one_column_per_variant(tiny_data, tmp_path):
     # every layer of every variant is one line in the probe figure's panels
     fig = plot_layer_probe(histories, summaries["batch"]["layers"], tmp_path / "probe.png")
     assert all(len(ax.get_lines()) == 7 for ax in fig.axes)
+
+
+def test_the_probe_reports_the_conv_that_feeds_each_norm_of_a_separable_block(tiny_data):
+    model = build_model("batch", seed=0, conv="separable")
+    batch = fixed_batch(tiny_data.train_x, tiny_data.train_y, tiny_data.mean, tiny_data.std, "cpu")
+    probe = probe_layers(model, batch)
+    reference = copy.deepcopy(model).train()
+    F.cross_entropy(reference(batch[0]), batch[1]).backward()
+    assert probe["grad_norm"][1] == pytest.approx(reference.C2[0][1].weight.grad.norm().item(),
+                                                  rel=1e-4)  # C2's 1x1, not its depthwise

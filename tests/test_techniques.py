@@ -78,6 +78,16 @@ def test_the_default_optimizer_is_muon_for_the_3x3_kernels_and_sgd_for_the_rest(
     assert [len(g["params"]) for g in sgd.param_groups] == [3, 15]  # 1x1 convs; norms, bias
 
 
+def test_muon_takes_the_1x1_halves_of_separable_blocks_and_sgd_their_depthwise_filters():
+    model = build_model("batch", seed=0, conv="separable")
+    sgd, muon = make_optimizer(model, TrainConfig()).optimizers
+    in_muon = {id(p.kernel) for p in muon.param_groups[0]["params"]}
+    blocks = [model.C2, model.C4, model.C5, model.C7, model.C8, model.C9]
+    assert in_muon == {id(model.C1[0].weight)} | {id(b[0][1].weight) for b in blocks}
+    in_sgd = {id(p) for g in sgd.param_groups for p in g["params"]}
+    assert all(id(b[0][0].weight) in in_sgd for b in blocks)
+
+
 def test_recipe_v1_optimizer_is_sgd_with_two_groups():
     groups = make_optimizer(build_model("batch", seed=0), TrainConfig(optimizer="sgd")).param_groups
     assert [len(g["params"]) for g in groups] == [10, 15]  # conv weights; norms and head bias

@@ -81,6 +81,8 @@ CONFIGS = {
     # where the capacity sits: channels moved to the 8x8 stage (w24-32-28 moved them earlier)
     "w12-24-36": ["--widths", "12", "24", "36"],    # 48,862 parameters
     "w16-20-36": ["--widths", "16", "20", "36"],    # 46,698 parameters
+    # depthwise 3x3 + 1x1 blocks after C1: the parameters buy twice the channels (46,610)
+    "sep": ["--conv", "separable", "--widths", "32", "64", "88"],
     # where the skip adds sit (no parameters): every square 3x3 conv its own branch, or none
     "skips-per-conv": ["--skips", "per-conv"],
     "no-skips": ["--skips", "off"],
@@ -155,8 +157,8 @@ def per_epoch_grid():
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+skipinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
-        (DEFAULT, ["muon+w12-24-36", "muon+w16-20-36", "muon+skips-per-conv"], 20, seeds,
-         OUT_DIR),
+        (DEFAULT, ["muon+sep", "muon+w12-24-36", "muon+w16-20-36", "muon+skips-per-conv"], 20,
+         seeds, OUT_DIR),
         *[(v, ["base"], 40, [0, 1] if v == DEFAULT else [0], CEILING_DIR) for v in every],
         (DEFAULT, ["base"], 80, [0, 1], CEILING_DIR),
         (DEFAULT, ["whiten", "whiten-train", "dirac", "aflip", "blr8-fs", "skipinit", "ls0.2",
