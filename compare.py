@@ -154,6 +154,19 @@ def paired_difference(runs, base, key="final_test_acc"):
     return result
 
 
+def alike_base(runs, *arms):
+    """The baseline runs to pair `runs` with, one per seed: of the arms' runs of that seed (in
+    the order given: first runs, then re-runs), the first in the same arithmetic as the change's
+    run, else the first; a pair that shares arithmetic differs by the change alone."""
+    chosen = []
+    for run in runs:
+        of_seed = [b for arm in arms for b in arm if b["seed"] == run["seed"]]
+        if of_seed:
+            chosen.append(next((b for b in of_seed if arithmetic(b) == arithmetic(run)),
+                               of_seed[0]))
+    return chosen
+
+
 def verdict(paired):
     """A change wins when the 95% interval of its mean paired difference lies above zero."""
     if paired["low"] is None:

@@ -506,12 +506,30 @@ def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
         [str(tmp_path / "b"), str(tmp_path / "c")]  # the finished one skipped
 
 
-def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
-    def run(acc, seed, capability, precision):
-        r = fake_tuning_run(acc, seed, epochs=20)
-        r["hardware"] = {**r["hardware"], "cpu_capability": capability}
-        return {**r, "precision": precision}
+def arithmetic_run(acc, seed, capability, precision):
+    r = fake_tuning_run(acc, seed, epochs=20)
+    r["hardware"] = {**r["hardware"], "cpu_capability": capability}
+    return {**r, "precision": precision}
 
+
+def test_the_ablation_pairs_each_seed_with_the_reference_run_in_its_own_arithmetic():
+    bf16 = lambda accs: [arithmetic_run(a, s, "AVX512", "bf16") for s, a in enumerate(accs)]  # noqa: E731
+    fp32 = lambda accs: [arithmetic_run(a, s, "AVX2", "fp32") for s, a in enumerate(accs)]  # noqa: E731
+    tuning = {("batch", "base", 20): bf16([0.80, 0.81, 0.79, 0.80]),
+              ("batch", "muon", 20): bf16([0.82, 0.83, 0.81, 0.82]),  # +2 on every seed: wins
+              ("batch", "muon+aflip", 20): fp32([0.815, 0.82]),
+              ("batch", "muon+lookahead", 20): bf16([0.81, 0.83])}
+    reruns = {("batch", "muon", 20): fp32([0.81, 0.81])}
+    rows = {line.split(" | ")[1]: line for line in
+            report.per_epoch_section(tuning, {}, reruns).splitlines() if "| batch | muon" in line}
+    # +0.50, +1.00 against the fp32 re-runs (not -0.50, -1.00 against the bf16 first runs)
+    assert "| muon (re-runs: 2 of 2 seeds) | +0.75 [-2.43, +3.93] |" in rows["muon+aflip"]
+    assert "| muon | -0.50 [-6.85, +5.85] |" in rows["muon+lookahead"]  # alike: the first runs
+    assert "re-runs" not in report.per_epoch_section(tuning, {})  # without re-runs: first runs
+
+
+def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
+    run = arithmetic_run
     first = [run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
     again = [run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]
     tuning = {("batch", "muon", 20): first,

@@ -426,9 +426,12 @@ def technique_means(tuning):
 NOTE_20, NOTE_BEYOND = "the assignment's budget", "beyond the 20-epoch limit: a scale, never a result"
 
 
-def per_epoch_section(tuning, ceiling):
+def per_epoch_section(tuning, ceiling, reruns=None):
     """The learning-per-epoch study: recipe v1 at 20, 40 and 80 epochs (the scale), then
-    every change measured at 20 epochs with its paired interval and its worth in epochs."""
+    every change measured at 20 epochs with its paired interval and its worth in epochs; each
+    seed paired with the reference's run in its own arithmetic where `reruns` (results/
+    arithmetic/, {(variant, config, epochs): runs}) holds one."""
+    reruns = reruns or {}
     curves = recipe_by_epochs(tuning, ceiling)
     if not curves:
         return "No runs of recipe v1 on the validation split yet."
@@ -456,8 +459,14 @@ def per_epoch_section(tuning, ceiling):
                            tuning.get((variant, "+".join(parts[:i] + parts[i + 1:]), 20), []),
                            base)) == "wins"]
             reference = max(winners, key=lambda c: by_config[c], default="base")
-            diff = compare.paired_difference(runs, tuning[(variant, reference, 20)] if reference
-                                             != "base" else base)
+            first = tuning[(variant, reference, 20)] if reference != "base" else base
+            again = reruns.get((variant, reference, 20), [])
+            paired_with = compare.alike_base(runs, first, again)
+            diff = compare.paired_difference(runs, paired_with)
+            rerun_pairs = sum(any(b is r for r in again) for b in paired_with)
+            against = "recipe v1" if reference == "base" else reference
+            if rerun_pairs:
+                against += f" (re-runs: {rerun_pairs} of {len(paired_with)} seeds)"
             worth = compare.equivalent_epochs(by_config[config], curve)
             worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
             try:
@@ -467,8 +476,7 @@ def per_epoch_section(tuning, ceiling):
             lines.append(f"| {variant} | {config} | `{flags}` | "
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
                          f" | {by_config[config]:.2f} | "
-                         f"{'recipe v1' if reference == 'base' else reference} | "
-                         f"{_delta(diff)} | {compare.verdict(diff)} | {worth} |")
+                         f"{against} | {_delta(diff)} | {compare.verdict(diff)} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
          for r in tuning[(variant, config, 20)]]
@@ -477,7 +485,9 @@ def per_epoch_section(tuning, ceiling):
                   f"runs dated {min(r['date'][:10] for r in runs_all)} to "
                   f"{max(r['date'][:10] for r in runs_all)}. \"Recipe v1 needs\": the epochs "
                   f"at which recipe v1 reaches the change's mean, read off the first table "
-                  f"(linear in log2 epochs)."]
+                  f"(linear in log2 epochs). Each seed is paired with the reference's run of "
+                  f"that seed, its re-run in the same arithmetic where one exists "
+                  f"([below](#learning-per-epoch-in-progress): results/arithmetic/)."]
     return "\n".join(lines)
 
 
@@ -549,7 +559,7 @@ SECTIONS = [
     ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
     ("precision", lambda f: precision_section(f["checks"], f["runs"], f["archives"])),
     ("tuning", lambda f: tuning_section(f["tuning"])),
-    ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"])),
+    ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"], f["arithmetic"])),
     ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
