@@ -466,7 +466,8 @@ def per_epoch_section(tuning, ceiling, reruns=None):
             rerun_pairs = sum(any(b is r for r in again) for b in paired_with)
             against = "recipe v1" if reference == "base" else reference
             if rerun_pairs:
-                against += f" (re-runs: {rerun_pairs} of {len(paired_with)} seeds)"
+                against += (f" (re-runs: {rerun_pairs} of {len(paired_with)} "
+                            f"seed{'s' * (len(paired_with) != 1)})")
             worth = compare.equivalent_epochs(by_config[config], curve)
             worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
             try:
