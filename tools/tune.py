@@ -81,7 +81,7 @@ CONFIGS = {
     # where the capacity sits: channels moved to the 8x8 stage (w24-32-28 moved them earlier)
     "w12-24-36": ["--widths", "12", "24", "36"],    # 48,862 parameters
     "w16-20-36": ["--widths", "16", "20", "36"],    # 46,698 parameters
-    # depthwise 3x3 + 1x1 blocks after C1: the parameters buy twice the channels (46,610)
+    # depthwise 3x3 + 1x1 blocks after C1: the parameters buy 2-3x the channels (46,610)
     "sep": ["--conv", "separable", "--widths", "32", "64", "88"],
     # where the skip adds sit (no parameters): every square 3x3 conv its own branch, or none
     "skips-per-conv": ["--skips", "per-conv"],
