@@ -529,14 +529,13 @@ def test_the_ablation_pairs_each_seed_with_the_reference_run_in_its_own_arithmet
 
 
 def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
-    run = arithmetic_run
-    first = [run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
-    again = [run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]
+    first = [arithmetic_run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
+    again = [arithmetic_run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]
     tuning = {("batch", "muon", 20): first,
-              ("batch", "aflip+muon", 20): [run(0.818, 0, "AVX2", "fp32"),
-                                            run(0.809, 1, "AVX2", "fp32")],
-              ("batch", "muon+skipinit", 20): [run(0.80, 0, "AVX512", "bf16")],
-              ("batch", "aflip", 20): [run(0.70, 0, "AVX2", "fp32")]}
+              ("batch", "aflip+muon", 20): [arithmetic_run(0.818, 0, "AVX2", "fp32"),
+                                             arithmetic_run(0.809, 1, "AVX2", "fp32")],
+              ("batch", "muon+skipinit", 20): [arithmetic_run(0.80, 0, "AVX512", "bf16")],
+              ("batch", "aflip", 20): [arithmetic_run(0.70, 0, "AVX2", "fp32")]}
     text = report.arithmetic_section(tuning, {("batch", "muon", 20): again})
     assert ("| batch | muon | 0, 1 | AVX512, bf16, 81.75 | AVX2, fp32, 81.00 | -1.00, -0.50 | "
             "-0.75 [-3.93, +2.43] |") in text
