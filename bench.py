@@ -4,6 +4,7 @@
     python bench.py --device cuda --steps 200 --variants repo+compile repo+graphs
     python bench.py --profile             # where the time of this repository's training step goes
     python bench.py --variants repo+fp32 repo+bf16 repo+compile repo+nchw   # what else was tried
+    python bench.py --conv separable --widths 32 64 88   # the network of `tune.py`'s sep
 
 "usual": PIL images -> RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize in a
          DataLoader (batch 128, shuffle, num_workers=2), NCHW model, fp32, plain training step.
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from dataset import load_cifar10
-from model import build_model
+from model import CONVS, ModelConfig, build_model
 from precision import get_device, hardware_info, make_grad_scaler, resolve_precision
 from optimizers import make_optimizer
 from utils import TrainConfig, evaluate, make_loaders, train_one_epoch
@@ -56,7 +57,7 @@ def worker(args):
     """Measure one pipeline; print one JSON line."""
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
-    model = build_model(args.norm, seed=0)
+    model = build_model(args.norm, seed=0, conv=args.conv, widths=args.widths)
     config = TrainConfig(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
     options = set(args.pipeline.split("+")[1:])
     unknown = options - VARIANT_OPTIONS
@@ -177,7 +178,8 @@ def profile(args):
     """Operator-level profile of `args.steps` training steps on the repository's path."""
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
-    model = build_model(args.norm, seed=0).to(device, memory_format=torch.channels_last)
+    model = build_model(args.norm, seed=0, conv=args.conv, widths=args.widths).to(
+        device, memory_format=torch.channels_last)
     config = TrainConfig(batch_size=args.batch_size)
     stream = _forever(make_loaders(data, config, device)[0])
     optimizer = make_optimizer(model, config, device)
@@ -205,6 +207,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     p.add_argument("--norm", default=DEFAULT, help=f"model variant (default: {DEFAULT})")
+    p.add_argument("--conv", default=ModelConfig.conv, choices=CONVS,
+                   help=f"the 3x3 blocks after C1 (default: {ModelConfig.conv})")
+    p.add_argument("--widths", type=int, nargs=3, default=ModelConfig.widths, metavar="C",
+                   help="channels at 32x32, 16x16 and 8x8 (default: %(default)s)")
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: $CIFAR10_DATA)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default: 128)")
     p.add_argument("--eval-batch-size", type=int, default=1000,
@@ -233,10 +239,11 @@ def main():
     print(f"machine: {hw.get('gpu', hw['cpu'])} ({hw['device']}{isa}), {hw['cpu_threads']} "
           f"threads, torch {hw['torch']}, python {hw['python']}, {os.cpu_count()} CPUs; "
           f"policy's precision: {resolve_precision('auto', device)}; "
-          f"model {args.norm}, batch {args.batch_size}, {args.steps} timed steps, "
+          f"model {args.norm}, conv {args.conv}, widths {list(args.widths)}, batch {args.batch_size}, {args.steps} timed steps, "
           f"median of {args.reps}")
     runs = {name: [] for name in ["usual", "repo", *args.variants]}
     base = [sys.executable, __file__, "--device", str(args.device or ""), "--norm", args.norm,
+            "--conv", args.conv, "--widths", *map(str, args.widths),
             "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
             "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--workers", str(args.workers)] + \
