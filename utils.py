@@ -210,16 +210,20 @@ def recipe(config):
     return {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
-# What a run recorded before a setting existed used: its first default, where that differs from
-# today's: files from before the optimizer setting (2026-11-24) ran SGD, Muon's default since.
-FIRST_DEFAULTS = {"optimizer": "sgd"}
+# The first default of every setting whose default has changed (recipe v1, tools/tune.py's
+# starting point): a file from before a setting existed ran its first default (SGD before
+# 2026-11-24, full 3x3 convs before 2026-12-01); widths, recorded by every file, only for tune.py.
+FIRST_DEFAULTS = {"optimizer": "sgd", "conv": "full", "widths": (16, 28, 32)}
 
 
 def with_defaults(model_config, train_config):
     """The (model, recipe) dicts a file recorded, with the settings added since it was written
     at the defaults they had then."""
-    return ({**ModelConfig().to_dict(), **model_config},
-            {**recipe(TrainConfig()), **FIRST_DEFAULTS, **train_config})
+    model_fields = ModelConfig().to_dict()
+    first = {owner: {k: v for k, v in FIRST_DEFAULTS.items() if (k in model_fields) == is_model}
+             for owner, is_model in (("model", True), ("train", False))}
+    return ({**model_fields, **first["model"], **model_config},
+            {**recipe(TrainConfig()), **first["train"], **train_config})
 
 
 def run_fingerprint(model, data, config):

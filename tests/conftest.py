@@ -15,6 +15,8 @@ from model import build_model  # noqa: E402
 from utils import fit, load_checkpoint  # noqa: E402
 
 NORMS = ("batch", "group", "layer")
+FULL_NET = {"conv": "full", "widths": (16, 28, 32)}  # recipes v1 and v2: full 3x3 convs
+SEPARABLE_NET = {"conv": "separable", "widths": (32, 64, 88)}  # the study's separable blocks
 
 
 def interrupt_after_epoch_1(norm, data, config, checkpoint_path):

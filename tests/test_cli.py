@@ -5,6 +5,7 @@ import sys
 from PIL import Image as PILImage
 
 from conftest import ROOT, make_archive
+from model import ModelConfig
 from results import run_name
 
 
@@ -71,7 +72,7 @@ def test_run_names_differ_whenever_the_settings_do():
     assert run_name("batch", 0, epochs=20, batch_size=128) == "batch_seed0"  # defaults: no tag
     assert run_name("batch", 0, widths=[24, 32, 28], activation="gelu", pad=2, flip=False,
                     validation=500) == "batch_seed0_w24-32-28_gelu_pad2_flip0_val500"
-    assert run_name("batch", 0, widths=(16, 28, 32), activation="relu", flip=True) == \
+    assert run_name("batch", 0, widths=ModelConfig.widths, activation="relu", flip=True) == \
         "batch_seed0"
 
 
@@ -148,7 +149,7 @@ def test_groups_are_checked_before_the_data_loads_and_documented(tmp_path):
     out = run_train("--norm", "gn", "--groups", "3", "--data", str(tmp_path / "missing.tgz"),
                     cwd=tmp_path, env_cache=tmp_path / "cache")
     assert out.returncode == 1
-    assert "GroupNorm with 3 groups cannot normalize 16 channels" in out.stderr
+    assert f"GroupNorm with 3 groups cannot normalize {ModelConfig.widths[0]} channels" in out.stderr
     help_text = " ".join(run_train("--help", cwd=tmp_path,
                                    env_cache=tmp_path / "cache").stdout.split())
     assert "GroupNorm only" in help_text and "must divide every stage width" in help_text

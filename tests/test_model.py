@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NORMS, ROOT
+from conftest import FULL_NET, NORMS, ROOT, SEPARABLE_NET
 from model import (ACTIVATIONS, CONVS, SKIP_LAYOUTS, ModelConfig, Net, SeparableConv2d,
                    build_model, get_norm_layer)
 from variants import canonical_norm
@@ -16,11 +16,13 @@ def test_under_50k_parameters_and_logits_shape(norm):
     assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
 
 
-def test_variants_share_the_convolution_layout():
-    shapes = {norm: [tuple(m.weight.shape) for m in build_model(norm).modules()
+# C1 C2 c3 C4 C5 c6 C7 C8 C9 C10; separable: C2 C4 C5 C7 C8 C9 are two convs each
+@pytest.mark.parametrize("conv,convs", [("full", 10), ("separable", 16)])
+def test_variants_share_the_convolution_layout(conv, convs):
+    shapes = {norm: [tuple(m.weight.shape) for m in build_model(norm, conv=conv).modules()
                      if isinstance(m, nn.Conv2d)] for norm in NORMS}
     assert shapes["batch"] == shapes["group"] == shapes["layer"]
-    assert len(shapes["batch"]) == 10  # C1 C2 c3 C4 C5 c6 C7 C8 C9 C10
+    assert len(shapes["batch"]) == convs
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -99,16 +101,20 @@ def test_group_norm_uses_the_requested_groups():
     assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {2}
 
 
+@pytest.mark.parametrize("net,biased_convs", [
+    (SEPARABLE_NET, [1, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1, 1]),  # their 1x1 halves
+    (FULL_NET, [1, 1, 0, 1, 1, 0, 1, 1, 1, 1])])
 @pytest.mark.parametrize("alias", ["none", "identity"])
-def test_no_normalization_keeps_the_layout_and_puts_conv_biases_where_the_shift_was(alias):
-    model, reference = build_model(alias, seed=0), build_model("batch", seed=0)
+def test_no_normalization_keeps_the_layout_and_puts_conv_biases_where_the_shift_was(alias, net,
+                                                                                   biased_convs):
+    model, reference = build_model(alias, seed=0, **net), build_model("batch", seed=0, **net)
     assert model.config.norm == "none"
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for m in model.modules())
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [tuple(m.weight.shape) for m in convs] == [
         tuple(m.weight.shape) for m in reference.modules() if isinstance(m, nn.Conv2d)]
-    biased = [m.bias is not None for m in convs]  # the 3x3 convs and the classifier
-    assert biased == [True, True, False, True, True, False, True, True, True, True]
+    biased = [int(m.bias is not None) for m in convs]  # each conv before a norm, the classifier
+    assert biased == biased_convs
     # each norm's 2C affine parameters become C biases
     assert model.get_num_params() == reference.get_num_params() - sum(
         m.out_channels for m, b in zip(convs[:-1], biased[:-1]) if b)
@@ -125,7 +131,7 @@ def test_unknown_norm_lists_the_accepted_names():
 def test_groups_that_do_not_divide_name_the_layer_and_channels():
     with pytest.raises(ValueError, match=r"layer C1: GroupNorm with 3 groups cannot normalize "
                                          r"16 channels"):
-        Net(ModelConfig(norm="group", num_groups=3))
+        Net(ModelConfig(norm="group", num_groups=3, **FULL_NET))
 
 
 def test_canonical_names():
@@ -160,14 +166,14 @@ def test_the_studys_wider_networks_stay_under_50k_parameters(norm, widths):
 
 
 def test_group_norm_by_group_size_keeps_channels_per_group_fixed():
-    model = build_model("group", group_size=4)
+    model = build_model("group", group_size=4, **FULL_NET)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert [(m.num_groups, m.num_channels) for m in norms] == [
         (4, 16), (4, 16), (7, 28), (7, 28), (8, 32), (8, 32), (8, 32)]
-    assert model.get_num_params() == build_model("group").get_num_params()
+    assert model.get_num_params() == build_model("group", **FULL_NET).get_num_params()
     with pytest.raises(ValueError, match=r"layer C4: GroupNorm with groups of 8 channels cannot "
                                          r"normalize 28 channels"):
-        build_model("group", group_size=8)
+        build_model("group", group_size=8, **FULL_NET)
 
 
 @pytest.mark.parametrize("norm", NORMS)

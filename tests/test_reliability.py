@@ -240,7 +240,7 @@ def test_settings_out_of_range_get_one_line_before_the_data_loads(tmp_path, flag
 # 7. Outside the assignment's limits: allowed, said, recorded, kept out of the results table.
 
 def test_a_run_outside_the_limits_is_flagged_and_refused_by_the_report(archive, tmp_path):
-    out = run_train("--widths", "32", "48", "64", "--dry-run", "--subset", "2", "--data",
+    out = run_train("--conv", "full", "--widths", "32", "48", "64", "--dry-run", "--subset", "2", "--data",
                     archive, "--no-progress", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     warning = [line for line in out.stdout.splitlines() if line.startswith("warning:")]

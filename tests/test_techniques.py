@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NORMS, interrupt_after_epoch_1
+from conftest import FULL_NET, NORMS, SEPARABLE_NET, interrupt_after_epoch_1
 from dataset import TensorLoader
 from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
 from norm_stats import fixed_batch, probe_layers
@@ -36,9 +36,10 @@ def test_whitening_reads_only_the_images_it_is_given_and_can_be_frozen(tiny_data
     model = build_model("batch", seed=0)
     images = tiny_data.train_x[:50].float() / 255
     prepare_for_training(model, TrainConfig(whiten="frozen"), images)
-    assert torch.allclose(model.C1[0].weight, patch_whitening(images, 16))
+    assert torch.allclose(model.C1[0].weight, patch_whitening(images, model.config.widths[0]))
     assert not model.C1[0].weight.requires_grad
-    assert model.get_num_params() == 46_538 - 432  # C1's filters no longer train
+    assert model.get_num_params() == \
+        build_model("batch").get_num_params() - model.C1[0].weight.numel()  # C1 no longer trains
     trainable = build_model("batch", seed=0)
     prepare_for_training(trainable, TrainConfig(whiten="trainable"), images)
     assert trainable.C1[0].weight.requires_grad
@@ -50,7 +51,7 @@ def test_a_frozen_first_layer_stays_put_and_the_probe_still_reports_it(tiny_data
     history = fit(model, tiny_data, config, "cpu", progress=False)
     images, _ = fixed_batch(
         tiny_data.train_x, tiny_data.train_y, tiny_data.mean, tiny_data.std, "cpu", per_class=500)
-    assert torch.allclose(model.C1[0].weight, patch_whitening(images, 16))
+    assert torch.allclose(model.C1[0].weight, patch_whitening(images, model.config.widths[0]))
     assert all(g > 0 for g in history["grad_norm"][-1])  # C1's gradient is measured anyway
 
 
@@ -70,16 +71,19 @@ def test_the_norms_shifts_get_their_own_rate_and_frozen_scales_stay_at_one(tiny_
                for b in model.modules() if isinstance(b, ConvBlock))
 
 
-def test_the_default_optimizer_is_muon_for_the_3x3_kernels_and_sgd_for_the_rest():
-    optimizer = make_optimizer(build_model("batch", seed=0), TrainConfig())
+# Muon: C1 and the dense kernel of C2 C4 C5 C7 C8 C9; SGD: the 1x1 transitions and head (and
+# the separable blocks' depthwise filters), then the norms and the head's bias
+@pytest.mark.parametrize("net,sgd_groups", [(SEPARABLE_NET, [9, 15]), (FULL_NET, [3, 15])])
+def test_the_default_optimizer_is_muon_for_the_dense_kernels_and_sgd_for_the_rest(net, sgd_groups):
+    optimizer = make_optimizer(build_model("batch", seed=0, **net), TrainConfig())
     sgd, muon = optimizer.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(sgd, torch.optim.SGD)
-    assert [len(g["params"]) for g in muon.param_groups] == [7]  # C1 C2 C4 C5 C7 C8 C9
-    assert [len(g["params"]) for g in sgd.param_groups] == [3, 15]  # 1x1 convs; norms, bias
+    assert [len(g["params"]) for g in muon.param_groups] == [7]
+    assert [len(g["params"]) for g in sgd.param_groups] == sgd_groups
 
 
 def test_muon_takes_the_1x1_halves_of_separable_blocks_and_sgd_their_depthwise_filters():
-    model = build_model("batch", seed=0, conv="separable")
+    model = build_model("batch", seed=0, **SEPARABLE_NET)
     sgd, muon = make_optimizer(model, TrainConfig()).optimizers
     in_muon = {id(p.kernel) for p in muon.param_groups[0]["params"]}
     blocks = [model.C2, model.C4, model.C5, model.C7, model.C8, model.C9]
@@ -89,7 +93,8 @@ def test_muon_takes_the_1x1_halves_of_separable_blocks_and_sgd_their_depthwise_f
 
 
 def test_recipe_v1_optimizer_is_sgd_with_two_groups():
-    groups = make_optimizer(build_model("batch", seed=0), TrainConfig(optimizer="sgd")).param_groups
+    groups = make_optimizer(build_model("batch", seed=0, **FULL_NET),
+                            TrainConfig(optimizer="sgd")).param_groups
     assert [len(g["params"]) for g in groups] == [10, 15]  # conv weights; norms and head bias
 
 
@@ -97,7 +102,7 @@ def test_recipe_v1_optimizer_is_sgd_with_two_groups():
 def test_skipinit_makes_each_residual_branch_pass_its_input_alone_and_still_learn(norm):
     model = build_model(norm, seed=0, identity_init="skipinit").eval()
     assert set(model.branch_gains) == {"C2", "C5", "C8"}
-    x = torch.randn(2, 16, 32, 32)
+    x = torch.randn(2, model.config.widths[0], 32, 32)
     assert torch.equal(model._stage(x, ("C2",)), x)  # the branch is gated off: the input alone
     # The trap this avoids: a zeroed norm scale makes the block ReLU(0 * z + 0) = 0, whose
     # gradient is 0, so that branch never wakes. The gain learns at once, the branch from the
@@ -110,12 +115,14 @@ def test_skipinit_makes_each_residual_branch_pass_its_input_alone_and_still_lear
         F.cross_entropy(model(images), labels).backward()
         optimizer.step()
     assert all(gain != 0 for gain in model.branch_gains.values())
-    assert all(getattr(model, name)[0].weight.grad.abs().sum() > 0 for name in ("C2", "C5", "C8"))
+    assert all(p.grad.abs().sum() > 0 for name in ("C2", "C5", "C8")
+               for p in getattr(model, name)[0].parameters())  # the branch's conv(s)
     assert model.get_num_params() == build_model(norm, seed=0).get_num_params() + 3
 
 
 def test_dirac_identity_init_adds_an_identity_kernel_to_square_3x3_convs():
-    plain, dirac = build_model("batch", seed=0), build_model("batch", seed=0, identity_init="dirac")
+    plain = build_model("batch", seed=0, **FULL_NET)
+    dirac = build_model("batch", seed=0, identity_init="dirac", **FULL_NET)
     for name in ("C2", "C4", "C5", "C7", "C8", "C9"):
         diff = getattr(dirac, name)[0].weight - getattr(plain, name)[0].weight
         assert torch.allclose(diff, nn.init.dirac_(torch.empty_like(diff)))
@@ -133,14 +140,14 @@ def test_skipinit_follows_the_skip_layout():
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_weight_standardization_convolves_with_standardized_filters(norm):
-    model = build_model(norm, seed=0, weight_std=True)
+    model = build_model(norm, seed=0, weight_std=True, **FULL_NET)
     conv = model.C4[0]
     x = torch.randn(2, 28, 16, 16)
     w = conv.weight
     standardized = (w - w.mean((1, 2, 3), keepdim=True)) / \
         w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
     assert torch.allclose(conv(x), F.conv2d(x, standardized, padding=1), atol=1e-5)
-    assert model.get_num_params() == 46_538
+    assert model.get_num_params() == build_model(norm, **FULL_NET).get_num_params()
 
 
 def test_alternating_flips_mirror_each_image_in_every_other_epoch():
@@ -173,7 +180,7 @@ def test_probe_reports_a_frozen_conv(tiny_data):
 
 
 def test_muon_updates_the_3x3_kernels_through_their_matrix_views_and_sgd_the_rest(tiny_data):
-    model = build_model("batch", seed=0).to(memory_format=torch.channels_last)
+    model = build_model("batch", seed=0, **FULL_NET).to(memory_format=torch.channels_last)
     config = TrainConfig(optimizer="muon")
     optimizer = make_optimizer(model, config)
     assert isinstance(optimizer, Chain)

@@ -84,6 +84,12 @@ def test_a_results_file_from_before_the_optimizer_setting_reads_as_the_sgd_it_ra
     assert report.compare.recipe_changes(fake_run("batch", 0, 0.81)) == "current"
 
 
+def test_a_results_file_from_before_the_conv_setting_reads_as_the_full_convs_it_ran():
+    old = fake_run("batch", 0, 0.81)
+    del old["model_config"]["conv"]  # recipe v2's files predate the setting
+    assert with_defaults(old["model_config"], old["train_config"])[0]["conv"] == "full"
+
+
 def test_archived_recipes_load_oldest_first_and_only_where_kept(tmp_path):
     (tmp_path / "recipe-v1").mkdir()
     assert report.load_archives(tmp_path) == [("recipe v1", "recipe-v1", {})]
@@ -302,8 +308,9 @@ def test_tuning_plan_runs_every_configuration_on_the_validation_split():
 def test_every_tuning_configuration_is_a_legal_network_for_every_variant(norm):
     """Under 50,000 parameters, group count dividing every width: the assignment's limits."""
 
-    for config, flags in tune.CONFIGS.items():
-        model_config, _ = train.configs_from(train.parse_args(["--norm", norm, *flags]))
+    for config in tune.default_configs(norm):  # each as the study runs it
+        model_config, _ = train.configs_from(train.parse_args(["--norm", norm,
+                                                               *tune.config_flags(config)]))
         assert Net(model_config).get_num_params() < 50_000, config
 
 
@@ -351,14 +358,16 @@ def test_tuning_combinations_join_the_flags_of_their_parts():
                                               "0"]
     (name, args), = tune.plan(["w24-32-28+ema0.99"], [1], epochs=5)
     assert name == "batch_w24-32-28+ema0.99_e5_seed1"
-    assert args[args.index("--widths") + 1: args.index("--widths") + 4] == ["24", "32", "28"]
+    last = len(args) - 1 - args[::-1].index("--widths")  # the change's, after recipe v1's
+    assert args[last + 1: last + 4] == ["24", "32", "28"]
     assert args[args.index("--ema") + 1] == "0.99"
     with pytest.raises(SystemExit, match=r"unknown configuration\(s\) \['lr9'\]"):
         tune.config_flags("lr0.2+lr9")
 
 
 def test_tuning_base_trains_the_recipe_v1_that_files_from_before_muon_record():
-    _, config = train.configs_from(train.parse_args(tune.config_flags("base")))
+    model, config = train.configs_from(train.parse_args(tune.config_flags("base")))
+    assert (model.conv, model.widths) == ("full", (16, 28, 32))  # the defaults until 2026-12-01
     assert config.optimizer == "sgd" != TrainConfig().optimizer
     old_file = {k: v for k, v in recipe(TrainConfig()).items() if k != "optimizer"}
     assert recipe(config) == with_defaults({}, old_file)[1]

@@ -57,7 +57,8 @@ EPOCHS_FIGURE = IMAGES / "equivalent_epochs.png"
 # Earlier recipes' final runs, kept beside today's for a before/after comparison, oldest first:
 # (folder under results/, the label of their rows).
 ARCHIVES = [("before-study", "before the study"),  # published before the recipe study
-            ("recipe-v1", "recipe v1")]            # the recipe study's, before learning per epoch
+            ("recipe-v1", "recipe v1"),            # the recipe study's, before learning per epoch
+            ("recipe-v2", "recipe v2")]            # Muon, before separable blocks
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
 
