@@ -239,7 +239,8 @@ def main():
     print(f"machine: {hw.get('gpu', hw['cpu'])} ({hw['device']}{isa}), {hw['cpu_threads']} "
           f"threads, torch {hw['torch']}, python {hw['python']}, {os.cpu_count()} CPUs; "
           f"policy's precision: {resolve_precision('auto', device)}; "
-          f"model {args.norm}, conv {args.conv}, widths {list(args.widths)}, batch {args.batch_size}, {args.steps} timed steps, "
+          f"model {args.norm}, conv {args.conv}, widths {list(args.widths)}, "
+          f"batch {args.batch_size}, {args.steps} timed steps, "
           f"median of {args.reps}")
     runs = {name: [] for name in ["usual", "repo", *args.variants]}
     base = [sys.executable, __file__, "--device", str(args.device or ""), "--norm", args.norm,

@@ -219,11 +219,11 @@ FIRST_DEFAULTS = {"optimizer": "sgd", "conv": "full", "widths": (16, 28, 32)}
 def with_defaults(model_config, train_config):
     """The (model, recipe) dicts a file recorded, with the settings added since it was written
     at the defaults they had then."""
-    model_fields = ModelConfig().to_dict()
-    first = {owner: {k: v for k, v in FIRST_DEFAULTS.items() if (k in model_fields) == is_model}
-             for owner, is_model in (("model", True), ("train", False))}
-    return ({**model_fields, **first["model"], **model_config},
-            {**recipe(TrainConfig()), **first["train"], **train_config})
+    model_defaults = ModelConfig().to_dict()
+    first_model = {k: v for k, v in FIRST_DEFAULTS.items() if k in model_defaults}
+    first_train = {k: v for k, v in FIRST_DEFAULTS.items() if k not in model_defaults}
+    return ({**model_defaults, **first_model, **model_config},
+            {**recipe(TrainConfig()), **first_train, **train_config})
 
 
 def run_fingerprint(model, data, config):
