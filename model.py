@@ -13,10 +13,12 @@ so the 1x1 transitions double as the projection that a ResNet would otherwise ne
 stage gives gradients a short path to the stem. C9 is left plain so the head sees one more
 non-linear mixing of the stage-3 features before pooling.
 
-`ModelConfig.conv = "separable"` factorizes each 3x3 block after C1 into a depthwise 3x3 conv
-(one 3x3 filter per channel) and a pointwise 1x1 conv (MobileNet; Howard et al., 2017): about
-9c + c^2 weights instead of 9c^2, so the same 50,000 parameters buy stages two to three times
-wider (see the widths its configurations use in tools/tune.py).
+Each 3x3 block after C1 is separable by default (`ModelConfig.conv`): a depthwise 3x3 conv (one
+3x3 filter per channel) and a pointwise 1x1 conv (MobileNet; Howard et al., 2017), about
+9c + c^2 weights instead of 9c^2, so the same 50,000 parameters buy stages of 32, 64 and 88
+channels instead of 16, 28 and 32 (the learning-per-epoch study's win; `conv="full"` with
+`widths=(16, 28, 32)` is the network of recipes v1 and v2). C1 stays a full conv: a depthwise
+filter on an RGB image would see each colour alone.
 
 `ModelConfig.skips` moves the adds for the study of where they sit (SKIP_LAYOUTS): "per-conv"
 makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "off" removes
@@ -93,7 +95,7 @@ class ModelConfig:
     norm: str = DEFAULT        # normalization, by any name of variants.py
     num_groups: int = 4       # GroupNorm only: groups per layer; must divide every stage width
     group_size: int = 0       # GroupNorm only: groups of this many channels instead; 0: off
-    widths: tuple = (16, 28, 32)  # channels at 32x32, 16x16 and 8x8
+    widths: tuple = (32, 64, 88)  # channels at 32x32, 16x16 and 8x8
     dropout: float = 0.0      # Dropout2d rate after each 3x3 block; 0: off
     activation: str = "relu"  # after each norm: relu, gelu, silu or celu
     num_classes: int = 10     # logits
@@ -101,7 +103,7 @@ class ModelConfig:
                                 # from 0 on each branch) or dirac (3x3 convs plus identity)
     weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
     skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
-    conv: str = "full"        # the 3x3 blocks after C1: full, or separable (depthwise + 1x1)
+    conv: str = "separable"   # the 3x3 blocks after C1: separable (depthwise + 1x1) or full
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
