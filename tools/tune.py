@@ -148,17 +148,21 @@ def plan(configs, seeds, epochs, norm=DEFAULT):
 
 def per_epoch_grid():
     """The learning-per-epoch study (README), as [(variant, configurations, epochs, seeds,
-    folder)] in the order worth running: the winner so far on every variant first (the recipe
-    changes only when it holds on all three), then the next candidates on top of it (the most
-    promising on every variant), the
-    ceiling scale, and the single changes for the ablation table. Arms whose interval still
-    straddles zero get seeds 4 to 7 by hand (`--configs ... --seeds 4 5`)."""
+    folder)] in the order worth running: each winner on every variant first (the recipe
+    changes only when it holds on all three), then the next candidates on top of today's
+    recipe (Muon + separable blocks), the candidates measured on top of Muon alone, the ceiling
+    scale, and the single changes for the ablation table. Arms whose interval still straddles
+    zero get seeds 4 to 7 by hand (`--configs ... --seeds 4 5`)."""
     every, seeds = course_variants(), [0, 1, 2, 3]
     batch_free = [v for v in every if not get_variant(v).running_stats]
     return [
         *[(v, ["base", "muon"], 20, seeds, OUT_DIR) for v in every],
         # the largest gain seen on top of Muon (+2.3 on BatchNorm's first seed): on every variant
         *[(v, ["muon+sep"], 20, seeds, OUT_DIR) for v in every],
+        # the greedy step: the next candidates on top of both winners
+        (DEFAULT, ["muon+sep+mlr0.1", "muon+sep+lookahead", "muon+sep+aflip", "muon+sep+ls0.2"],
+         20, seeds, OUT_DIR),
+        *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+skipinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
