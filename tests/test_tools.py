@@ -503,6 +503,21 @@ def test_the_study_grid_runs_the_winner_on_every_variant_first_and_lists_what_is
     assert f"1 of {len(runs)} runs done" in out
 
 
+def test_every_grid_run_is_read_back_under_its_configurations_name(tmp_path, monkeypatch):
+    runs = []
+    for norm, configs, epochs, _, _ in tune.per_epoch_grid():
+        for config in configs:  # a results file records settings, not the name it ran under
+            args = train.parse_args(tune.config_flags(config) + ["--norm", norm])
+            model_config, train_config = train.configs_from(args)
+            runs.append({"variant": norm, "epochs": epochs, "model_config": model_config.to_dict(),
+                         "train_config": train_config.to_dict()})
+    monkeypatch.setattr(report.compare, "read_results", lambda folder: runs)
+    groups = report.load_tuning(tmp_path)
+    assert "batch_muon+sep+mlr0.1" in {f"{norm}_{config}" for norm, config, _ in groups}
+    assert set(groups) == {(norm, config, epochs) for norm, configs, epochs, _, _
+                           in tune.per_epoch_grid() for config in configs}
+
+
 def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **k: commands.append(cmd) or
@@ -541,15 +556,17 @@ def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own
     first = [arithmetic_run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
     again = [arithmetic_run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]
     tuning = {("batch", "muon", 20): first,
-              ("batch", "aflip+muon", 20): [arithmetic_run(0.818, 0, "AVX2", "fp32"),
+              ("batch", "muon+aflip", 20): [arithmetic_run(0.818, 0, "AVX2", "fp32"),
                                              arithmetic_run(0.809, 1, "AVX2", "fp32")],
               ("batch", "muon+skipinit", 20): [arithmetic_run(0.80, 0, "AVX512", "bf16")],
+              ("batch", "muon+sep+aflip", 20): [arithmetic_run(0.84, 0, "AVX2", "fp32")],
               ("batch", "aflip", 20): [arithmetic_run(0.70, 0, "AVX2", "fp32")]}
     text = report.arithmetic_section(tuning, {("batch", "muon", 20): again})
     assert ("| batch | muon | 0, 1 | AVX512, bf16, 81.75 | AVX2, fp32, 81.00 | -1.00, -0.50 | "
             "-0.75 [-3.93, +2.43] |") in text
     # +0.30, +0.40 against the re-runs, -0.70, -0.10 against the first runs of other arithmetic
-    assert "| batch | aflip+muon | 0, 1 | -0.40 [-4.21, +3.41] | +0.35 [-0.29, +0.99] |" in text
+    assert "| batch | muon+aflip | 0, 1 | -0.40 [-4.21, +3.41] | +0.35 [-0.29, +0.99] |" in text
     assert "muon+skipinit" not in text  # its one seed ran in the first runs' arithmetic: no pair
     assert "| aflip |" not in text   # not stacked on the re-run arm
+    assert "muon+sep+aflip" not in text  # two changes on it: judged against muon+sep instead
     assert report.arithmetic_section(tuning, {}).startswith("No re-runs yet")

@@ -301,10 +301,12 @@ def speed_section(bench_files):
 
 
 def config_names():
-    """{recipe change: tools/tune.py's configuration that makes it}, single configurations and
-    pairs, so that a run's configuration is read from its settings, not from its file name."""
-    names = list(tune.CONFIGS) + [f"{a}+{b}" for i, a in enumerate(tune.CONFIGS)
-                                  for b in list(tune.CONFIGS)[i + 1:]]
+    """{recipe change: tools/tune.py's configuration that makes it}, the study grid's names
+    first (those its files were run under), then single configurations and pairs, so that a
+    run's configuration is read from its settings, not from its file name."""
+    names = [config for _, configs, *_ in tune.per_epoch_grid() for config in configs]
+    names += list(tune.CONFIGS) + [f"{a}+{b}" for i, a in enumerate(tune.CONFIGS)
+                                   for b in list(tune.CONFIGS)[i + 1:]]
     found = {}
     for name in names:
         if tune.missing_bases(name):  # mlr0.1 alone is refused: it refines muon
@@ -495,7 +497,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
 
 def arithmetic_section(tuning, reruns):
     """A baseline arm re-run, same seeds, in the arithmetic its changes ran in (results/
-    arithmetic/): how far the arithmetic alone moves it, then each change stacked on it paired
+    arithmetic/): how far the arithmetic alone moves it, then each single change on it paired
     with the re-run of its seed where the two share arithmetic, beside its usual comparison."""
     if not reruns:
         return "No re-runs yet (results/arithmetic/ is empty)."
@@ -520,7 +522,10 @@ def arithmetic_section(tuning, reruns):
                      f"{', '.join(f'{d:+.2f}' for d in diff['diffs'])} | {_delta(diff)} |")
         by_seed = {r["seed"]: compare.arithmetic(r) for r in again}
         for (v, config, e), runs in sorted(tuning.items()):
-            if v != variant or e != epochs or arm not in config.split("+") or config == arm:
+            parts, arm_parts = config.split("+"), arm.split("+")
+            # one change on top of the arm; longer stacks are judged against their own reference
+            if v != variant or e != epochs or not (set(arm_parts) < set(parts)
+                                                   and len(parts) == len(arm_parts) + 1):
                 continue
             alike = [r for r in runs if by_seed.get(r["seed"]) == compare.arithmetic(r)]
             if not alike:
