@@ -167,10 +167,11 @@ def alike_base(runs, *arms):
     return chosen
 
 
-def verdict(paired):
-    """A change wins when the 95% interval of its mean paired difference lies above zero."""
-    if paired["low"] is None:
-        return f"needs 2 paired seeds ({len(paired['diffs'])} so far)"
+def verdict(paired, min_seeds=2):
+    """A change wins when the 95% interval of its mean paired difference lies above zero, over
+    at least `min_seeds` seeds (two equal differences give an interval of zero width)."""
+    if paired["low"] is None or len(paired["diffs"]) < min_seeds:
+        return f"needs {min_seeds} paired seeds ({len(paired['diffs'])} so far)"
     return "wins" if paired["low"] > 0 else "loses" if paired["high"] < 0 else "no decision"
 
 

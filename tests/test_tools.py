@@ -552,6 +552,20 @@ def test_the_ablation_pairs_each_seed_with_the_reference_run_in_its_own_arithmet
     assert "re-runs" not in report.per_epoch_section(tuning, {})  # without re-runs: first runs
 
 
+def test_the_study_decides_nothing_before_an_arm_has_the_protocols_seeds():
+    tuning = {("batch", "base", 20): [fake_tuning_run(a, s, 20) for s, a in enumerate(
+                  [0.80, 0.81, 0.79, 0.80])],
+              ("batch", "muon", 20): [fake_tuning_run(a, s, 20) for s, a in enumerate(
+                  [0.82, 0.83, 0.81, 0.82])],
+              # two seeds with the same gain: an interval of zero width, not a win
+              ("batch", "muon+aflip", 20): [fake_tuning_run(a, s, 20) for s, a in enumerate(
+                  [0.821, 0.831])]}
+    rows = {line.split(" | ")[1]: line for line in
+            report.per_epoch_section(tuning, {}).splitlines() if "| batch | muon" in line}
+    assert "| +0.10 [+0.10, +0.10] | needs 4 paired seeds (2 so far) |" in rows["muon+aflip"]
+    assert "| wins |" in rows["muon"]
+
+
 def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
     first = [arithmetic_run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
     again = [arithmetic_run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]

@@ -429,6 +429,11 @@ def technique_means(tuning):
 NOTE_20, NOTE_BEYOND = "the assignment's budget", "beyond the 20-epoch limit: a scale, never a result"
 
 
+def decision(diff):
+    """The learning-per-epoch study's verdict: only once an arm has the protocol's seeds."""
+    return compare.verdict(diff, min_seeds=len(tune.PROTOCOL_SEEDS))
+
+
 def per_epoch_section(tuning, ceiling, reruns=None):
     """The learning-per-epoch study: recipe v1 at 20, 40 and 80 epochs (the scale), then
     every change measured at 20 epochs with its paired interval and its worth in epochs; each
@@ -458,7 +463,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
             # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
             parts = config.split("+")
             winners = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
-                       if len(parts) > 1 and compare.verdict(compare.paired_difference(
+                       if len(parts) > 1 and decision(compare.paired_difference(
                            tuning.get((variant, "+".join(parts[:i] + parts[i + 1:]), 20), []),
                            base)) == "wins"]
             reference = max(winners, key=lambda c: by_config[c], default="base")
@@ -480,7 +485,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
             lines.append(f"| {variant} | {config} | `{flags}` | "
                          f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
                          f" | {by_config[config]:.2f} | "
-                         f"{against} | {_delta(diff)} | {compare.verdict(diff)} | {worth} |")
+                         f"{against} | {_delta(diff)} | {decision(diff)} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
          for r in tuning[(variant, config, 20)]]
@@ -534,7 +539,7 @@ def arithmetic_section(tuning, reruns):
             changes.append(f"| {variant} | {config} | "
                            f"{', '.join(map(str, against['seeds']))} | "
                            f"{_delta(compare.paired_difference(alike, first))} | "
-                           f"{_delta(against)} | {compare.verdict(against)} |")
+                           f"{_delta(against)} | {decision(against)} |")
     every = [r for rs in reruns.values() for r in rs]
     dates = [r["date"][:10] for r in every]
     return "\n".join(lines + (changes if len(changes) > 3 else []) + [

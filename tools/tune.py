@@ -95,6 +95,8 @@ CONFIGS = {
     "gs2": ["--group-size", "2"],     # 8, 14, 16 groups
 }
 GROUP_ONLY = {"g2", "gs4", "gs2"}
+# Every arm's first seeds in the learning-per-epoch study; no verdict with fewer
+PROTOCOL_SEEDS = [0, 1, 2, 3]
 # Refinements of another change, meaningful only on top of it: {configuration: what it refines}
 REFINES = {"mlr0.1": "muon", "mlr0.025": "muon"}
 
@@ -153,7 +155,7 @@ def per_epoch_grid():
     recipe (Muon + separable blocks), the candidates measured on top of Muon alone, the ceiling
     scale, and the single changes for the ablation table. Arms whose interval still straddles
     zero get seeds 4 to 7 by hand (`--configs ... --seeds 4 5`)."""
-    every, seeds = course_variants(), [0, 1, 2, 3]
+    every, seeds = course_variants(), PROTOCOL_SEEDS
     batch_free = [v for v in every if not get_variant(v).running_stats]
     return [
         *[(v, ["base", "muon"], 20, seeds, OUT_DIR) for v in every],
