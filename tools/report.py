@@ -526,8 +526,9 @@ def arithmetic_section(tuning, reruns):
                      f"{kinds(first)}, {mean(first):.2f} | {kinds(again)}, {mean(again):.2f} | "
                      f"{', '.join(f'{d:+.2f}' for d in diff['diffs'])} | {_delta(diff)} |")
         by_seed = {r["seed"]: compare.arithmetic(r) for r in again}
+        arm_parts = arm.split("+")
         for (v, config, e), runs in sorted(tuning.items()):
-            parts, arm_parts = config.split("+"), arm.split("+")
+            parts = config.split("+")
             # one change on top of the arm; longer stacks are judged against their own reference
             if v != variant or e != epochs or not (set(arm_parts) < set(parts)
                                                    and len(parts) == len(arm_parts) + 1):
