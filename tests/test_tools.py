@@ -566,6 +566,21 @@ def test_the_study_decides_nothing_before_an_arm_has_the_protocols_seeds():
     assert "| wins |" in rows["muon"]
 
 
+def test_an_arm_with_seeds_its_reference_lacks_says_which_seeds_its_difference_covers():
+    def runs(acc):
+        return [fake_tuning_run(a, s, 20) for s, a in enumerate(acc)]
+
+    # muon took seeds 4 and 5 for a later pair; recipe v1 has only 0 to 3
+    tuning = {("batch", "base", 20): runs([0.80, 0.81, 0.79, 0.80]),
+              ("batch", "muon", 20): runs([0.82, 0.83, 0.81, 0.82, 0.83, 0.81]),
+              ("batch", "muon+aflip", 20): runs([0.821, 0.832, 0.811, 0.822, 0.834, 0.815])}
+    rows = {line.split(" | ")[1]: line for line in
+            report.per_epoch_section(tuning, {}).splitlines() if "| batch | muon" in line}
+    assert "| 0, 1, 2, 3, 4, 5 | 82.00 | recipe v1 | +2.00 [+2.00, +2.00] (seeds 0, 1, 2, 3) |" \
+        in rows["muon"]
+    assert "(seeds" not in rows["muon+aflip"]  # every seed paired: nothing to say
+
+
 def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
     first = [arithmetic_run(a, s, "AVX512", "bf16") for s, a in enumerate([0.825, 0.810])]
     again = [arithmetic_run(a, s, "AVX2", "fp32") for s, a in enumerate([0.815, 0.805])]

@@ -482,10 +482,13 @@ def per_epoch_section(tuning, ceiling, reruns=None):
                 flags = " ".join(tune.change_flags(config))
             except SystemExit:
                 flags = "(no longer defined in tools/tune.py)"
-            lines.append(f"| {variant} | {config} | `{flags}` | "
-                         f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
-                         f" | {by_config[config]:.2f} | "
-                         f"{against} | {_delta(diff)} | {decision(diff)} | {worth} |")
+            seeds = sorted(r["seed"] for r in runs)
+            delta = _delta(diff)
+            if diff["seeds"] and diff["seeds"] != seeds:  # extra seeds of an arm its reference lacks
+                delta += f" (seeds {', '.join(map(str, diff['seeds']))})"
+            lines.append(f"| {variant} | {config} | `{flags}` | {', '.join(map(str, seeds))} | "
+                         f"{by_config[config]:.2f} | {against} | {delta} | {decision(diff)} | "
+                         f"{worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
          for r in tuning[(variant, config, 20)]]

@@ -97,6 +97,8 @@ CONFIGS = {
 GROUP_ONLY = {"g2", "gs4", "gs2"}
 # Every arm's first seeds in the learning-per-epoch study; no verdict with fewer
 PROTOCOL_SEEDS = [0, 1, 2, 3]
+# Added to both arms of a pair whose interval still straddles zero after PROTOCOL_SEEDS
+EXTRA_SEEDS = [4, 5, 6, 7]
 # Refinements of another change, meaningful only on top of it: {configuration: what it refines}
 REFINES = {"mlr0.1": "muon", "mlr0.025": "muon"}
 
@@ -153,8 +155,8 @@ def per_epoch_grid():
     folder)] in the order worth running: each winner on every variant first (the recipe
     changes only when it holds on all three), then the next candidates on top of today's
     recipe (Muon + separable blocks), the candidates measured on top of Muon alone, the ceiling
-    scale, and the single changes for the ablation table. Arms whose interval still straddles
-    zero get seeds 4 to 7 by hand (`--configs ... --seeds 4 5`)."""
+    scale, and the single changes for the ablation table. A pair whose interval still straddles
+    zero after its first 4 seeds joins the grid with EXTRA_SEEDS for both arms."""
     every, seeds = course_variants(), PROTOCOL_SEEDS
     batch_free = [v for v in every if not get_variant(v).running_stats]
     return [
@@ -164,6 +166,8 @@ def per_epoch_grid():
         # the greedy step: the next candidates on top of both winners
         (DEFAULT, ["muon+sep+mlr0.1", "muon+sep+lookahead", "muon+sep+aflip", "muon+sep+ls0.2"],
          20, seeds, OUT_DIR),
+        # the greedy step's leading candidate straddled zero at 4 seeds: both arms, seeds 4 to 7
+        (DEFAULT, ["muon+sep", "muon+sep+mlr0.1"], 20, EXTRA_SEEDS, OUT_DIR),
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+skipinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
