@@ -462,10 +462,10 @@ def per_epoch_section(tuning, ceiling, reruns=None):
             runs = tuning[(variant, config, 20)]
             # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
             parts = config.split("+")
-            winners = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
-                       if len(parts) > 1 and decision(compare.paired_difference(
-                           tuning.get((variant, "+".join(parts[:i] + parts[i + 1:]), 20), []),
-                           base)) == "wins"]
+            one_less = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
+                        if len(parts) > 1]
+            winners = [c for c in one_less if decision(compare.paired_difference(
+                tuning.get((variant, c, 20), []), base)) == "wins"]
             reference = max(winners, key=lambda c: by_config[c], default="base")
             first = tuning[(variant, reference, 20)] if reference != "base" else base
             again = reruns.get((variant, reference, 20), [])
