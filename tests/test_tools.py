@@ -579,6 +579,8 @@ def test_an_arm_with_seeds_its_reference_lacks_says_which_seeds_its_difference_c
     assert "| 0, 1, 2, 3, 4, 5 | 82.00 | recipe v1 | +2.00 [+2.00, +2.00] (seeds 0, 1, 2, 3) |" \
         in rows["muon"]
     assert "(seeds" not in rows["muon+aflip"]  # every seed paired: nothing to say
+    # 6 seeds, between the protocol's looks at 4 and 8: the interval is shown, not judged
+    assert rows["muon+aflip"].endswith("| extending to 8 paired seeds (6 so far) | - |")
 
 
 def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():
