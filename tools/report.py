@@ -561,9 +561,10 @@ def _delta(diff, runs=None):
     if diff["mean"] is None:
         return "-"
     interval = "" if diff["low"] is None else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
-    unpaired = runs is not None and diff["seeds"] != sorted(r["seed"] for r in runs)
-    return (f"{diff['mean']:+.2f}{interval}"
-            f"{' (seeds ' + ', '.join(map(str, diff['seeds'])) + ')' if unpaired else ''}")
+    cell = f"{diff['mean']:+.2f}{interval}"
+    if runs is not None and diff["seeds"] != sorted(r["seed"] for r in runs):
+        cell += f" (seeds {', '.join(map(str, diff['seeds']))})"
+    return cell
 
 
 def replace_between(text, start, end, body):
