@@ -374,7 +374,7 @@ def tuning_section(groups):
             change = "(no longer defined in tools/tune.py)"
         lines.append(
             f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
-            f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
+            f"{_seeds(runs)} | "
             f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {paired} | {delta_cell} | {verdict} | "
             f"{statistics.mean(_accs(runs, 'final_test_acc_flip_tta')):.2f} |")
     runs_all = [r for rs in groups.values() for r in rs]
@@ -453,7 +453,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
         for epochs, runs in by_epochs.items():
             accs = _accs(runs)
             lines.append(f"| {variant} | {epochs} | "
-                         f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))}"
+                         f"{_seeds(runs)}"
                          f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
                          f"{NOTE_20 if epochs == 20 else NOTE_BEYOND} |")
     lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | compared with "
@@ -487,8 +487,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
                 flags = " ".join(tune.change_flags(config))
             except SystemExit:
                 flags = "(no longer defined in tools/tune.py)"
-            seeds = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-            lines.append(f"| {variant} | {config} | `{flags}` | {seeds} | "
+            lines.append(f"| {variant} | {config} | `{flags}` | {_seeds(runs)} | "
                          f"{by_config[config]:.2f} | {against} | {_delta(diff, runs)} | "
                          f"{decision(diff)} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
@@ -553,6 +552,11 @@ def arithmetic_section(tuning, reruns):
             f"out; the re-runs: {'; '.join(sorted({compare.threads(r['hardware']) for r in every}))}"
             f", {' to '.join(sorted({min(dates), max(dates)}))}. "
             f"A change's seeds count only where it ran in the same arithmetic as the re-run."])
+
+
+def _seeds(runs):
+    """"0, 1, 2": the seeds of `runs`, in order, for a table cell."""
+    return ", ".join(str(seed) for seed in sorted(r["seed"] for r in runs))
 
 
 def _delta(diff, runs=None):
