@@ -119,7 +119,7 @@ def table(runs, archives=()):
             f"needs 3 seeds ({len(accs)} so far)"
         lines.append(
             f"| {variant} | {'; '.join(f'`{r}`' if r != 'current' else r for r in recipes)}{label} | "
-            f"{', '.join(str(r['seed']) for r in rs)} | "
+            f"{_seeds(rs)} | "
             f"{statistics.mean(map(_train_acc, rs)):.2f} | {spread} | {flip} | "
             f"{max(accs):.2f} | {min(accs):.2f} | ≥ {target:.0f}: {verdict} | "
             f"{', '.join(f'{p:,}' for p in params)} | {', '.join(map(str, epochs))} | "
