@@ -128,7 +128,8 @@ def threads(hardware):
     cpu = hardware["cpu"]
     if "cpu_capability" in hardware:
         bf16 = ", native bf16" if hardware.get("cpu_native_bf16") else ""
-        cpu = f"{cpu} ({hardware['cpu_capability']}{bf16})"
+        capped = " by ISA caps" if hardware.get("isa_caps") else ""
+        cpu = f"{cpu} ({hardware['cpu_capability']}{capped}{bf16})"
     n = hardware.get("cpu_threads")
     return cpu if n is None else f"{cpu}, {n} thread{'s' * (n != 1)}"
 

@@ -20,6 +20,7 @@ An explicit "fp32", "bf16" or "fp16" is honoured, except bf16 on a CUDA device b
 torch.compile with its eager fallback.
 """
 
+import os
 import platform
 import warnings
 from contextlib import nullcontext
@@ -28,6 +29,10 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Environment variables that cap the instruction sets of torch's CPU kernels (ATen, oneDNN, MKL):
+# set to AVX2 on an AVX512 CPU, a run repeats an AVX2 CPU's arithmetic bit for bit (README
+# "Same seeds, other arithmetic"), so a results file records them
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_has_native_bf16():
@@ -68,6 +73,9 @@ def hardware_info(device):
         # what decides CPU speed (README "Speed"), which the model name does not tell
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["cpu_native_bf16"] = cpu_has_native_bf16()
+        caps = {name: os.environ[name] for name in ISA_CAPS if name in os.environ}
+        if caps:
+            info["isa_caps"] = caps
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))

@@ -162,6 +162,9 @@ def test_unfinished_study_shows_missing_cells_and_seed_counts(study_dir):
     row = compare.study_table(compare.load_study(study_dir)).splitlines()[2]
     assert row == "| 2 | 45.00 ± 7.07 | 58.00 | – | 25.00 ± 7.07 | 1–2 |"
     assert compare.threads({"cpu": "X", "cpu_threads": 1}) == "X, 1 thread"
+    capped = {"cpu": "X", "cpu_threads": 1, "cpu_capability": "AVX2", "cpu_native_bf16": True,
+              "isa_caps": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    assert compare.threads(capped) == "X (AVX2 by ISA caps, native bf16), 1 thread"
     gpu = {"device": "cuda", "cpu": "X", "cpu_threads": 2, "gpu": "NVIDIA H100 80GB HBM3",
            "gpu_capability": "9.0"}
     assert compare.threads(gpu) == "NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0)"

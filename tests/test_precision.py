@@ -73,6 +73,17 @@ def test_fp16_with_the_scaler_trains_and_lowers_the_loss(tiny_data):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_hardware_records_the_instruction_set_caps_of_the_environment(monkeypatch):
+    """A run capped to AVX2 on an AVX512 CPU says so (it pairs with AVX2 runs bit for bit)."""
+    for name in precision.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    assert "isa_caps" not in precision.hardware_info("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    assert precision.hardware_info("cpu")["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2",
+                                                         "MKL_CBWR": "AVX2"}
+
+
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
 @pytest.mark.filterwarnings("ignore:fp16 is emulated:RuntimeWarning")  # forced on purpose
 def test_fit_records_the_precision_it_used(name, tiny_data):
