@@ -168,6 +168,8 @@ def per_epoch_grid():
          20, seeds, OUT_DIR),
         # the greedy step's leading candidate straddled zero at 4 seeds: both arms, seeds 4 to 7
         (DEFAULT, ["muon+sep", "muon+sep+mlr0.1"], 20, EXTRA_SEEDS, OUT_DIR),
+        # alternating flips straddled zero at 4 seeds too (muon+sep has seeds 4 to 7 above)
+        (DEFAULT, ["muon+sep+aflip"], 20, EXTRA_SEEDS, OUT_DIR),
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+skipinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
