@@ -15,7 +15,9 @@ Every run is `train.py --validation`: it trains on 45,000 training images and is
 one-cycle schedule compressed into --epochs. One results file per run,
 results/tuning/<norm>_<config>_e<epochs>_seed<seed>.json; finished runs are skipped and
 interrupted ones resume from their checkpoints, so the study can be stopped and restarted at
-will. `tools/report.py` turns the files into the README's ablation table.
+will. `tools/report.py` turns the files into the README's ablation table. Paired seeds must
+share arithmetic: on another kind of CPU, check with `tools/repeat.py` that it repeats the
+study's runs (README "Same seeds, other arithmetic") before adding to them.
 """
 
 import argparse
