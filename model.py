@@ -101,7 +101,7 @@ class ModelConfig:
     num_classes: int = 10     # logits
     identity_init: str = "off"  # residual branches start as identity: off, skipinit (a gain
                                 # from 0 on each branch) or dirac (3x3 convs plus identity)
-    weight_std: bool = False  # standardize each 3x3 conv filter (Weight Standardization)
+    weight_std: bool = False  # standardize every filter of the 3x3 blocks (Weight Standardization)
     skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
     conv: str = "separable"   # the 3x3 blocks after C1: separable (depthwise + 1x1) or full
 
