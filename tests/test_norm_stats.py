@@ -17,7 +17,9 @@ from norm_stats import (axis_statistics, fixed_batch, measure_norm_statistics, n
 from results import make_results  # noqa: E402
 from utils import TrainConfig, fit  # noqa: E402
 
-SHORT = TrainConfig(epochs=2, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
+# fp32 everywhere: "auto" would run bf16 on some CPUs and fp32 on others
+SHORT = TrainConfig(epochs=2, batch_size=20, lr=0.05, seed=0, eval_batch_size=50,
+                    precision="fp32")
 OWN_AXES = {"batch": "per_channel", "layer": "per_image", "group": "per_group"}
 
 
@@ -42,8 +44,10 @@ def test_each_method_normalizes_along_its_own_axes(norm, tiny_data):
     assert len(stats["normalized"]) == len(stats["input"]) == len(stats["output"]) == 7
     for layer in stats["normalized"]:
         own = layer[OWN_AXES[norm]]
-        if norm == "batch":  # running statistics: close to, not exactly, 0 and 1 at test time
-            assert own["abs_mean"] < 1.0 and 0.2 < own["std_median"] < 5
+        if norm == "batch":  # running statistics: near, not at, 0 and 1 at test time
+            # after 20 steps at momentum 0.1 a running variance still holds 0.9**20 = 12% of its
+            # initial 1, so the deep layers' small variances come out at 0.2 to 0.3 of unit std
+            assert own["abs_mean"] < 1.0 and 0.1 < own["std_median"] < 5
         else:  # per-image methods normalize every test image exactly
             assert own["abs_mean"] < 1e-4
             assert own["std_min"] == pytest.approx(1, abs=1e-3)
