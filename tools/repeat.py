@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import DatasetError, load_cifar10  # noqa: E402
-from model import ModelConfig, build_model  # noqa: E402
-from precision import hardware_info  # noqa: E402
+from model import build_model  # noqa: E402
+from precision import PRECISIONS, hardware_info  # noqa: E402
 from results import load_results, provenance, save_json_atomic  # noqa: E402
 from utils import TrainConfig, fit, with_defaults  # noqa: E402
 
@@ -63,15 +63,13 @@ def repeat(reference, data, epochs, device="cpu"):
         raise RepeatError(f"the run logged {len(reference['history']['epoch'])} epochs; "
                           f"pass --epochs at most that")
     precision = reference.get("precision")
-    if precision not in ("fp32", "bf16", "fp16"):
+    if precision not in PRECISIONS or precision == "auto":  # "auto" is resolved before a run
         raise RepeatError(f"the run's precision is {precision!r}, not one precision throughout; "
                           f"pick a run that never changed machines")
     model_config, train_config = with_defaults(reference["model_config"],
                                                reference["train_config"])
     config = TrainConfig(**{**train_config, "precision": precision})
-    model_config = ModelConfig(**model_config)
-    model = build_model(model_config.norm, seed=config.seed, **{
-        k: v for k, v in model_config.to_dict().items() if k != "norm"})
+    model = build_model(seed=config.seed, **model_config)
     logged = {}
 
     def stop_after(epoch, history):
