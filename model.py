@@ -102,6 +102,8 @@ class ModelConfig:
     identity_init: str = "off"  # residual branches start as identity: off, skipinit (a gain
                                 # from 0 on each branch) or dirac (3x3 convs plus identity)
     weight_std: bool = False  # standardize every filter of the 3x3 blocks (Weight Standardization)
+    weight_std_depthwise: bool = True  # with weight_std, the depthwise filters too (zero-mean
+                                       # taps: none can average its neighbourhood)
     skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
     conv: str = "separable"   # the 3x3 blocks after C1: separable (depthwise + 1x1) or full
 
@@ -117,6 +119,9 @@ class ModelConfig:
         if self.identity_init == "dirac" and self.conv == "separable":
             raise ValueError("identity_init dirac needs conv full: a depthwise-plus-1x1 block "
                              "has no single kernel to start as the identity")
+        if not self.weight_std_depthwise and not (self.weight_std and self.conv == "separable"):
+            raise ValueError("weight_std_depthwise off needs weight_std on and conv separable: "
+                             "only then are there depthwise filters to leave unstandardized")
         if self.identity_init == "skipinit" and not SKIP_LAYOUTS[self.skips]:
             raise ValueError("identity_init skipinit needs skip connections (skips blocks or "
                              "per-conv): without them there is no branch to gate")
@@ -140,8 +145,11 @@ class SeparableConv2d(nn.Sequential):
     """A depthwise 3x3 conv (one filter per input channel) then a pointwise 1x1 conv: a 3x3
     conv factorized into its spatial and its channel-mixing part (MobileNet)."""
 
-    def __init__(self, c_in, c_out, kernel_size=3, padding=1, bias=False, conv=nn.Conv2d):
-        super().__init__(conv(c_in, c_in, kernel_size, padding=padding, groups=c_in, bias=False),
+    def __init__(self, c_in, c_out, kernel_size=3, padding=1, bias=False, conv=nn.Conv2d,
+                 depthwise_conv=None):
+        depthwise_conv = depthwise_conv or conv
+        super().__init__(depthwise_conv(c_in, c_in, kernel_size, padding=padding, groups=c_in,
+                                        bias=False),
                          conv(c_in, c_out, 1, bias=bias))
 
 
@@ -175,8 +183,9 @@ class Net(nn.Module):
         conv = StdConv2d if config.weight_std else nn.Conv2d
         block = partial(ConvBlock, norm_layer=norm, dropout=config.dropout,
                         activation=get_activation(config.activation), conv=conv)
+        depthwise = conv if config.weight_std_depthwise else nn.Conv2d
         square = block if config.conv == "full" else partial(  # C2 ... C9
-            block, conv=partial(SeparableConv2d, conv=conv))
+            block, conv=partial(SeparableConv2d, conv=conv, depthwise_conv=depthwise))
 
         self.C1 = block("C1", 3, w1)  # always full: a depthwise filter per RGB channel sees no colour
         self.C2 = square("C2", w1, w1)

@@ -32,7 +32,8 @@ NAME_TAGS = {
     "epochs": "e", "batch_size": "bs", "lr": "lr", "weight_decay": "wd", "label_smoothing": "ls",
     "pct_start": "ws", "ema_decay": "ema", "dropout": "drop", "num_groups": "g",
     "group_size": "gs", "widths": "w", "activation": "", "pad": "pad", "flip": "flip",
-    "identity_init": "id", "weight_std": "wstd", "whiten": "wh", "norm_bias_lr": "blr",
+    "identity_init": "id", "weight_std": "wstd",
+    "weight_std_depthwise": "wstddw", "whiten": "wh", "norm_bias_lr": "blr",
     "freeze_norm_scale": "fs", "alternate_flip": "aflip", "optimizer": "", "muon_lr": "mlr",
     "lookahead": "la", "lookahead_alpha": "laa",
 }

@@ -54,6 +54,25 @@ def test_each_method_normalizes_along_its_own_axes(norm, tiny_data):
             assert own["std_max"] == pytest.approx(1, abs=1e-3)
 
 
+def test_batchnorm_normalizes_each_channel_exactly_by_the_statistics_it_holds(tiny_data):
+    """BatchNorm's claim without its running averages' lag: once the statistics it holds are
+    those of one batch, that batch comes out at mean 0 and std 1 per channel, at every layer."""
+    model = build_model("batch", seed=0)
+    fit(model, tiny_data, SHORT, "cpu", progress=False)
+    x, _ = fixed_batch(tiny_data.test_x, tiny_data.test_y, tiny_data.mean, tiny_data.std, "cpu")
+    for _, bn in norm_layers(model):
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    with torch.no_grad():
+        model.train()(x)
+    stats = measure_norm_statistics(model, tiny_data, "cpu")  # the same batch, evaluation mode
+    for layer in stats["normalized"]:
+        own = layer["per_channel"]
+        assert own["abs_mean"] < 1e-4
+        assert own["std_min"] == pytest.approx(1, abs=1e-3)
+        assert own["std_max"] == pytest.approx(1, abs=1e-3)
+
+
 def test_layernorm_output_is_normalized_per_image_but_not_per_channel(tiny_data):
     model = build_model("layer", seed=0)
     fit(model, tiny_data, SHORT, "cpu", progress=False)

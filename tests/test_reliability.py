@@ -343,7 +343,8 @@ def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
     fit(build_model("batch", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
         progress=False)
     state = load_checkpoint(ckpt)
-    for part, added in (("model", ("identity_init", "weight_std", "skips")),
+    for part, added in (("model", ("identity_init", "weight_std", "weight_std_depthwise",
+                                   "skips")),
                         ("train", ("whiten", "optimizer", "muon_lr"))):
         for key in added:
             del state["fingerprint"][part][key]

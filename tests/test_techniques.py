@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import FULL_NET, NORMS, SEPARABLE_NET, interrupt_after_epoch_1
 from dataset import TensorLoader
-from model import ConvBlock, ModelConfig, build_model, patch_whitening, prepare_for_training
+from model import (ConvBlock, ModelConfig, StdConv2d, build_model, patch_whitening,
+                   prepare_for_training)
 from norm_stats import fixed_batch, probe_layers
 from optimizers import Chain, KernelMatrix, Lookahead, make_optimizer
 from utils import TrainConfig, fit
@@ -148,6 +149,25 @@ def test_weight_standardization_convolves_with_standardized_filters(norm):
         w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
     assert torch.allclose(conv(x), F.conv2d(x, standardized, padding=1), atol=1e-5)
     assert model.get_num_params() == build_model(norm, **FULL_NET).get_num_params()
+
+
+def test_weight_standardization_can_leave_the_depthwise_filters_as_trained():
+    """`wstd-pw`: the 1x1 halves (and C1) standardized, each depthwise filter free to average."""
+    model = build_model("layer", seed=0, weight_std=True, weight_std_depthwise=False,
+                        **SEPARABLE_NET)
+    depthwise, pointwise = model.C4[0]
+    x = torch.randn(2, depthwise.in_channels, 16, 16)
+    assert torch.allclose(depthwise(x), F.conv2d(x, depthwise.weight, padding=1,
+                                                 groups=depthwise.groups), atol=1e-6)
+    w = pointwise.weight
+    standardized = (w - w.mean((1, 2, 3), keepdim=True)) / \
+        w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
+    assert torch.allclose(pointwise(x), F.conv2d(x, standardized), atol=1e-5)
+    assert isinstance(model.C1[0], StdConv2d) and not isinstance(depthwise, StdConv2d)
+    default = build_model("layer", seed=0, weight_std=True, **SEPARABLE_NET)
+    assert isinstance(default.C4[0][0], StdConv2d)  # by default, depthwise filters too
+    with pytest.raises(ValueError, match="^weight_std_depthwise off needs weight_std on"):
+        ModelConfig(weight_std_depthwise=False)
 
 
 def test_alternating_flips_mirror_each_image_in_every_other_epoch():

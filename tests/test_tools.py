@@ -581,6 +581,13 @@ def test_an_arm_with_seeds_its_reference_lacks_says_which_seeds_its_difference_c
     assert "(seeds" not in rows["muon+aflip"]  # every seed paired: nothing to say
     # 6 seeds, between the protocol's looks at 4 and 8: the interval is shown, not judged
     assert rows["muon+aflip"].endswith("| extending to 8 paired seeds (6 so far) | - |")
+    # 8 seeds, the protocol's last look: an interval still across zero ends the arm
+    tuning["batch", "muon", 20] = runs([0.82, 0.83, 0.81, 0.82, 0.83, 0.81, 0.82, 0.83])
+    tuning["batch", "muon+aflip", 20] = runs([0.821, 0.832, 0.811, 0.822, 0.834, 0.815, 0.81, 0.82])
+    rows = {line.split(" | ")[1]: line for line in
+            report.per_epoch_section(tuning, {}).splitlines() if "| batch | muon" in line}
+    assert "| not adopted: no decision at 8 paired seeds, the protocol's most |" \
+        in rows["muon+aflip"]
 
 
 def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own_arithmetic():

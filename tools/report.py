@@ -436,7 +436,10 @@ def decision(diff):
     first, extended = len(tune.PROTOCOL_SEEDS), len(tune.PROTOCOL_SEEDS) + len(tune.EXTRA_SEEDS)
     if first < len(diff["seeds"]) < extended:
         return f"extending to {extended} paired seeds ({len(diff['seeds'])} so far)"
-    return compare.verdict(diff, min_seeds=first)
+    verdict = compare.verdict(diff, min_seeds=first)
+    if verdict == "no decision" and len(diff["seeds"]) >= extended:
+        return f"not adopted: no decision at {extended} paired seeds, the protocol's most"
+    return verdict
 
 
 def per_epoch_section(tuning, ceiling, reruns=None):

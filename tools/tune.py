@@ -76,6 +76,7 @@ CONFIGS = {
     "skipinit": ["--identity-init", "skipinit"],  # each branch gated by a gain from 0
     "ls0.2": ["--label-smoothing", "0.2"],
     "wstd": ["--weight-std"],                    # Weight Standardization (for LN and GN)
+    "wstd-pw": ["--weight-std", "--no-weight-std-depthwise"],  # the same, depthwise filters raw
     "muon": ["--optimizer", "muon"],             # Muon for the 3x3 kernels, SGD for the rest
     "adamw": ["--optimizer", "adamw", "--lr", "0.003"],
     "lookahead": ["--lookahead", "5"],           # k = 5, alpha = 0.5 (Zhang et al., 2019)
@@ -102,7 +103,7 @@ PROTOCOL_SEEDS = [0, 1, 2, 3]
 # Added to both arms of a pair whose interval still straddles zero after PROTOCOL_SEEDS
 EXTRA_SEEDS = [4, 5, 6, 7]
 # Refinements of another change, meaningful only on top of it: {configuration: what it refines}
-REFINES = {"mlr0.1": "muon", "mlr0.025": "muon"}
+REFINES = {"mlr0.1": "muon", "mlr0.025": "muon", "wstd-pw": "sep"}
 
 
 def missing_bases(config):
@@ -173,6 +174,8 @@ def per_epoch_grid():
         # alternating flips straddled zero at 4 seeds too (muon+sep has seeds 4 to 7 above)
         (DEFAULT, ["muon+sep+aflip"], 20, EXTRA_SEEDS, OUT_DIR),
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
+        # WS lost 2.5 points on LayerNorm's first seeds; is it the depthwise filters' zero mean?
+        *[(v, ["muon+sep+wstd-pw"], 20, seeds, OUT_DIR) for v in batch_free],
         (DEFAULT, ["muon+blr8-fs", "muon+lookahead", "muon+skipinit", "muon+aflip", "muon+dirac",
                    "muon+ls0.2", "muon+mlr0.1", "muon+mlr0.025"], 20, seeds, OUT_DIR),
         *[(v, ["muon+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
