@@ -173,7 +173,7 @@ def per_epoch_grid():
         (DEFAULT, ["muon+sep", "muon+sep+mlr0.1"], 20, EXTRA_SEEDS, OUT_DIR),
         # alternating flips straddled zero at 4 seeds too (muon+sep has seeds 4 to 7 above)
         (DEFAULT, ["muon+sep+aflip"], 20, EXTRA_SEEDS, OUT_DIR),
-        # 2-pixel padding: the one single change on recipe v1 with a positive mean at 4 seeds
+        # 2-pixel padding: besides Muon, the one change on recipe v1 with a positive mean
         (DEFAULT, ["muon+sep+pad2"], 20, seeds, OUT_DIR),
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         # WS lost 2.5 points on LayerNorm's first seeds; is it the depthwise filters' zero mean?
