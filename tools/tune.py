@@ -175,6 +175,8 @@ def per_epoch_grid():
         (DEFAULT, ["muon+sep+aflip"], 20, EXTRA_SEEDS, OUT_DIR),
         # 2-pixel padding: besides Muon, the one change on recipe v1 with a positive mean
         (DEFAULT, ["muon+sep+pad2"], 20, seeds, OUT_DIR),
+        # ... which straddled zero at 4 seeds too (muon+sep has seeds 4 to 7 above)
+        (DEFAULT, ["muon+sep+pad2"], 20, EXTRA_SEEDS, OUT_DIR),
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         # WS lost 2.5 points on LayerNorm's first seeds; is it the depthwise filters' zero mean?
         *[(v, ["muon+sep+wstd-pw"], 20, seeds, OUT_DIR) for v in batch_free],
