@@ -173,10 +173,9 @@ def per_epoch_grid():
         (DEFAULT, ["muon+sep", "muon+sep+mlr0.1"], 20, EXTRA_SEEDS, OUT_DIR),
         # alternating flips straddled zero at 4 seeds too (muon+sep has seeds 4 to 7 above)
         (DEFAULT, ["muon+sep+aflip"], 20, EXTRA_SEEDS, OUT_DIR),
-        # 2-pixel padding: besides Muon, the one change on recipe v1 with a positive mean
-        (DEFAULT, ["muon+sep+pad2"], 20, seeds, OUT_DIR),
-        # ... which straddled zero at 4 seeds too (muon+sep has seeds 4 to 7 above)
-        (DEFAULT, ["muon+sep+pad2"], 20, EXTRA_SEEDS, OUT_DIR),
+        # 2-pixel padding: besides Muon, the one change on recipe v1 with a positive mean;
+        # seeds 4 to 7 because it straddled zero at 4 too (muon+sep has them above)
+        (DEFAULT, ["muon+sep+pad2"], 20, seeds + EXTRA_SEEDS, OUT_DIR),
         # it won on BatchNorm at 8 seeds; the default changes only if it holds on all three
         *[(v, ["muon+sep+pad2"], 20, seeds, OUT_DIR) for v in batch_free],
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
