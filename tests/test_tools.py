@@ -340,6 +340,21 @@ def test_ablation_table_judges_each_lever_by_the_interval_of_its_paired_differen
     assert "scored on the 5000 held-out validation images (never the test set)" in text
 
 
+def test_ablation_table_reads_a_full_budget_pair_only_at_the_protocols_seeds():
+    """Two seeds screen a 5-epoch proxy; at 20 epochs the table waits for 4, like the study's."""
+    base = [0.70, 0.71, 0.69, 0.72]
+    groups = {("batch", "base", 20): [fake_tuning_run(a, s, 20) for s, a in enumerate(base)],
+              ("batch", "lr0.2", 20): [fake_tuning_run(a + 0.04 + s / 1000, s, 20)
+                                       for s, a in enumerate(base[:2])],
+              ("batch", "gelu", 20): [fake_tuning_run(a + 0.04 + s / 1000, s, 20)
+                                      for s, a in enumerate(base)]}
+    text = report.tuning_section(groups)
+    row = lambda config: next(l for l in text.splitlines() if f"| {config} |" in l)  # noqa: E731
+    # the interval clears zero at 2 seeds, and still no verdict
+    assert "| +4.05 [+3.41, +4.69] | needs 4 paired seeds (2 so far) |" in row("lr0.2")
+    assert "| wins |" in row("gelu")
+
+
 def test_proxy_check_reports_rank_agreement_between_budgets():
     groups = {}
     for config, short, full in (("base", 0.70, 0.80), ("lr0.2", 0.74, 0.83),

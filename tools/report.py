@@ -365,7 +365,9 @@ def tuning_section(groups):
             diff = compare.paired_difference(runs, base)
             paired = ", ".join(f"{d:+.2f}" for d in diff["diffs"]) or "-"
             delta_cell = _delta(diff, runs)
-            verdict = compare.verdict(diff)
+            # Full-budget pairs are read at the protocol's 4 seeds; 5-epoch screens at their 2.
+            verdict = compare.verdict(diff, min_seeds=len(tune.PROTOCOL_SEEDS)
+                                      if epochs == train.MAX_EPOCHS else 2)
         else:
             delta_cell, verdict, paired = "-", "-", "-"
         try:
@@ -388,8 +390,9 @@ def tuning_section(groups):
                   f"after the last epoch. Each change is compared with recipe v1's run "
                   f"of the same seed (same initialization and data order): the per-seed "
                   f"differences, their mean and its 95% t-interval over seeds; a change wins "
-                  f"when the interval lies above zero, loses when it lies below. "
-                  f"{'; '.join(hardware)}; {dates[0]} to {dates[-1]}."]
+                  f"when the interval lies above zero, loses when it lies below, read over "
+                  f"{len(tune.PROTOCOL_SEEDS)} seeds or more at {train.MAX_EPOCHS} epochs "
+                  f"(the 5-epoch screens: 2). {'; '.join(hardware)}; {dates[0]} to {dates[-1]}."]
     budgets = sorted({k[2] for k in groups})
     for norm in tuple(REGISTRY):
         for short, full in [(a, b) for a in budgets for b in budgets if a < b]:
