@@ -178,6 +178,9 @@ def per_epoch_grid():
         (DEFAULT, ["muon+sep+pad2"], 20, seeds + EXTRA_SEEDS, OUT_DIR),
         # it won on BatchNorm at 8 seeds; the default changes only if it holds on all three
         *[(v, ["muon+sep+pad2"], 20, seeds, OUT_DIR) for v in batch_free],
+        # it won on LayerNorm at 4 seeds but straddled zero on GroupNorm: both arms, seeds 4 to 7
+        *[(v, ["muon+sep", "muon+sep+pad2"], 20, EXTRA_SEEDS, OUT_DIR) for v in every
+          if get_variant(v).uses_groups],
         *[(v, ["muon+sep+wstd"], 20, seeds, OUT_DIR) for v in batch_free],
         # WS lost 2.5 points on LayerNorm's first seeds; is it the depthwise filters' zero mean?
         *[(v, ["muon+sep+wstd-pw"], 20, seeds, OUT_DIR) for v in batch_free],
