@@ -365,9 +365,8 @@ def tuning_section(groups):
             diff = compare.paired_difference(runs, base)
             paired = ", ".join(f"{d:+.2f}" for d in diff["diffs"]) or "-"
             delta_cell = _delta(diff, runs)
-            # Full-budget pairs are read at the protocol's 4 seeds; 5-epoch screens at their 2.
-            verdict = compare.verdict(diff, min_seeds=len(tune.PROTOCOL_SEEDS)
-                                      if epochs == train.MAX_EPOCHS else 2)
+            # Full-budget pairs are read as the study reads them; 5-epoch screens at their 2.
+            verdict = decision(diff) if epochs == train.MAX_EPOCHS else compare.verdict(diff)
         else:
             delta_cell, verdict, paired = "-", "-", "-"
         try:
