@@ -505,7 +505,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
                   f"at which recipe v1 reaches the change's mean, read off the first table "
                   f"(linear in log2 epochs). Each seed is paired with the reference's run of "
                   f"that seed, its re-run in the same arithmetic where one exists "
-                  f"([below](#learning-per-epoch-in-progress): results/arithmetic/)."]
+                  f"([below](#learning-per-epoch): results/arithmetic/)."]
     return "\n".join(lines)
 
 
