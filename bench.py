@@ -43,7 +43,8 @@ from torchvision import transforms
 
 from dataset import load_cifar10
 from model import CONVS, ModelConfig, build_model
-from precision import get_device, hardware_info, make_grad_scaler, resolve_precision
+from precision import (compile_model, get_device, hardware_info, make_grad_scaler,
+                       resolve_precision)
 from optimizers import make_optimizer
 from utils import TrainConfig, evaluate, make_loaders, train_one_epoch
 from variants import DEFAULT
@@ -57,6 +58,8 @@ def worker(args):
     """Measure one pipeline; print one JSON line."""
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
+    if args.subset:
+        data = data.subset(args.subset, args.subset)
     model = build_model(args.norm, seed=0, conv=args.conv, widths=args.widths)
     config = TrainConfig(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
     options = set(args.pipeline.split("+")[1:])
@@ -72,10 +75,9 @@ def worker(args):
         train_loader, test_loader = make_loaders(data, config, device, channels_last)
         forced = options & set(PRECISION_OPTIONS)
         precision = resolve_precision(forced.pop() if forced else "auto", device)
-        if "compile" in options or "graphs" in options:
-            # compiled during the untimed warm-up steps; "graphs" adds CUDA graphs on top
-            mode = "reduce-overhead" if "graphs" in options else None
-            step_model = torch.compile(model, mode=mode)
+        # compiled during the untimed warm-up steps; "graphs" captures CUDA graphs, as
+        # TrainConfig.cuda_graphs does in training
+        step_model = compile_model(model, "compile" in options, "graphs" in options, device)
         stream = _forever(train_loader)
         eval_fn = lambda: evaluate(step_model, test_loader, precision)  # noqa: E731
     else:
@@ -178,6 +180,8 @@ def profile(args):
     """Operator-level profile of `args.steps` training steps on the repository's path."""
     device = get_device(args.device)
     data = load_cifar10(args.data, verbose=False)
+    if args.subset:
+        data = data.subset(args.subset, args.subset)
     model = build_model(args.norm, seed=0, conv=args.conv, widths=args.widths).to(
         device, memory_format=torch.channels_last)
     config = TrainConfig(batch_size=args.batch_size)
@@ -219,6 +223,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per pipeline (default: 3)")
     p.add_argument("--workers", type=int, default=2, help="usual pipeline's DataLoader workers")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="N images per class in each split: for smoke runs, not for figures")
     p.add_argument("--variants", nargs="*", default=[], metavar="repo+OPTION",
                    help="extra pipelines: repo+fp32, repo+bf16, repo+fp16, repo+compile, "
                         "repo+graphs, repo+nchw, or combinations such as repo+bf16+compile")
@@ -248,6 +254,7 @@ def main():
             "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
             "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--workers", str(args.workers)] + \
+        (["--subset", str(args.subset)] if args.subset else []) + \
         (["--data", args.data] if args.data else [])
     for rep in range(args.reps):
         for pipeline in runs:

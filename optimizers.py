@@ -21,12 +21,15 @@ from model import ConvBlock
 from norm_stats import norm_layers
 
 OPTIMIZERS = ("sgd", "muon", "adamw")
+MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon (requirements.txt says so too)
 
 
 class KernelMatrix(nn.Parameter):
     """The (out, in*k*k) matrix view of a conv kernel, for optimizers of matrices: it shares
-    the kernel's storage, so updating it updates the kernel; `pull_grad` points its gradient at
-    the kernel's before a step."""
+    the kernel's storage, so updating it updates the kernel. Its gradient is the kernel's, set
+    the moment backward accumulates it (a hook), so that whatever reads the optimizer's
+    gradients before its step (fp16's GradScaler unscaling them and looking for inf/NaN) reads
+    this one too."""
 
     def __new__(cls, kernel):
         order = (0, 2, 3, 1) if kernel.is_contiguous(memory_format=torch.channels_last) \
@@ -34,6 +37,7 @@ class KernelMatrix(nn.Parameter):
         view = kernel.detach().permute(order).view(kernel.shape[0], -1)
         matrix = super().__new__(cls, view, requires_grad=True)
         matrix.kernel, matrix.order = kernel, order
+        kernel.register_post_accumulate_grad_hook(lambda _: matrix.pull_grad())
         return matrix
 
     def pull_grad(self):
@@ -42,9 +46,18 @@ class KernelMatrix(nn.Parameter):
             grad.permute(self.order).reshape(self.kernel.shape[0], -1)
 
 
+def check_optimizer_available(name):
+    """Fail in one line, before any data loads, where this torch lacks the optimizer `name`."""
+    if name == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"optimizer 'muon' needs torch {MUON_TORCH} or later (torch.optim.Muon); "
+                         f"this is torch {torch.__version__}: upgrade (pip install -U "
+                         f"'torch>={MUON_TORCH}') or pass --optimizer sgd")
+
+
 class Chain(torch.optim.Optimizer):
     """Several optimizers over disjoint parameters, stepped as one. Their param_groups are the
-    chain's (shared, not copied), so one scheduler sets every group's rate."""
+    chain's (shared, not copied), so one scheduler sets every group's rate and one GradScaler
+    unscales and checks every gradient."""
 
     def __init__(self, *optimizers):  # no super().__init__: the parts hold the state
         self.optimizers = optimizers
@@ -57,10 +70,6 @@ class Chain(torch.optim.Optimizer):
 
     def step(self, closure=None):
         for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if isinstance(p, KernelMatrix):
-                        p.pull_grad()
             optimizer.step()
 
     def zero_grad(self, set_to_none=True):
@@ -125,6 +134,7 @@ def make_optimizer(model, config, device="cpu"):
     conv weights only (norm scales, shifts and biases gain nothing from it), the norms' shifts
     at `norm_bias_lr` times the rate; on CUDA, SGD's fused kernel; inside Lookahead where
     `config.lookahead` asks for it."""
+    check_optimizer_available(config.optimizer)
     optimizer = _base_optimizer(model, config, device)
     if not config.lookahead:
         return optimizer

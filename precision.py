@@ -17,11 +17,14 @@ three CPU kinds in results/bench/; README "Speed").
 
 An explicit "fp32", "bf16" or "fp16" is honoured, except bf16 on a CUDA device below 8.0.
 `hardware_info` describes the device for a results file; `compile_model` is the opt-in
-torch.compile with its eager fallback.
+torch.compile or CUDA graphs with its eager fallback; `guarded_first_step` turns a GPU library
+that cannot run the first step into one line of advice.
 """
 
+import importlib
 import os
 import platform
+import re
 import warnings
 from contextlib import nullcontext
 
@@ -99,20 +102,123 @@ def get_device(name=None):
     return torch.device("cpu")
 
 
-def compile_model(model, enabled):
-    """torch.compile(model) if `enabled`, falling back to the eager model when compilation is
-    unavailable (e.g. an unsupported Python) or fails on the first batch (no C compiler, an
-    unsupported backend): a speed option must never stop a run."""
-    if not enabled:
+def compile_model(model, enabled, cuda_graphs=False, device="cpu"):
+    """`model` compiled (torch.compile) if `enabled`, or captured as CUDA graphs (torch.compile's
+    "reduce-overhead" mode) if `cuda_graphs`; either falls back to the eager model, with one
+    warning, where compilation or capture is unavailable or fails on a first batch: a speed
+    option must never stop a run."""
+    if cuda_graphs and torch.device(device).type != "cuda":
+        warnings.warn(f"CUDA graphs need a CUDA device, not {torch.device(device).type}; "
+                      f"training runs without them", RuntimeWarning, stacklevel=2)
+        cuda_graphs = False
+    if not (enabled or cuda_graphs):
         return model
+    what = "CUDA graphs" if cuda_graphs else "torch.compile"
     try:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True  # a failing graph runs eagerly instead
-        return torch.compile(model)
+        dynamo = importlib.import_module("torch._dynamo")  # absent or broken on some platforms
+        dynamo.config.suppress_errors = True  # a failing graph runs eagerly instead
+        compiled = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
     except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
-        print(f"torch.compile unavailable ({type(err).__name__}: {err}); running eagerly")
+        warnings.warn(f"{what} unavailable ({type(err).__name__}: {err}); running eagerly",
+                      RuntimeWarning, stacklevel=2)
         return model
+    return EagerFallback(model, compiled, what)
+
+
+class EagerFallback(torch.nn.Module):
+    """Runs `compiled` (a compiled or graph-captured `model`) and, the first time it raises,
+    warns once and runs the eager `model` from then on. Its parameters are `model`'s."""
+
+    def __init__(self, model, compiled, what):
+        super().__init__()
+        self.model, self.what, self.failed = model, what, False
+        self.__dict__["compiled"] = compiled  # not a submodule: parameters() stay `model`'s
+
+    def forward(self, x):
+        if not self.failed:
+            try:
+                if self.what == "CUDA graphs":  # each call a new step: its outputs may reuse the last's
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self.compiled(x)
+            except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+                self.failed = True
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                warnings.warn(f"{self.what} failed ({type(err).__name__}: {reason}); running "
+                              f"eagerly", RuntimeWarning, stacklevel=2)
+        return self.model(x)
+
+
+class UnsupportedStepError(RuntimeError):
+    """The device's libraries cannot run a training step in this precision; the message (one
+    line) names the device and what to pass instead."""
+
+
+# What cuDNN and cuBLAS (and oneDNN) say when they have no kernel for a layer and dtype.
+LIBRARY_ERROR = re.compile(r"cudnn|cublas|onednn|mkldnn|unable to find an engine|no engine|"
+                           r"not supported", re.IGNORECASE)
+ADVICE = {"fp16": "--precision fp32 (PRECISION = \"fp32\" in a notebook)",
+          "bf16": "--precision fp16 or fp32 (PRECISION in a notebook)",
+          "fp32": "--device cpu"}
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()[0]
+
+
+def depthwise_convs(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+            and m.groups > 1 and m.groups == m.in_channels]
+
+
+def run_depthwise_without_cudnn(model):
+    """Run the forward and backward of `model`'s depthwise convs with cuDNN off (PyTorch's own
+    CUDA kernels), the rest as before; returns how many convs that is."""
+    convs = [m for m in depthwise_convs(model) if not getattr(m, "without_cudnn", False)]
+    for conv in convs:
+        conv.without_cudnn = True
+        conv.register_forward_pre_hook(_cudnn_off, prepend=True)  # around every other hook
+        conv.register_forward_hook(_cudnn_back_on, always_call=True)  # also when forward raises
+    return len(convs)
+
+
+def _cudnn_off(module, args=None):
+    module.cudnn_was = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+
+
+def _cudnn_back_on(module, args, output):
+    torch.backends.cudnn.enabled = module.cudnn_was
+    if getattr(output, "grad_fn", None) is not None:  # backward picks its kernels when it runs: off there too
+        output.grad_fn.register_prehook(lambda grad_outputs: _cudnn_off(module))
+        output.grad_fn.register_hook(
+            lambda grad_inputs, grad_outputs: _cudnn_back_on(module, None, output.detach()))
+
+
+def guarded_first_step(step, model, device, precision):
+    """`step()`, the first training step of a run, where a device library that has no kernel
+    for it (cuDNN's "unable to find an engine", "not supported") gets one retry with the
+    depthwise convs off cuDNN under fp16 (one warning), else stops the run in one line."""
+    try:
+        return step()
+    except RuntimeError as err:
+        if not LIBRARY_ERROR.search(str(err)):
+            raise
+        failure = err
+    if precision == "fp16" and run_depthwise_without_cudnn(model):
+        warnings.warn(f"cuDNN cannot run the depthwise convs in fp16 on {device_name(device)}; "
+                      f"running them without cuDNN (slower)", RuntimeWarning, stacklevel=2)
+        try:
+            return step()
+        except RuntimeError as err:
+            if not LIBRARY_ERROR.search(str(err)):
+                raise
+            failure = err
+    reason = str(failure).strip().splitlines()[0][:120]
+    raise UnsupportedStepError(
+        f"the first training step failed on {device_name(device)} in {precision} ({reason}); "
+        f"pass {ADVICE[precision]} instead") from None
 
 
 def resolve_precision(requested, device, *, capability=None, native_bf16=None):
@@ -142,14 +248,18 @@ def resolve_precision(requested, device, *, capability=None, native_bf16=None):
 
 
 def warn_if_emulated(precision, device):
-    """Warn once that a reduced precision forced on a CPU without native support for it is
-    emulated there, and slower than fp32 (about 2.5x measured, README "Speed")."""
-    native = {"bf16": cpu_has_native_bf16,
-              "fp16": lambda: bool({"avx512_fp16", "amx_fp16"} & cpu_info()[1])}
-    if torch.device(device).type == "cpu" and precision in native and not native[precision]():
-        warnings.warn(f"{precision} is emulated on this CPU (no native {precision} "
-                      f"instructions) and runs slower than fp32: leave --precision at auto",
-                      RuntimeWarning, stacklevel=3)
+    """Warn once that a reduced precision forced on a CPU runs slower than fp32 there: bf16
+    without native bf16 instructions (about 2.5x measured, README "Speed"), fp16 on any CPU
+    (oneDNN's fp16 convolutions were 30x slower than fp32 even with avx512_fp16)."""
+    if torch.device(device).type != "cpu":
+        return
+    if precision == "bf16" and not cpu_has_native_bf16():
+        warnings.warn("bf16 is emulated on this CPU (no native bf16 instructions) and runs "
+                      "slower than fp32: leave --precision at auto", RuntimeWarning, stacklevel=3)
+    elif precision == "fp16":
+        warnings.warn("fp16 runs slower than fp32 on CPUs (oneDNN's fp16 convolutions, with or "
+                      "without avx512_fp16): leave --precision at auto", RuntimeWarning,
+                      stacklevel=3)
 
 
 def autocast(device, precision):

@@ -39,7 +39,8 @@ NAME_TAGS = {
 }
 # Which data a run trained and was scored on: not configuration fields, but part of its name.
 DATA_TAGS = {"subset": "subset", "train_subset": "trainsub", "validation": "val"}
-NOT_NAMED = {"norm", "seed", "num_classes", "eval_batch_size", "precision", "compile"}
+NOT_NAMED = {"norm", "seed", "num_classes", "eval_batch_size", "precision", "compile",
+             "cuda_graphs"}
 
 
 def _tag_value(value):

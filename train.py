@@ -22,8 +22,8 @@ from pathlib import Path
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
 from model import ACTIVATIONS, CONVS, IDENTITY_INITS, SKIP_LAYOUTS, ModelConfig, build_model, show_summary
 from plots import plot_history, plot_misclassified
-from optimizers import OPTIMIZERS
-from precision import PRECISIONS, get_device
+from optimizers import OPTIMIZERS, check_optimizer_available
+from precision import PRECISIONS, UnsupportedStepError, get_device
 from results import (RunLock, RunLockedError, collect_misclassified, divergence_results,
                      config_run_name, load_results, make_results, same_recipe,
                      save_json_atomic)
@@ -41,6 +41,9 @@ CHOICES = {"norm": lambda: sorted(norm_aliases()), "activation": lambda: sorted(
            "identity_init": lambda: IDENTITY_INITS, "skips": lambda: list(SKIP_LAYOUTS),
            "optimizer": lambda: OPTIMIZERS, "conv": lambda: CONVS}  # read when the parser is built
 NOT_FLAGS = {"num_classes"}
+# Problems the user can fix: the command line says what and how in one line, no traceback.
+USER_ERRORS = (DatasetError, CheckpointError, NonFiniteLossError, RunLockedError,
+               UnsupportedStepError, ValueError)
 
 
 class OutputError(ValueError):
@@ -211,6 +214,7 @@ def main(argv=None):
 def run(args):
     # Everything that can be checked without the data is checked first (seconds, not minutes).
     model_config, config = configs_from(args)
+    check_optimizer_available(config.optimizer)
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir
     if (args.subset or args.train_subset or args.validation) and \
@@ -296,6 +300,5 @@ if __name__ == "__main__":
     warnings.simplefilter("default")
     try:
         main()
-    except (DatasetError, CheckpointError, NonFiniteLossError, RunLockedError, ValueError) as err:
-        # Problems the user can fix: say what and how, without a traceback.
+    except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None

@@ -19,8 +19,8 @@ from dataset import TensorLoader
 from model import ModelConfig, check_choice, check_range, prepare_for_training
 from norm_stats import fixed_batch, probe_layers
 from optimizers import OPTIMIZERS, make_optimizer
-from precision import (PRECISIONS, autocast, compile_model, get_device, make_grad_scaler,
-                       resolve_precision, warn_if_emulated)
+from precision import (PRECISIONS, autocast, compile_model, get_device, guarded_first_step,
+                       make_grad_scaler, resolve_precision, warn_if_emulated)
 
 CHECKPOINT_FORMAT = 1
 
@@ -45,6 +45,7 @@ class TrainConfig:
     flip: bool = True             # random horizontal flips while training
     precision: str = "auto"       # auto, fp32, bf16 or fp16; auto picks by device (precision.py)
     compile: bool = False         # torch.compile the model; its compile time outweighs its gain here
+    cuda_graphs: bool = False     # replay the model's kernels as CUDA graphs (CUDA only; README "Speed")
     whiten: str = "off"           # C1 whitens 3x3 patches of training images: off, frozen, trainable
     norm_bias_lr: float = 1.0     # the norms' shifts learn at this multiple of `lr`
     freeze_norm_scale: bool = False  # the norms' scales stay at 1
@@ -70,7 +71,7 @@ class TrainConfig:
 
 
 # How a run computes, not what it computes: a checkpoint may be resumed under other values.
-EXECUTION_FIELDS = ("precision", "compile")
+EXECUTION_FIELDS = ("precision", "compile", "cuda_graphs")
 
 # Steps between reads of the device-side non-finite-loss flag: one host sync per this many steps.
 NAN_CHECK_EVERY = 100
@@ -125,26 +126,21 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
     lrs, seen = [], 0  # lrs: host-side floats, so the error can name the rate of the bad step
     for step, (x, y) in enumerate(loader, start=1):
         lrs.append(optimizer.param_groups[0]["lr"])
-        with autocast(device, precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+        def run_step():
+            return training_step(model, x, y, optimizer, precision, scaler, label_smoothing)
+
+        loss, hits = guarded_first_step(run_step, model, device, precision) if step == 1 \
+            else run_step()
         is_first_bad = ~torch.isfinite(loss) & (first_bad_step == 0)
         first_bad_step = torch.where(is_first_bad, step, first_bad_step)
-        first_bad_loss = torch.where(is_first_bad, loss.detach().float(), first_bad_loss)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # skipped when the scaled gradients hold inf/NaN
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        first_bad_loss = torch.where(is_first_bad, loss.float(), first_bad_loss)
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
             ema.update_parameters(model)  # a compiled model yields the same parameters
-        total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        total_loss += loss * len(y)
+        correct += hits
         seen += len(y)
         if progress is not None:
             progress.update(1)
@@ -152,6 +148,25 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
             _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs)
     _raise_if_non_finite(first_bad_step, first_bad_loss, epoch, lrs)
     return {"loss": total_loss.item() / seen, "acc": correct.item() / seen}
+
+
+def training_step(model, x, y, optimizer, precision="fp32", scaler=None, label_smoothing=0.0):
+    """One optimizer step on the batch (x, y); returns (loss, correct predictions) as device
+    tensors. Under fp16 the GradScaler unscales every gradient the optimizer steps on, Muon's
+    kernel matrices included, and skips the whole step if any is inf/NaN."""
+    with autocast(x.device, precision):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    hits = (logits.argmax(1) == y).sum()  # before backward, while the outputs are this step's
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped when the scaled gradients hold inf/NaN
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), hits
 
 
 def make_ema(model, decay):
@@ -178,9 +193,15 @@ def predict(model, loader, precision="fp32", flip_tta=False):
     flip_tta: average the logits of each image and its mirror image (test-time augmentation;
     reported beside single-view accuracy, never in its place)."""
     model.eval()
+    views = (lambda x: (x, x.flip(3))) if flip_tta else (lambda x: (x,))
+    logits = []
     with autocast(loader.device, precision):
-        return torch.cat([(model(x).float() + model(x.flip(3)).float()).div(2).cpu()
-                          if flip_tta else model(x).float().cpu() for x, _ in loader])
+        for x, _ in loader:
+            outputs = []
+            for view in views(x):  # each copied out before the next call (CUDA graphs reuse it)
+                outputs.append(model(view).float().cpu())
+            logits.append(torch.stack(outputs).mean(0))
+    return torch.cat(logits)
 
 
 @torch.no_grad()
@@ -288,7 +309,7 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
             print(epoch_line(history, i, config.epochs, eval_name))
     elif resume:
         print(f"No checkpoint at {checkpoint_path}: training starts from epoch 1.")
-    step_model = compile_model(model, config.compile)  # shares the parameters of `model`
+    step_model = compile_model(model, config.compile, config.cuda_graphs, device)  # shares `model`'s parameters
 
     bar = None
     if progress:

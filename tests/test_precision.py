@@ -85,7 +85,7 @@ def test_hardware_records_the_instruction_set_caps_of_the_environment(monkeypatc
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
-@pytest.mark.filterwarnings("ignore:fp16 is emulated:RuntimeWarning")  # forced on purpose
+@pytest.mark.filterwarnings("ignore:fp16 runs slower:RuntimeWarning")  # forced on purpose
 def test_fit_records_the_precision_it_used(name, tiny_data):
     config = TrainConfig(epochs=2, batch_size=50, precision=name)
     model = build_model("group", seed=0)
@@ -105,7 +105,7 @@ def test_auto_resolves_on_this_machine_and_the_results_say_to_what(tiny_data):
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
-@pytest.mark.filterwarnings("ignore:fp16 is emulated:RuntimeWarning")  # forced on purpose
+@pytest.mark.filterwarnings("ignore:fp16 runs slower:RuntimeWarning")  # forced on purpose
 def test_nan_guard_stops_at_the_failing_epoch_and_keeps_the_last_checkpoint(name, tiny_data,
                                                                           tmp_path, monkeypatch):
     """Under every precision: a sane first epoch, then a learning rate of 0.05 * 1e12."""

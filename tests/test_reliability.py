@@ -282,15 +282,19 @@ def test_a_complete_balanced_copy_gets_no_warning(tmp_path):
 
 # 9. A precision this CPU only emulates is named as slow.
 
-@pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_a_forced_precision_without_native_support_warns_once(name, tiny_data, monkeypatch):
+@pytest.mark.parametrize("name, flags, says", [
+    ("bf16", {"avx2"}, "bf16 is emulated on this CPU"),
+    ("fp16", {"avx2"}, "fp16 runs slower than fp32 on CPUs"),
+    ("fp16", {"avx512_fp16", "amx_fp16"}, "fp16 runs slower than fp32 on CPUs")])
+def test_a_forced_precision_that_is_slow_on_this_cpu_warns_once(name, flags, says, tiny_data,
+                                                                 monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(precision, "cpu_info", lambda: ("cpu", {"avx2"}))
-    with pytest.warns(RuntimeWarning, match=f"{name} is emulated on this CPU") as caught:
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("cpu", flags))
+    with pytest.warns(RuntimeWarning, match=says) as caught:
         fit(build_model("group", seed=0), tiny_data, TrainConfig(epochs=1, batch_size=20,
                                                                  precision=name), "cpu",
             progress=False)
-    assert len([w for w in caught if "emulated" in str(w.message)]) == 1
+    assert len([w for w in caught if "slower than fp32" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         precision.warn_if_emulated("fp32", "cpu")
