@@ -14,6 +14,7 @@ file committed without it leaves the notebook's checked outputs stale and CI red
 """
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -61,6 +62,7 @@ ARCHIVES = [("before-study", "before the study"),  # published before the recipe
             ("recipe-v2", "recipe v2")]            # Muon, before separable blocks
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
+GPU_DIR = ROOT / "results" / "gpu"  # tools/gpu_check.py's outputs, one folder per GPU
 
 
 def _train_acc(run):
@@ -80,16 +82,22 @@ def archive_note(archives):
         if archives else ""
 
 
-def table(runs, archives=()):
+def gpu_note(gpu):
+    """The table's sentence on its rows of GPU-check notebooks (gpu_archives())."""
+    return "".join(f"; rows marked ({label}) are the notebooks that `tools/gpu_check.py` ran "
+                   f"there, kept in `results/{folder}/`" for label, folder, _ in gpu)
+
+
+def table(runs, archives=(), gpu=()):
     """The results table: today's runs, then the final runs of earlier recipes (`archives`:
     [(label, folder, {variant: runs})], load_archives()), each row labelled with how its recipe
-    differs from today's defaults."""
+    differs from today's defaults, then the notebooks a GPU check ran (`gpu`, gpu_archives())."""
     lines = ["| variant | recipe | seeds | train acc. mean (%) | test acc. mean ± std (%) | "
              "flip-TTA test acc. mean (%) | best | worst | target | params | epochs | "
              "s/epoch (median) | hardware | precision | data |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = [(v, runs[v], "") for v in tuple(REGISTRY) if v in runs]
-    groups += [(v, by_variant[v], f" ({label})") for label, _, by_variant in archives
+    groups += [(v, by_variant[v], f" ({label})") for label, _, by_variant in [*archives, *gpu]
                for v in tuple(REGISTRY) if v in by_variant]
     for _, group, _ in groups:
         for run in group:
@@ -137,7 +145,8 @@ def table(runs, archives=()):
                      f"over seeds; s/epoch is the median wall time of an epoch (training + test "
                      f"evaluation) over all runs, robust to the odd epoch slowed by other work on "
                      f"the machine. The recipe column says how a row's recipe differs from "
-                     f"today's defaults (`current`: it is today's){archive_note(archives)}. "
+                     f"today's defaults (`current`: it is today's){archive_note(archives)}"
+                     f"{gpu_note(gpu)}. "
                      f"Runs dated {dates[0]} to {dates[-1]}; one JSON file per run in `results/`.")
     return "\n".join(lines)
 
@@ -586,13 +595,14 @@ def replace_between(text, start, end, body):
 
 # The README's generated sections, in README order: (marker, renderer of the loaded files).
 SECTIONS = [
-    ("results", lambda f: table(f["runs"], f["archives"])),
+    ("results", lambda f: table(f["runs"], f["archives"], gpu_archives(f["gpu_checks"]))),
     ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
     ("precision", lambda f: precision_section(f["checks"], f["runs"], f["archives"])),
     ("tuning", lambda f: tuning_section(f["tuning"])),
     ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"], f["arithmetic"])),
     ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
+    ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
     ("norm-statistics", lambda f: norm_statistics_section(f["runs"])),
 ]
@@ -604,6 +614,7 @@ def render_readme(readme_text, files):
     other sections are rendered where the README has theirs."""
     files = {"runs": {}, "archives": [], "study": {}, "budget": None, "checks": [],
              "bench_files": [], "tuning": {}, "ceiling": {}, "arithmetic": {}, "lr_study": {},
+             "gpu_checks": [],
              **files}
     text = readme_text
     for name, render in SECTIONS:
@@ -653,9 +664,85 @@ def load_precision_checks(folder=PRECISION_DIR):
     return compare.read_results(folder) if folder.is_dir() else []
 
 
-def bench_files(folder=BENCH_DIR):
-    """The benchmark outputs that hold a pipeline table (profiles do not)."""
-    return sorted(f for f in folder.glob("*.txt") if "\npipeline" in f.read_text())
+def bench_files(folder=BENCH_DIR, gpu_dir=GPU_DIR):
+    """The benchmark outputs that hold a pipeline table (profiles do not), the GPU checks'
+    included."""
+    files = [*folder.glob("*.txt"), *gpu_dir.glob("*/bench.txt")]
+    return sorted(f for f in files if "\npipeline" in f.read_text())
+
+
+def load_gpu_checks(gpu_dir=GPU_DIR):
+    """[(summary, {"train": [runs], "notebooks": [runs]})] of each tools/gpu_check.py output
+    under results/gpu/, by GPU name; smoke runs never land there."""
+    checks = []
+    for path in sorted(gpu_dir.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        checks.append((summary, {kind: compare.read_results(path.parent / kind)
+                                 for kind in ("train", "notebooks")
+                                 if (path.parent / kind).is_dir()}))
+    return checks
+
+
+def gpu_archives(checks):
+    """The GPU checks' notebook runs at the default precision, as extra rows of the results
+    table: [(label, folder, {variant: runs})]."""
+    rows = []
+    for summary, runs in checks:
+        default = [r for r in runs.get("notebooks", []) if r["train_config"]["precision"] == "auto"]
+        by_variant = {}
+        for run in default:
+            by_variant.setdefault(run["variant"], []).append(run)
+        if by_variant:
+            gpu = summary["hardware"]["gpu"]
+            rows.append((f"{gpu}, notebook", f"gpu/{train_slug(gpu)}/notebooks", by_variant))
+    return rows
+
+
+def train_slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _epoch_times(run):
+    times = run["history"]["epoch_time"]
+    return sum(times), times[0], statistics.median(times)
+
+
+def gpu_section(checks):
+    """Per GPU check: what ran, the accuracy and the epoch times of each 20-epoch run, and the
+    speed target of a 20-epoch BatchNorm run (at most 30 s of epoch time; stretch 10 s)."""
+    if not checks:
+        return "No GPU check yet (results/gpu/ is empty): run `python tools/gpu_check.py` on a GPU."
+    parts = []
+    for summary, runs in checks:
+        hw = summary["hardware"]
+        gpu = f"{hw['gpu']} (compute capability {hw['gpu_capability']})"
+        lines = [f"**{gpu}**, torch {hw['torch']}, {summary['date']}; data "
+                 f"{summary['data']}; check wall time {summary['wall_s']:.0f} s.", "",
+                 "| run | how it ran | precision | CUDA graphs | test acc. (%) | epoch time, "
+                 "all epochs (s) | first epoch (s) | median epoch (s) |",
+                 "|---|---|---|---|---|---|---|---|"]
+        bn = []
+        for kind, how in (("train", "train.py, alone on the GPU"),
+                          ("notebooks", "notebook, beside the other notebooks and the tests")):
+            for run in runs.get(kind, []):
+                total, first, median = _epoch_times(run)
+                graphs = "on" if run["train_config"].get("cuda_graphs") else "off"
+                lines.append(f"| {run['variant']} seed {run['seed']}, {run['epochs']} epochs | "
+                             f"{how} | {run['precision']} | {graphs} | "
+                             f"{100 * run['final_test_acc']:.2f} | {total:.1f} | {first:.1f} | "
+                             f"{median:.2f} |")
+                if kind == "train" and run["variant"] == "batch" and run["epochs"] == 20:
+                    bn.append((total, run["precision"], graphs))
+        statuses = "; ".join(f"{s['step']}: {s['status']}" for s in summary["steps"])
+        lines += ["", f"Steps: {statuses}."]
+        if bn:
+            total, precision, graphs = min(bn)
+            verdict = "met" if total <= 30 else f"missed by {total - 30:.1f} s"
+            lines += ["", f"Target for a 20-epoch BatchNorm run of today's recipe: at most 30 s of "
+                          f"epoch time (stretch: 10 s). Fastest measured: {total:.1f} s "
+                          f"({precision}, CUDA graphs {graphs}): {verdict}."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def load_archives(results_dir=ROOT / "results"):
@@ -670,7 +757,7 @@ def load_files():
             "checks": load_precision_checks(), "bench_files": bench_files(),
             "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
             "arithmetic": load_tuning(compare.ARITHMETIC_DIR),
-            "archives": load_archives(),
+            "archives": load_archives(), "gpu_checks": load_gpu_checks(),
             "lr_study": compare.load_lr_study()}
 
 
