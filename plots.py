@@ -9,22 +9,35 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from PIL import Image
 
 from dataset import augment_batch, stratified_indices
 
 
-def finish_figure(fig, path, show):
-    """Save before showing (show can leave an empty canvas behind), then free the figure."""
+def finish_figure(fig, path, show, source=None):
+    """Save before showing (show can leave an empty canvas behind), then free the figure.
+    `source` (the results file of the run that drew it) is kept in the PNG's text, where
+    `figure_source` reads it: a later run can tell its own figures from another's."""
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        fig.savefig(path, dpi=120, bbox_inches="tight",
+                    metadata={"Source": str(source)} if source else None)
     if show:
         plt.show()
     plt.close(fig)
     return fig
 
 
-def plot_history(history, path=None, title="", show=False):
+def figure_source(path):
+    """The `source` a figure was saved with, or None (another program's, or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get("Source")
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def plot_history(history, path=None, title="", show=False, source=None):
     """Loss and accuracy per epoch, train and test; saved to `path` when given."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = history["epoch"]
@@ -40,10 +53,11 @@ def plot_history(history, path=None, title="", show=False):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return finish_figure(fig, path, show)
+    return finish_figure(fig, path, show, source)
 
 
-def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=False):
+def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=False,
+                       source=None):
     """A grid of misclassified images with the true and predicted class under each."""
     count = len(mistakes["true"])
     nrows = max(1, -(-count // ncols))
@@ -57,7 +71,7 @@ def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=Fal
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return finish_figure(fig, path, show)
+    return finish_figure(fig, path, show, source)
 
 
 def plot_data_preview(data, path=None, per_class=5, seed=0, pad=4, flip=True, show=False):

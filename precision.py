@@ -38,11 +38,30 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
 
 
+# oneDNN's ISA levels below AVX512_CORE_BF16, and ATen's below AVX-512: capped to one of these,
+# torch runs bf16 without the instructions, however capable the CPU
+CAPS_WITHOUT_BF16 = {"ONEDNN_MAX_CPU_ISA": {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE",
+                                            "AVX512_CORE_VNNI"},
+                     "ATEN_CPU_CAPABILITY": {"default", "avx2"}}
+
+
+def caps_without_bf16():
+    """{variable: value} of the ISA caps set in the environment that exclude native bf16."""
+    return {name: os.environ[name] for name, levels in CAPS_WITHOUT_BF16.items()
+            if os.environ.get(name, "").strip() and
+            os.environ[name].strip().upper() in {level.upper() for level in levels}}
+
+
 def cpu_has_native_bf16():
-    """True if the CPU executes bf16 arithmetic natively (AMX tiles or AVX512-BF16).
+    """True if the CPU executes bf16 arithmetic natively (AMX tiles or AVX512-BF16) and no ISA
+    cap in the environment (ISA_CAPS) keeps torch from using those instructions.
 
     Asks torch's own CPU probes (the instruction sets oneDNN will dispatch to), not the model
     name; falls back to the kernel's CPU flags on torch builds without those probes."""
+    return not caps_without_bf16() and _probe_native_bf16()
+
+
+def _probe_native_bf16():
     probes = [getattr(torch.cpu, name, None)
               for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     if all(probe is not None for probe in probes):
@@ -79,6 +98,8 @@ def hardware_info(device):
         caps = {name: os.environ[name] for name in ISA_CAPS if name in os.environ}
         if caps:
             info["isa_caps"] = caps
+        if caps_without_bf16():  # what the CPU could do, had the caps not hidden it
+            info["cpu_native_bf16_uncapped"] = _probe_native_bf16()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -88,18 +109,41 @@ def hardware_info(device):
 def get_device(name=None):
     """`name` if given (and present), else the best available: cuda, then mps, then cpu."""
     if name:
-        device = torch.device(name)
-        present = {"cuda": torch.cuda.is_available, "cpu": lambda: True,
-                   "mps": lambda: torch.backends.mps.is_available()}.get(device.type)
-        if present is not None and not present():
-            raise ValueError(f"device {name!r} is not available on this machine; leave the "
-                             f"device out to use the best one available")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = None
+        if device is None or not device_present(device):
+            raise ValueError(f"device {name!r} is {'not available' if device else 'unknown'} on "
+                             f"this machine, which has: {', '.join(available_devices())}; "
+                             f"leave --device out to use the best one")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_devices():
+    """The devices this machine can run on, as --device takes them."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] * (
+            torch.cuda.device_count() > 1)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def device_present(device):
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    return False  # xpu, meta, ...: not a device this project trains on
 
 
 def compile_model(model, enabled, cuda_graphs=False, device="cpu"):

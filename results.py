@@ -146,7 +146,10 @@ class RunLock:
         entry[1] -= 1
         if entry[1] == 0:
             del cls._held[key]
-            file.unlink(missing_ok=True)
+            try:
+                file.unlink(missing_ok=True)
+            except OSError:  # a folder made read-only: the file stays, but no lock is held on it
+                pass
             entry[0].close()  # closing releases the lock
 
 
@@ -288,8 +291,8 @@ def run_precision(history):
 
 def same_recipe(path, model_config, config):
     """Whether the results file at `path` was made with these settings (any seed aside)."""
+    previous = load_results(path)  # an unreadable file is said so, not called "other settings"
     try:
-        previous = load_results(path)
         as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  tuples become lists
         # settings added since that file was written: their defaults
         before, trained = map(as_json, with_defaults(previous["model_config"],
@@ -312,6 +315,32 @@ def save_json_atomic(path, payload):
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def finished(path):
+    """Whether the run of the results file `path` has finished (the file exists); an unreadable
+    file raises ResultsFileError rather than counting as a finished run."""
+    if not Path(path).exists():
+        return False
+    load_results(path)
+    return True
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be read; the message names it and says what to do."""
+
+
 def load_results(path):
-    with open(path) as f:
-        return json.load(f)
+    """A results file's contents; an unreadable one (truncated, half-written, hand-edited) is
+    named in one line with what to do, for every reader (report, compare, notebooks, tune,
+    sweep, train.py --resume)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsFileError(
+            f"results file {path} is unreadable ({type(err).__name__}: {err}): it was truncated, "
+            f"half-written or edited by hand; restore it (git checkout -- {path}) or delete it "
+            f"and rerun that run") from None
+    if not isinstance(results, dict):
+        raise ResultsFileError(f"results file {path} holds a {type(results).__name__}, not a "
+                               f"run's results; restore it (git checkout -- {path}) or delete it")
+    return results

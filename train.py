@@ -14,14 +14,16 @@ import argparse
 import inspect
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from dataclasses import fields
 from pathlib import Path
 
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
 from model import ACTIVATIONS, CONVS, IDENTITY_INITS, SKIP_LAYOUTS, ModelConfig, build_model, show_summary
-from plots import plot_history, plot_misclassified
+from plots import figure_source, plot_history, plot_misclassified
 from optimizers import OPTIMIZERS, check_optimizer_available
 from precision import PRECISIONS, UnsupportedStepError, get_device
 from results import (RunLock, RunLockedError, collect_misclassified, divergence_results,
@@ -165,18 +167,26 @@ def check_writable(folder):
                           f"choose another folder or fix its permissions") from None
 
 
-def check_previous_outputs(outputs, model_config, config, args):
+def check_previous_outputs(outputs, checkpoint, model_config, config, args):
     """Refuse to replace a run's results file or figures unless asked to (--overwrite), or unless
-    this run continues the one that made them (--resume, same settings)."""
+    this run continues the one that made them (--resume, same settings): a figure is this run's
+    when it was drawn for this run's results file (plots.figure_source)."""
     existing = [p for p in outputs.values() if p.exists()]
     if not existing or args.overwrite:
         return
     keep_both = "pass --run-name to keep both, or --overwrite to replace them"
+    results = outputs["results"]
+    foreign = [p for name, p in outputs.items() if name != "results" and p.exists()
+               and figure_source(p) != str(results.resolve())]
     if not args.resume:
-        raise OutputError(f"{existing[0]} already exists; pass --resume to continue that run, "
+        ours = results.exists() or checkpoint.exists()
+        resume = "pass --resume to continue that run, " if ours and not foreign else ""
+        raise OutputError(f"{existing[0]} already exists; {resume}{keep_both}")
+    if results.exists() and not same_recipe(results, model_config, config):
+        raise OutputError(f"{results} holds the results of a run with other settings; "
                           f"{keep_both}")
-    if outputs["results"].exists() and not same_recipe(outputs["results"], model_config, config):
-        raise OutputError(f"{outputs['results']} holds the results of a run with other settings; "
+    if foreign:
+        raise OutputError(f"{foreign[0]} was drawn by another run (not for {results}); "
                           f"{keep_both}")
 
 
@@ -198,17 +208,28 @@ def limits_warning(num_params, epochs):
     return f"outside the assignment's limits: {'; '.join(over)}" if over else None
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: locks released, a dry run's folder
+    removed."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dry_dir = Path(tempfile.mkdtemp(prefix="s8_dry_run_")) if args.dry_run else None
     if dry_dir:
         args.out_dir, args.images_dir, args.checkpoint = dry_dir, dry_dir, dry_dir / "checkpoint.pt"
     try:
         return run(args)
     except BaseException:
-        if dry_dir:  # a failed dry run leaves nothing behind
+        if dry_dir:  # a failed or stopped dry run leaves nothing behind
             shutil.rmtree(dry_dir, ignore_errors=True)
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run(args):
@@ -236,8 +257,8 @@ def run(args):
                "misclassified": images_dir / f"{name}_misclassified.png"}
     for folder in dict.fromkeys((out_dir, images_dir, checkpoint.parent)):
         check_writable(folder)
-    with RunLock(checkpoint, outputs["results"]):  # one process per name, for the whole run
-        check_previous_outputs(outputs, model_config, config, args)
+    with RunLock(checkpoint, *outputs.values()):  # one process per file, for the whole run
+        check_previous_outputs(outputs, checkpoint, model_config, config, args)
         refuse_to_replace_checkpoint(checkpoint, args.resume, args.overwrite)
         check_checkpoint(checkpoint, model_config, config, args)
         return train_and_publish(args, model, config, device, name, checkpoint, outputs,
@@ -285,12 +306,14 @@ def train_and_publish(args, model, config, device, name, checkpoint, outputs, ou
 def publish(model, data, config, device, history, outputs, extra):
     """The figures, then the results file (written last and atomically: it marks a finished run)."""
     title = f"{model.config.norm} norm, batch {config.batch_size}, seed {config.seed}"
-    plot_history(history, outputs["curves"], title=title)
+    source = outputs["results"].resolve()  # in each figure: which run drew it
+    plot_history(history, outputs["curves"], title=title, source=source)
     test_loader = make_test_loader(data, config, device)
     precision = history["precision"][-1] or "fp32"
     logits = predict(model, test_loader, precision)  # serves the grid and the confusion matrix
     mistakes = collect_misclassified(model, test_loader, limit=10, logits=logits)
-    plot_misclassified(mistakes, data.classes, outputs["misclassified"], title=title)
+    plot_misclassified(mistakes, data.classes, outputs["misclassified"], title=title,
+                       source=source)
     results = make_results(model, data, config, history, device, logits=logits, **extra)
     save_json_atomic(outputs["results"], results)
     return results

@@ -5,8 +5,10 @@ setting checked before the data loads, one line for every problem a user can fix
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -16,19 +18,22 @@ import torch
 
 matplotlib.use("Agg")
 
+import compare  # noqa: E402
+import plots  # noqa: E402
 import precision  # noqa: E402
 from conftest import ROOT, make_archive, write_image_tree  # noqa: E402
 from dataset import DatasetWarning, load_cifar10  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 import utils  # noqa: E402
-from results import (RunLock, RunLockedError, check_publishable, run_name,  # noqa: E402
-                     same_recipe)
+from results import (ResultsFileError, RunLock, RunLockedError, check_publishable,  # noqa: E402
+                     run_name, same_recipe)
 from utils import (NonFiniteLossError, TrainConfig, fit, load_checkpoint,  # noqa: E402
                    save_checkpoint)
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_notebooks  # noqa: E402
 import report  # noqa: E402
+import sweep  # noqa: E402
 import train  # noqa: E402
 
 
@@ -373,3 +378,146 @@ def test_a_config_refuses_a_name_it_does_not_know_in_one_line_listing_those_it_d
     with pytest.raises(ValueError, match=rf"^{field} must be one of .+, got 'nonsense'$") as err:
         cls(**{field: "nonsense"})
     assert all(name in str(err.value) for name in train.CHOICES[field]())
+
+
+# 11. Every run's files are its own: figures under the lock, broken files named, no leftovers.
+
+def test_two_runs_sharing_an_images_folder_give_one_run_and_one_refusal(archive, tmp_path):
+    base = {"S8_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    runs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--run-name", "same", "--images-dir", "shared",
+         "--out-dir", f"out{i}", "--checkpoint", f"ckpt{i}/same.pt", "--subset", "2",
+         "--epochs", "3", "--data", archive, "--no-progress"], cwd=tmp_path, env=base,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outcomes = sorted((p.wait(), p.stderr.read()) for p in runs)
+    assert [code for code, _ in outcomes] == [0, 1], outcomes
+    assert "same_curves.png is in use by process" in outcomes[1][1] or \
+        "is in use by process" in outcomes[1][1]
+    finished = [i for i in (0, 1) if (tmp_path / f"out{i}" / "same.json").exists()]
+    assert len(finished) == 1  # the figures and the one results file describe the same run
+    source = plots.figure_source(tmp_path / "shared" / "same_curves.png")
+    assert source == str((tmp_path / f"out{finished[0]}" / "same.json").resolve())
+
+
+def test_resume_never_lets_a_run_with_other_settings_replace_another_runs_figures(archive,
+                                                                                  tmp_path):
+    args = ("--run-name", "x", "--images-dir", "shared", "--subset", "2", "--epochs", "1",
+            "--data", archive, "--no-progress")
+    assert run_train(*args, "--out-dir", "a", cwd=tmp_path).returncode == 0
+    figure = tmp_path / "shared" / "x_curves.png"
+    theirs = figure.read_bytes()
+    refused = one_line_error(run_train(*args, "--out-dir", "b", "--lr", "0.05", cwd=tmp_path))
+    assert "x_curves.png already exists" in refused and "--resume" not in refused  # advice that works
+    resumed = one_line_error(run_train(*args, "--out-dir", "b", "--lr", "0.05", "--resume",
+                                       cwd=tmp_path))
+    assert "x_curves.png was drawn by another run" in resumed and "--run-name" in resumed
+    assert figure.read_bytes() == theirs
+    # the run that drew them may still continue: its own figures are recognised
+    assert run_train(*args, "--out-dir", "a", "--resume", cwd=tmp_path).returncode == 0
+
+
+def test_an_unreadable_results_file_is_named_by_every_reader(archive, tmp_path, capsys):
+    broken = tmp_path / "runs" / "batch_seed0_e1_subset2.json"
+    broken.parent.mkdir()
+    broken.write_text('{"variant": "batch", "seed": 0, "final_te')  # a half-written file
+    with pytest.raises(ResultsFileError, match="batch_seed0_e1_subset2.json is unreadable"):
+        compare.read_results(broken.parent)  # report, the comparison notebook
+    out = one_line_error(run_train("--subset", "2", "--epochs", "1", "--data", archive,
+                                   "--resume", cwd=tmp_path))
+    assert "batch_seed0_e1_subset2.json is unreadable" in out and "other settings" not in out
+    assert "git checkout --" in out
+    with pytest.raises(SystemExit):
+        sweep.run_all([("batch_seed0_e1_subset2", ["--data", archive])], broken.parent, "x")
+    assert "error: results file" in capsys.readouterr().out  # named, not skipped as done
+
+
+def test_a_write_failure_whose_lock_cannot_be_removed_is_still_one_line(archive, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("S8_CACHE_DIR", str(tmp_path / "cache"))
+    unlink = Path.unlink
+
+    def read_only_folder(path, *args, **kwargs):  # what a folder made read-only does
+        if path.name.endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    def denied(path, payload):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    args = ["--subset", "2", "--epochs", "1", "--data", archive, "--no-progress"]
+    monkeypatch.setattr(Path, "unlink", read_only_folder)
+    monkeypatch.setattr(train, "save_json_atomic", denied)
+    with pytest.raises(train.OutputError) as err:
+        train.main(args)
+    assert err.value.__suppress_context__ and "\n" not in str(err.value)  # printed alone
+    assert (tmp_path / "runs" / "batch_seed0_e1_subset2.json.lock").exists()  # left behind
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("S8_CACHE_DIR", str(tmp_path / "cache"))
+    results = train.main([*args, "--resume"])  # the stale lock does not block the rebuild
+    assert results["epochs"] == 1 and (tmp_path / "runs" / "batch_seed0_e1_subset2.json").exists()
+
+
+def test_a_dry_run_stopped_by_sigterm_leaves_no_folder_behind(tmp_path):
+    write_image_tree(tmp_path / "tree20", per_class=(20, 20))
+    data = make_archive(tmp_path / "tree20", tmp_path / "twenty.tar.gz")
+    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dry-run", "--data",
+                            str(data), "--no-progress"], cwd=tmp_path,
+                           env={"S8_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
+                                "TMPDIR": str(tmp_path)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("s8_dry_run_*/*.lock")) and run.poll() is None:
+        assert time.monotonic() < deadline, "the dry run never took its locks"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) != 0
+    assert not list(tmp_path.glob("s8_dry_run_*"))
+
+
+@pytest.mark.parametrize("device, says", [("gpu", "device 'gpu' is unknown"),
+                                          ("cuda:7", "device 'cuda:7' is not available"),
+                                          ("xpu", "device 'xpu' is not available")])
+def test_an_unknown_or_absent_device_gets_one_line_listing_this_machines(device, says, tmp_path):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    line = one_line_error(run_train("--device", device, "--dry-run", cwd=tmp_path))
+    assert says in line and "which has: cpu" in line
+
+
+@pytest.mark.parametrize("caps", [{"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+                                  {"ONEDNN_MAX_CPU_ISA": "avx512_core"},
+                                  {"ATEN_CPU_CAPABILITY": "default"}])
+def test_isa_caps_that_exclude_bf16_make_auto_pick_fp32_and_are_recorded(caps, monkeypatch):
+    monkeypatch.setattr(precision, "_probe_native_bf16", lambda: True)  # a bf16-capable CPU
+    for name in precision.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+    for name, value in caps.items():
+        monkeypatch.setenv(name, value)
+    assert precision.resolve_precision("auto", "cpu") == "fp32"
+    info = precision.hardware_info("cpu")
+    assert info["cpu_native_bf16"] is False and info["cpu_native_bf16_uncapped"] is True
+    assert info["isa_caps"] == caps
+
+
+def test_caps_that_keep_bf16_leave_auto_alone(monkeypatch):
+    monkeypatch.setattr(precision, "_probe_native_bf16", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert precision.resolve_precision("auto", "cpu") == "bf16"
+    assert "cpu_native_bf16_uncapped" not in precision.hardware_info("cpu")
+
+
+def test_a_smoke_notebook_run_keeps_its_files_in_runs_and_replaces_the_last_ones(tmp_path,
+                                                                                 monkeypatch):
+    leftover = tmp_path / "runs" / "smoke_batch" / "runs" / "old.json"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("{}")
+    scope, _ = notebook_config(tmp_path, monkeypatch, S8_SMOKE="1")
+    assert scope["OUT"] == Path("runs") / "smoke_batch"  # under the checkout, ignored by git
+    assert scope["RESULTS_DIR"].is_relative_to(Path("runs"))
+    assert not leftover.exists()  # the last smoke run's files are gone, not piled up
+    assert "tempfile" not in next(c.source for c in make_notebooks.notebook("batch")[1].cells
+                                  if c.source.startswith("# Configuration"))

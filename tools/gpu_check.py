@@ -7,7 +7,7 @@ measured, under results/gpu/<gpu>/.
 Steps, most needed first (each a subprocess; its log kept; a step that fails is recorded and
 the check goes on; steps that would start after --deadline are recorded as skipped):
 
-  1. a 20-epoch train.py BatchNorm run at the default precision, alone: its epoch times are the
+  1. a 20-epoch train.py run of the default variant (BatchNorm) at the default precision, alone: its epoch times are the
      speed figure, so nothing runs beside it
   2. the three notebooks at the default precision and S8_BatchNorm.ipynb again with
      PRECISION = "fp16" (Colab's T4 path), executed start to finish with nbclient as Colab's
@@ -58,7 +58,8 @@ from nbclient import NotebookClient  # noqa: E402
 
 from make_notebooks import clean  # noqa: E402
 from precision import get_device, hardware_info, resolve_precision  # noqa: E402
-from variants import REGISTRY, course_variants  # noqa: E402
+from results import run_name  # noqa: E402
+from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
 
 T4_PRECISION = "fp16"  # what auto picks on Colab's free GPU (compute capability 7.5)
 EPOCHS = 20
@@ -168,8 +169,9 @@ class Check:
         if self.device.type == "cuda":
             candidates.insert(1, (candidates[0][0], True))  # graphs on the default precision
         for precision, graphs in candidates[:1] if first_only else candidates[skip_first:]:
-            name = f"batch_seed0_{precision}" + "_graphs" * graphs
-            command = [sys.executable, "train.py", "--norm", "batch", "--seed", "0",
+            # how it computes is not part of a run's name (results.NOT_NAMED): said here
+            name = f"{run_name(DEFAULT, 0)}_{precision}" + "_graphs" * graphs
+            command = [sys.executable, "train.py", "--norm", DEFAULT, "--seed", "0",
                        "--precision", precision, "--device", self.device.type, *smoke,
                        "--out-dir", self.out / "train", "--run-name", name, "--checkpoint",
                        self.out / "checkpoints" / f"{name}.pt", "--overwrite", "--no-progress"]

@@ -14,7 +14,6 @@ file committed without it leaves the notebook's checked outputs stale and CI red
 """
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
@@ -32,7 +31,8 @@ import norm_stats  # noqa: E402
 import train  # noqa: E402
 import tune  # noqa: E402
 from compare import load_runs, load_study, study_budget  # noqa: E402
-from variants import REGISTRY  # noqa: E402
+from results import ResultsFileError, load_results  # noqa: E402
+from variants import DEFAULT, REGISTRY  # noqa: E402
 
 README = ROOT / "README.md"
 IMAGES = ROOT / "images"
@@ -676,7 +676,7 @@ def load_gpu_checks(gpu_dir=GPU_DIR):
     under results/gpu/, by GPU name; smoke runs never land there."""
     checks = []
     for path in sorted(gpu_dir.glob("*/summary.json")):
-        summary = json.loads(path.read_text())
+        summary = load_results(path)  # a JSON dict too: one line if unreadable
         checks.append((summary, {kind: compare.read_results(path.parent / kind)
                                  for kind in ("train", "notebooks")
                                  if (path.parent / kind).is_dir()}))
@@ -731,7 +731,7 @@ def gpu_section(checks):
                              f"{how} | {run['precision']} | {graphs} | "
                              f"{100 * run['final_test_acc']:.2f} | {total:.1f} | {first:.1f} | "
                              f"{median:.2f} |")
-                if kind == "train" and run["variant"] == "batch" and run["epochs"] == 20:
+                if kind == "train" and run["variant"] == DEFAULT and run["epochs"] == 20:
                     bn.append((total, run["precision"], graphs))
         statuses = "; ".join(f"{s['step']}: {s['status']}" for s in summary["steps"])
         lines += ["", f"Steps: {statuses}."]
@@ -827,4 +827,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ResultsFileError as err:
+        sys.exit(f"error: {err}")

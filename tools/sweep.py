@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results import run_name  # noqa: E402
+from results import ResultsFileError, finished, run_name  # noqa: E402
 from utils import TrainConfig  # noqa: E402
 from variants import canonical_norm, course_variants  # noqa: E402
 
@@ -127,7 +127,12 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
 
     def run(job):
         name, out, cmd = job
-        if out.exists():  # checked just before the run: another sweep may have finished it
+        try:
+            done = finished(out)  # checked just before the run: another sweep may have finished it
+        except ResultsFileError as err:
+            print(f"error: {err}", flush=True)
+            return name, 1
+        if done:
             print(f"skip {out}: already done", flush=True)
             return name, 0
         print("+", " ".join(cmd), flush=True)

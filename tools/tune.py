@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from results import run_name  # noqa: E402
+from results import ResultsFileError, finished, run_name  # noqa: E402
 from sweep import run_all  # noqa: E402
 from train import flag_name  # noqa: E402
 from utils import FIRST_DEFAULTS  # noqa: E402
@@ -225,9 +225,12 @@ def main(argv=None):
     if args.grid:
         runs = grid_plan(per_epoch_grid())
         if args.list:
-            done = [Path(folder, f"{name}.json").exists() for name, _, folder in runs]
-            for (name, _, folder), finished in zip(runs, done):
-                print(f"{'done' if finished else 'todo'}  {Path(folder).name}/{name}")
+            try:
+                done = [finished(Path(folder, f"{name}.json")) for name, _, folder in runs]
+            except ResultsFileError as err:
+                sys.exit(f"error: {err}")
+            for (name, _, folder), is_done in zip(runs, done):
+                print(f"{'done' if is_done else 'todo'}  {Path(folder).name}/{name}")
             print(f"{sum(done)} of {len(runs)} runs done")
             return
         if args.jobs < 1:
