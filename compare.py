@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from model import ModelConfig
-from plots import finish_figure
+from plots import finish_figure, integer_epochs
 from results import load_results
 from utils import TrainConfig, recipe, with_defaults
 from variants import REGISTRY, in_order
@@ -348,6 +348,7 @@ def plot_variant_curves(runs, path=None, show=False):
                             alpha=0.2)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="test cross-entropy", title="Test loss")
+    integer_epochs(ax_acc, ax_loss)
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dataset import TensorLoader, stratified_indices
 from normalizations import batch_norm, group_norm
-from plots import finish_figure
+from plots import finish_figure, integer_epochs
 
 AXES = {  # which elements share one statistic, as dims of N x C x H x W (groups: see _groups)
     "per_channel": "BatchNorm's sets: one channel over every image and pixel",
@@ -201,6 +201,7 @@ def plot_layer_probe(histories, layers, path=None, show=False):
             ax.set_title(f"{variant}: " + ("input RMS of each norm layer" if row == 0
                                            else "gradient norm of its conv"))
             ax.set_xlabel("epoch")
+            integer_epochs(ax)
     axes[0, 0].legend(ncol=3, fontsize=7)
     fig.suptitle("Inside training: activation scale and gradient norm per layer\n(fixed batch of "
                  "training images, once per epoch)")

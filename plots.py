@@ -8,6 +8,7 @@ canvas behind; a leaf module, so that any module may draw with it.
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import torch
 from PIL import Image
 
@@ -26,6 +27,12 @@ def finish_figure(fig, path, show, source=None):
         plt.show()
     plt.close(fig)
     return fig
+
+
+def integer_epochs(*axes):
+    """Whole-epoch ticks on each axis's x axis (matplotlib would put some at 2.5, 7.5, ...)."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def figure_source(path):
@@ -47,6 +54,7 @@ def plot_history(history, path=None, title="", show=False, source=None):
     ax_acc.plot(epochs, [100 * a for a in history["train_acc"]], label="train (augmented)")
     ax_acc.plot(epochs, [100 * a for a in history["test_acc"]], label="test")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    integer_epochs(ax_loss, ax_acc)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
