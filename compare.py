@@ -502,6 +502,51 @@ def spread_labels(values, low, high, gap):
     return placed
 
 
+def plot_technique_forest(rows, path=None, show=False):
+    """Each 20-epoch change's mean paired difference with its 95% interval, one row per change,
+    grouped by variant and sorted by effect within each, a line at zero; filled markers for the
+    changes that win (interval above zero), stars for those today's recipe adopted; an interval
+    wider than the figure's scale (2 seeds) ends in an arrowhead at its edge.
+    `rows`: report.technique_rows() entries with an interval."""
+    variants = [v for v in REGISTRY if any(r["variant"] == v for r in rows)]
+    ordered = [r for v in variants for r in sorted(
+        (r for r in rows if r["variant"] == v), key=lambda r: r["diff"]["mean"])]
+    fig, ax = plt.subplots(figsize=(8, 0.24 * len(ordered) + 1.6))
+    ys, y, labels = [], 0, []
+    for i, r in enumerate(ordered):
+        if i and r["variant"] != ordered[i - 1]["variant"]:
+            y += 1  # a gap between the variants' groups
+        ys.append(y)
+        labels.append(f"{REGISTRY[r['variant']].short}  {r['config']}  "
+                      f"(vs {r['against'].split(' (')[0]}, {len(r['diff']['seeds'])} seeds)")
+        y += 1
+    # the scale of the intervals of 4 seeds or more; a wider one (2 seeds) is cut at its edge
+    lim = 1.1 * max(max(-r["diff"]["low"], r["diff"]["high"]) for r in ordered
+                    if len(r["diff"]["seeds"]) >= 4) if any(
+        len(r["diff"]["seeds"]) >= 4 for r in ordered) else None
+    for r, y in zip(ordered, ys):
+        colour, d = REGISTRY[r["variant"]].colour, r["diff"]
+        wins = d["low"] > 0
+        low, high = (max(d["low"], -lim), min(d["high"], lim)) if lim else (d["low"], d["high"])
+        ax.plot([low, high], [y, y], color=colour, lw=1.6)
+        for end, cut, marker in ((low, low > d["low"], "<"), (high, high < d["high"], ">")):
+            if cut:
+                ax.plot([end], [y], marker, color=colour, ms=5)
+        ax.plot([d["mean"]], [y], "*" if r["adopted"] else "o", ms=11 if r["adopted"] else 6,
+                color=colour if wins or r["adopted"] else "white", markeredgecolor=colour,
+                zorder=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="validation accuracy, change minus its reference (points; mean and 95% CI "
+                  "over paired seeds)",
+           title="Each change at 20 epochs, against its reference\n"
+                 "filled: interval above zero (wins); star: adopted in today's recipe")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return finish_figure(fig, path, show)
+
+
 def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
     """Validation accuracy of recipe v1 against its budget in epochs (log scale; one dot per
     run, the line through the means), and each technique's 20-epoch mean as a marker placed at

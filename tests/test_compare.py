@@ -227,3 +227,19 @@ def test_lr_study_scored_on_the_validation_split_says_so(lr_study_dir, tmp_path)
     assert "| validation acc. at best, mean (min–max) |" in compare.lr_table(study)
     fig = compare.plot_lr_study(study, tmp_path / "lr.png")
     assert fig.axes[0].get_ylabel() == "final validation accuracy (%)"
+
+
+def test_the_forest_plot_groups_by_variant_sorts_by_effect_and_marks_what_was_adopted(tmp_path):
+    def row(variant, config, mean, adopted=False):
+        diff = {"seeds": [0, 1, 2, 3], "diffs": [mean] * 4, "mean": mean, "low": mean - 0.5,
+                "high": mean + 0.5}
+        return {"variant": variant, "config": config, "against": "recipe v1", "diff": diff,
+                "adopted": adopted}
+
+    rows = [row("layer", "b", 0.2), row("batch", "x", 1.0, adopted=True), row("batch", "y", -1.0)]
+    fig = compare.plot_technique_forest(rows, tmp_path / "forest.png")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert [l.split()[1] for l in labels] == ["y", "x", "b"]  # BN first, by effect; then LN
+    stars = [line for line in fig.axes[0].lines if line.get_marker() == "*"]
+    assert len(stars) == 1 and stars[0].get_xdata()[0] == 1.0
+    assert (tmp_path / "forest.png").exists()

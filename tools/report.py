@@ -55,6 +55,7 @@ PROBE_FIGURE = IMAGES / "layer_probe.png"
 TUNING_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = compare.CEILING_DIR
 EPOCHS_FIGURE = IMAGES / "equivalent_epochs.png"
+FOREST_FIGURE = IMAGES / "technique_forest.png"
 # Earlier recipes' final runs, kept beside today's for a before/after comparison, oldest first:
 # (folder under results/, the label of their rows).
 ARCHIVES = [("before-study", "before the study"),  # published before the recipe study
@@ -453,6 +454,47 @@ def decision(diff):
     return verdict
 
 
+def technique_rows(tuning, reruns=None):
+    """Every change measured at 20 epochs, in the study's order: {"variant", "config", "runs",
+    "mean" (validation accuracy %), "against" (its reference), "diff" (paired with it),
+    "decision"}. Each seed is paired with the
+    reference's run in its own arithmetic where `reruns` (results/arithmetic/) holds one."""
+    reruns, rows, order = reruns or {}, [], list(tune.CONFIGS)
+    for variant, by_config in technique_means(tuning).items():
+        base = tuning.get((variant, "base", 20), [])
+        for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
+            runs = tuning[(variant, config, 20)]
+            # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
+            parts = config.split("+")
+            one_less = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
+                        if len(parts) > 1]
+            winners = [c for c in one_less if decision(compare.paired_difference(
+                tuning.get((variant, c, 20), []), base)) == "wins"]
+            reference = max(winners, key=lambda c: by_config[c], default="base")
+            first = tuning[(variant, reference, 20)] if reference != "base" else base
+            again = reruns.get((variant, reference, 20), [])
+            paired_with = compare.alike_base(runs, first, again)
+            diff = compare.paired_difference(runs, paired_with)
+            rerun_pairs = sum(any(b is r for r in again) for b in paired_with)
+            against = "recipe v1" if reference == "base" else reference
+            if rerun_pairs:
+                against += (f" (re-runs: {rerun_pairs} of {len(paired_with)} "
+                            f"seed{'s' * (len(paired_with) != 1)})")
+            rows.append({"variant": variant, "config": config, "runs": runs,
+                         "mean": by_config[config], "against": against, "diff": diff,
+                         "decision": decision(diff)})
+    return rows
+
+
+def mark_adopted(rows):
+    """Each row of technique_rows() with "adopted": every part of its change is in the
+    configuration that is today's recipe."""
+    today = {r["variant"]: set(r["config"].split("+")) for r in rows
+             if compare.recipe_changes(r["runs"][0], ignore=("norm", "epochs")) == "current"}
+    return [{**row, "adopted": set(row["config"].split("+")) <= today.get(row["variant"], set())}
+            for row in rows]
+
+
 def per_epoch_section(tuning, ceiling, reruns=None):
     """The learning-per-epoch study: recipe v1 at 20, 40 and 80 epochs (the scale), then
     every change measured at 20 epochs with its paired interval and its worth in epochs; each
@@ -473,37 +515,17 @@ def per_epoch_section(tuning, ceiling, reruns=None):
     lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | compared with "
                   "| mean paired Δ [95% CI] | verdict | recipe v1 needs (epochs) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    order = list(tune.CONFIGS)
-    for variant, by_config in technique_means(tuning).items():
-        curve = compare.recipe_curve(curves.get(variant, {}))
-        base = tuning.get((variant, "base", 20), [])
-        for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
-            runs = tuning[(variant, config, 20)]
-            # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
-            parts = config.split("+")
-            one_less = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
-                        if len(parts) > 1]
-            winners = [c for c in one_less if decision(compare.paired_difference(
-                tuning.get((variant, c, 20), []), base)) == "wins"]
-            reference = max(winners, key=lambda c: by_config[c], default="base")
-            first = tuning[(variant, reference, 20)] if reference != "base" else base
-            again = reruns.get((variant, reference, 20), [])
-            paired_with = compare.alike_base(runs, first, again)
-            diff = compare.paired_difference(runs, paired_with)
-            rerun_pairs = sum(any(b is r for r in again) for b in paired_with)
-            against = "recipe v1" if reference == "base" else reference
-            if rerun_pairs:
-                against += (f" (re-runs: {rerun_pairs} of {len(paired_with)} "
-                            f"seed{'s' * (len(paired_with) != 1)})")
-            worth = compare.equivalent_epochs(by_config[config], curve)
-            worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
-            try:
-                flags = " ".join(tune.change_flags(config))
-            except SystemExit:
-                flags = "(no longer defined in tools/tune.py)"
-            lines.append(f"| {variant} | {config} | `{flags}` | {_seeds(runs)} | "
-                         f"{by_config[config]:.2f} | {against} | {_delta(diff, runs)} | "
-                         f"{decision(diff)} | {worth} |")
+    for row in technique_rows(tuning, reruns):
+        worth = compare.equivalent_epochs(row["mean"], compare.recipe_curve(
+            curves.get(row["variant"], {})))
+        worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
+        try:
+            flags = " ".join(tune.change_flags(row["config"]))
+        except SystemExit:
+            flags = "(no longer defined in tools/tune.py)"
+        lines.append(f"| {row['variant']} | {row['config']} | `{flags}` | {_seeds(row['runs'])} | "
+                     f"{row['mean']:.2f} | {row['against']} | {_delta(row['diff'], row['runs'])} | "
+                     f"{row['decision']} | {worth} |")
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
          for r in tuning[(variant, config, 20)]]
@@ -766,7 +788,7 @@ def render_current(text, files=None):
     return render_readme(text, load_files() if files is None else files)
 
 
-def write_figures(runs, study, lr_study, tuning=None, ceiling=None):
+def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=None):
     import matplotlib
     matplotlib.use("Agg")  # files only; the notebooks draw the same figures inline
 
@@ -781,6 +803,9 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None):
         paired = {v: {c: acc for c, acc in by_config.items() if len(tuning[(v, c, 20)]) > 1}
                   for v, by_config in technique_means(tuning).items()}  # the table has the rest
         compare.plot_equivalent_epochs(curves, paired, EPOCHS_FIGURE)
+    rows = [r for r in technique_rows(tuning or {}, arithmetic) if r["diff"]["low"] is not None]
+    if rows:
+        compare.plot_technique_forest(mark_adopted(rows), FOREST_FIGURE)
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
@@ -818,7 +843,7 @@ def main():
         return
     README.write_text(new)
     write_figures(files["runs"], files["study"], files["lr_study"], files["tuning"],
-                  files["ceiling"])
+                  files["ceiling"], files["arithmetic"])
     if not args.no_notebook:
         execute_compare_notebook()
     print(f"README.md tables rewritten from {sum(len(r) for r in files['runs'].values())} "
