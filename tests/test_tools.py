@@ -132,8 +132,21 @@ def test_readme_section_is_replaced_between_the_markers():
                                {"runs": runs})
     assert out.startswith("intro\n") and out.endswith("outro\n") and "old" not in out
     assert "| layer | current | 0 | 69.00 | 70.00 (1 seed) |" in out
-    with pytest.raises(SystemExit, match="markers"):
-        report.render_readme("no markers", {"runs": runs})
+    assert report.render_readme("no markers", {"runs": runs}) == "no markers"
+
+
+def test_each_section_lives_on_one_page_and_some_page_holds_the_results_table(tmp_path,
+                                                                              monkeypatch):
+    front, study = tmp_path / "README.md", tmp_path / "study.md"
+    front.write_text("intro\n")
+    study.write_text("no tables\n")
+    monkeypatch.setattr(report, "pages", lambda: [front, study])
+    with pytest.raises(SystemExit, match="no page holds the results table's markers"):
+        report.render_pages({"runs": {}})
+    for page in (front, study):
+        page.write_text(f"{report.START}\n{report.END}\n")
+    with pytest.raises(SystemExit, match="keep them on one page"):
+        report.render_pages({"runs": {}})
 
 
 def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
@@ -164,9 +177,10 @@ def test_sweep_skips_runs_whose_results_exist(tmp_path):
 
 
 def test_readme_results_tables_are_generated_from_the_committed_results():
-    readme = (ROOT / "README.md").read_text()
-    current = report.render_current(readme)
-    assert current == readme, "README.md's results tables are stale: run python tools/report.py"
+    rendered = report.render_pages(report.load_files())
+    assert {p.name for p in rendered} >= {"README.md", "results.md", "learning-per-epoch.md"}
+    stale = [p.name for p, text in rendered.items() if text != p.read_text()]
+    assert not stale, f"generated tables stale in {stale}: run python tools/report.py"
 
 
 def test_learning_rate_scales_linearly_with_the_batch_size():

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from variants import REGISTRY, course_variants  # noqa: E402
 
 # Where the repository is published; the Colab badge and setup cell use it. Until it is set,
-# the Colab setup cell stops at once and says what to do (README "Publishing").
+# the Colab setup cell stops at once and says what to do (docs/publishing.md).
 REPO = "YOUR-GITHUB-USER/s8-normalization"
 PLACEHOLDER_OWNER = "YOUR-GITHUB-USER"
 
@@ -43,7 +43,7 @@ def colab_setup_cell(entry_module, extra_install=""):
         "        raise RuntimeError(\n"
         "            f\"REPO is still the placeholder {REPO!r}, so there is nothing to clone. Set REPO \"\n"
         "            \"in tools/make_notebooks.py to the GitHub repository you published, regenerate \"\n"
-        "            \"the notebooks (README: Publishing), or set REPO in this cell to it.\")\n"
+        "            \"the notebooks (docs/publishing.md), or set REPO in this cell to it.\")\n"
         "    !git clone -q https://github.com/{REPO}.git\n"
         "    %cd {REPO.split('/')[1]}"
         + (f"\n    !pip install -q {extra_install}" if extra_install else ""))
@@ -227,7 +227,7 @@ def compare_notebook():
             "the norms' shifts), trained at peak learning rates from 0.0125 to 1.6 on the "
             "batch-size study's budget, 3 seeds each, scored on the validation split held out "
             "of the training set; a run whose loss became NaN is recorded where it diverged "
-            "(`results/lr_study/`). The README says what the numbers show."),
+            "(`results/lr_study/`). `docs/learning-rate.md` says what the numbers show."),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"
             "lr_study = load_lr_study(LR_STUDY_DIR)   # {variant: {peak lr: [runs]}}\n"

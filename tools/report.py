@@ -35,6 +35,7 @@ from results import ResultsFileError, load_results  # noqa: E402
 from variants import DEFAULT, REGISTRY  # noqa: E402
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"  # one page per study, their tables generated here too
 IMAGES = ROOT / "images"
 FIGURE = IMAGES / "compare_variants.png"
 STUDY_FIGURE = IMAGES / "batch_size_study.png"
@@ -81,6 +82,37 @@ def archive_note(archives):
                      for label, folder, _ in archives)
     return f"; {kept}, earlier recipes' final runs for a before/after comparison" \
         if archives else ""
+
+
+def summary_table(runs):
+    """The front page's table: today's runs per variant, the mean test accuracy with its 95%
+    t-interval, and whether the mean, and the interval, clear the target."""
+    if not runs:
+        return "No results yet: `python tools/sweep.py --norms batch layer group --seeds 0 1 2 --out-dir results`."
+    lines = ["| variant | test acc. mean ± std (%) | 95% interval of the mean (%) | seeds | "
+             "params | epochs | target |", "|---|---|---|---|---|---|---|"]
+    for variant in tuple(REGISTRY):
+        rs = sorted(runs.get(variant, []), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        accs = [100 * r["final_test_acc"] for r in rs]
+        mean, target = statistics.mean(accs), REGISTRY[variant].target
+        if len(accs) > 1:
+            std = statistics.stdev(accs)
+            half = compare.T_975[min(len(accs) - 1, max(compare.T_975))] * std / len(accs) ** .5
+            low, high = mean - half, mean + half
+            spread, interval = f"{mean:.2f} ± {std:.2f}", f"[{low:.2f}, {high:.2f}]"
+            clears = ("the interval clears it" if low >= target else
+                      "the interval does not clear it")
+        else:
+            spread, interval, clears = f"{mean:.2f}", "-", "one seed: no interval"
+        verdict = (f"mean met (+{mean - target:.2f}); {clears}" if mean >= target else
+                   f"not met ({mean - target:.2f})")
+        lines.append(f"| {REGISTRY[variant].title} | {spread} | {interval} | {_seeds(rs)} | "
+                     f"{', '.join(f'{p:,}' for p in sorted({r['num_params'] for r in rs}))} | "
+                     f"{', '.join(map(str, sorted({r['epochs'] for r in rs})))} | "
+                     f"≥ {target:.0f}: {verdict} |")
+    return "\n".join(lines)
 
 
 def gpu_note(gpu):
@@ -617,6 +649,7 @@ def replace_between(text, start, end, body):
 
 # The README's generated sections, in README order: (marker, renderer of the loaded files).
 SECTIONS = [
+    ("summary", lambda f: summary_table(f["runs"])),
     ("results", lambda f: table(f["runs"], f["archives"], gpu_archives(f["gpu_checks"]))),
     ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
     ("precision", lambda f: precision_section(f["checks"], f["runs"], f["archives"])),
@@ -631,9 +664,9 @@ SECTIONS = [
 
 
 def render_readme(readme_text, files):
-    """README text with each generated section rebuilt from `files` (load_files(): what each
-    renderer reads; one left out renders as empty). The results table must have its markers;
-    other sections are rendered where the README has theirs."""
+    """A page's text (README.md or docs/*.md) with each generated section rebuilt from `files`
+    (load_files(): what each renderer reads; one left out renders as empty), where the page
+    has its markers."""
     files = {"runs": {}, "archives": [], "study": {}, "budget": None, "checks": [],
              "bench_files": [], "tuning": {}, "ceiling": {}, "arithmetic": {}, "lr_study": {},
              "gpu_checks": [],
@@ -641,7 +674,7 @@ def render_readme(readme_text, files):
     text = readme_text
     for name, render in SECTIONS:
         start, end = markers(name)
-        if name == "results" or start in text:
+        if start in text:
             text = replace_between(text, start, end, render(files))
     return text
 
@@ -827,21 +860,42 @@ def execute_compare_notebook():
                     str(notebook)], cwd=ROOT, check=True)
 
 
+def pages():
+    """The pages whose generated sections this script writes: README.md and docs/*.md."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def render_pages(files):
+    """{page: its text with every generated section rebuilt}; each section lives on one page."""
+    rendered = {page: render_readme(page.read_text(), files) for page in pages()}
+    for name, _ in SECTIONS:
+        holders = [p.name for p in rendered if markers(name)[0] in p.read_text()]
+        if len(holders) > 1:
+            raise SystemExit(f"the {name} section's markers are on {', '.join(holders)}: "
+                             f"keep them on one page")
+    if not any(START in text for text in rendered.values()):
+        raise SystemExit(f"no page holds the results table's markers {START} / {END}")
+    return rendered
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--check", action="store_true", help="only check that README.md is current")
+    p.add_argument("--check", action="store_true",
+                   help="only check that README.md and docs/*.md are current")
     p.add_argument("--no-notebook", action="store_true",
                    help="skip re-executing S8_Compare.ipynb (tables and figures only)")
     args = p.parse_args()
     files = load_files()
-    text = README.read_text()
-    new = render_current(text, files)
+    rendered = render_pages(files)
+    stale = [page for page, text in rendered.items() if text != page.read_text()]
     if args.check:
-        if new != text:
-            sys.exit("README.md results tables are out of date: run python tools/report.py")
-        print("README.md results tables are current")
+        if stale:
+            sys.exit(f"generated tables out of date in {', '.join(str(p.relative_to(ROOT)) for p in stale)}: "
+                     f"run python tools/report.py")
+        print(f"README.md and docs/*.md ({len(rendered) - 1} pages) are current")
         return
-    README.write_text(new)
+    for page in stale:
+        page.write_text(rendered[page])
     write_figures(files["runs"], files["study"], files["lr_study"], files["tuning"],
                   files["ceiling"], files["arithmetic"])
     if not args.no_notebook:
