@@ -317,18 +317,21 @@ def plot_confusion_matrices(runs, path=None, show=False):
     """One row-normalized confusion matrix (%) per variant, summed over seeds."""
     classes = class_names(runs)
     variants = [v for v in tuple(REGISTRY) if v in runs]
-    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 5), squeeze=False)
+    # small in inches, so that GitHub's 800-pixel column shrinks it little and the digits read
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.4 * len(variants), 3.7), squeeze=False,
+                             sharey=True)
     for ax, v in zip(axes[0], variants):
         share = confusion_share(runs[v])
         ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7.5,
                         color="white" if share[i, j] > 50 else "black")
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
         ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        ax.set(xlabel="predicted", ylabel="true",
-               title=f"{v} norm ({len(runs[v])} seeds, % of true class)")
+        ax.set(xlabel="predicted", title=f"{v} norm ({len(runs[v])} seeds, % of true class)")
+        ax.title.set_fontsize(9)
+    axes[0][0].set_ylabel("true")
     fig.tight_layout()
     return finish_figure(fig, path, show)
 
