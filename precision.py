@@ -13,7 +13,7 @@ compute capability 8.0 on run it natively. Below 8.0 `torch.cuda.is_bf16_support
 True through emulation, yet cuDNN has no bf16 convolutions there; fp16 is what those tensor cores
 run, and its narrow range needs a gradient scaler. On CPUs, oneDNN's bf16 convolutions are faster
 than fp32 only with native bf16 instructions and about 10x slower without them (measured on the
-three CPU kinds in results/bench/; README "Speed").
+three CPU kinds in results/bench/; docs/speed.md).
 
 An explicit "fp32", "bf16" or "fp16" is honoured, except bf16 on a CUDA device below 8.0.
 `hardware_info` describes the device for a results file; `compile_model` is the opt-in
@@ -33,8 +33,8 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Environment variables that cap the instruction sets of torch's CPU kernels (ATen, oneDNN, MKL):
-# set to AVX2 on an AVX512 CPU, a run repeats an AVX2 CPU's arithmetic bit for bit (README
-# "Same seeds, other arithmetic"), so a results file records them
+# set to AVX2 on an AVX512 CPU, a run repeats an AVX2 CPU's arithmetic bit for bit
+# (docs/learning-per-epoch.md, "Same seeds, other arithmetic"), so a results file records them
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
 
 
@@ -92,7 +92,7 @@ def hardware_info(device):
     info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": cpu_info()[0], "cpu_threads": torch.get_num_threads()}
     if device.type == "cpu":
-        # what decides CPU speed (README "Speed"), which the model name does not tell
+        # what decides CPU speed (docs/speed.md), which the model name does not tell
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["cpu_native_bf16"] = cpu_has_native_bf16()
         caps = {name: os.environ[name] for name in ISA_CAPS if name in os.environ}
@@ -181,7 +181,7 @@ class EagerFallback(torch.nn.Module):
     def forward(self, x):
         if not self.failed:
             try:
-                if self.what == "CUDA graphs":  # each call a new step: its outputs may reuse the last's
+                if self.what == "CUDA graphs":  # a new step: may reuse the last one's outputs
                     torch.compiler.cudagraph_mark_step_begin()
                 return self.compiled(x)
             except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
@@ -234,7 +234,7 @@ def _cudnn_off(module, args=None):
 
 def _cudnn_back_on(module, args, output):
     torch.backends.cudnn.enabled = module.cudnn_was
-    if getattr(output, "grad_fn", None) is not None:  # backward picks its kernels when it runs: off there too
+    if getattr(output, "grad_fn", None) is not None:  # backward picks its kernels as it runs
         output.grad_fn.register_prehook(lambda grad_outputs: _cudnn_off(module))
         output.grad_fn.register_hook(
             lambda grad_inputs, grad_outputs: _cudnn_back_on(module, None, output.detach()))
@@ -244,25 +244,28 @@ def guarded_first_step(step, model, device, precision):
     """`step()`, the first training step of a run, where a device library that has no kernel
     for it (cuDNN's "unable to find an engine", "not supported") gets one retry with the
     depthwise convs off cuDNN under fp16 (one warning), else stops the run in one line."""
-    try:
-        return step()
-    except RuntimeError as err:
-        if not LIBRARY_ERROR.search(str(err)):
-            raise
-        failure = err
-    if precision == "fp16" and run_depthwise_without_cudnn(model):
+    result, failure = _unless_no_kernel(step)
+    if failure and precision == "fp16" and run_depthwise_without_cudnn(model):
         warnings.warn(f"cuDNN cannot run the depthwise convs in fp16 on {device_name(device)}; "
                       f"running them without cuDNN (slower)", RuntimeWarning, stacklevel=2)
-        try:
-            return step()
-        except RuntimeError as err:
-            if not LIBRARY_ERROR.search(str(err)):
-                raise
-            failure = err
+        result, failure = _unless_no_kernel(step)
+    if failure is None:
+        return result
     reason = str(failure).strip().splitlines()[0][:120]
     raise UnsupportedStepError(
         f"the first training step failed on {device_name(device)} in {precision} ({reason}); "
-        f"pass {ADVICE[precision]} instead") from None
+        f"pass {ADVICE[precision]} instead")
+
+
+def _unless_no_kernel(step):
+    """(step(), None), or (None, the error) where a device library has no kernel for it; any
+    other error propagates."""
+    try:
+        return step(), None
+    except RuntimeError as err:
+        if not LIBRARY_ERROR.search(str(err)):
+            raise
+        return None, err
 
 
 def resolve_precision(requested, device, *, capability=None, native_bf16=None):
@@ -293,7 +296,7 @@ def resolve_precision(requested, device, *, capability=None, native_bf16=None):
 
 def warn_if_emulated(precision, device):
     """Warn once that a reduced precision forced on a CPU runs slower than fp32 there: bf16
-    without native bf16 instructions (about 2.5x measured, README "Speed"), fp16 on any CPU
+    without native bf16 instructions (about 2.5x measured, docs/speed.md), fp16 on any CPU
     (oneDNN's fp16 convolutions were 30x slower than fp32 even with avx512_fp16)."""
     if torch.device(device).type != "cpu":
         return

@@ -30,7 +30,7 @@ WHITEN_MODES = ("off", "frozen", "trainable")
 
 @dataclass
 class TrainConfig:
-    # The recipe; README "Training recipe" says why each default is there, with its evidence.
+    # The recipe; docs/recipe.md says why each default is there, with its evidence.
     epochs: int = 20              # passes over the training set; the assignment allows 20
     batch_size: int = 128         # images per optimizer step
     lr: float = 0.1               # peak learning rate of the one-cycle schedule (all but Muon's)
@@ -45,7 +45,7 @@ class TrainConfig:
     flip: bool = True             # random horizontal flips while training
     precision: str = "auto"       # auto, fp32, bf16 or fp16; auto picks by device (precision.py)
     compile: bool = False         # torch.compile the model; its compile time outweighs its gain here
-    cuda_graphs: bool = False     # replay the model's kernels as CUDA graphs (CUDA only; README "Speed")
+    cuda_graphs: bool = False     # replay the model's kernels as CUDA graphs (CUDA only; docs/speed.md)
     whiten: str = "off"           # C1 whitens 3x3 patches of training images: off, frozen, trainable
     norm_bias_lr: float = 1.0     # the norms' shifts learn at this multiple of `lr`
     freeze_norm_scale: bool = False  # the norms' scales stay at 1
@@ -309,7 +309,8 @@ def fit(model, data, config, device=None, checkpoint_path=None, resume=False, pr
             print(epoch_line(history, i, config.epochs, eval_name))
     elif resume:
         print(f"No checkpoint at {checkpoint_path}: training starts from epoch 1.")
-    step_model = compile_model(model, config.compile, config.cuda_graphs, device)  # shares `model`'s parameters
+    # shares the parameters of `model`
+    step_model = compile_model(model, config.compile, config.cuda_graphs, device)
 
     bar = None
     if progress:

@@ -1,4 +1,4 @@
-"""What a run guarantees (README "Resuming, and runs that cannot destroy each other"): never a NaN
+"""What a run guarantees (docs/reliability.md): never a NaN
 result, one process per run name, never a silent replacement of another run's files, every
 setting checked before the data loads, one line for every problem a user can fix."""
 

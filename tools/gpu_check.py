@@ -1,8 +1,8 @@
 """The GPU check: one command that runs everything the Colab GPU path relies on and keeps what it
 measured, under results/gpu/<gpu>/.
 
-    python tools/gpu_check.py --data cifar10-jpeg.tar.gz              # on a CUDA GPU: the whole check
-    python tools/gpu_check.py --device cpu --smoke --data D --out DIR  # the same steps, shrunk (tests)
+    python tools/gpu_check.py --data cifar10-jpeg.tar.gz      # on a CUDA GPU: the whole check
+    python tools/gpu_check.py --device cpu --smoke --data D --out DIR   # shrunk, for the tests
 
 Steps, most needed first (each a subprocess; its log kept; a step that fails is recorded and
 the check goes on; steps that would start after --deadline are recorded as skipped):

@@ -87,7 +87,7 @@ def notebook(norm):
             "    shutil.rmtree(OUT, ignore_errors=True)\n"
             "RESULTS_DIR = OUT / (\"results\" if PUBLISH else \"runs\")\n"
             "IMAGES_DIR = OUT / (\"images\" if PUBLISH else \"runs\")\n"
-            "# In Colab, point this at Google Drive to survive a disconnect (see README).\n"
+            "# In Colab, point this at Google Drive to survive a disconnect (docs/reliability.md).\n"
             "CHECKPOINT_DIR = OUT / \"checkpoints\""),
         new_code_cell(
             "from dataset import load_cifar10\n"

@@ -5,7 +5,7 @@ and accuracy with the file's history, to the last digit.
     CIFAR10_DATA=../shared/data/cifar10-jpeg.tar.gz .venv/bin/python tools/repeat.py \\
         results/tuning/batch_muon+sep_e20_seed3.json --epochs 2
 
-Two runs of one seed pair cleanly only where they share arithmetic (README "Same seeds, other
+Two runs of one seed pair cleanly only where they share arithmetic (docs/learning-per-epoch.md, "Same seeds, other
 arithmetic"); this is the check before a study continues on another machine. On an AVX512 CPU,
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 in
 the environment cap torch's kernels to AVX2 (the results file records them). With --out the

@@ -17,7 +17,7 @@ results/tuning/<norm>_<config>_e<epochs>_seed<seed>.json; finished runs are skip
 interrupted ones resume from their checkpoints, so the study can be stopped and restarted at
 will. `tools/report.py` turns the files into the README's ablation table. Paired seeds must
 share arithmetic: on another kind of CPU, check with `tools/repeat.py` that it repeats the
-study's runs (README "Same seeds, other arithmetic") before adding to them.
+study's runs (docs/learning-per-epoch.md, "Same seeds, other arithmetic") before adding to them.
 """
 
 import argparse
