@@ -2,9 +2,13 @@
 file of the repository and, where it names one, to a heading of that file."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import make_notebooks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -44,3 +48,10 @@ def test_every_relative_link_and_anchor_resolves(page):
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target} (no heading #{anchor} in {file.name})")
     assert not broken, f"{page.name}: {broken}"
+
+
+def test_the_readmes_colab_badges_open_the_repository_the_notebooks_clone():
+    badges = re.findall(r"colab\.research\.google\.com/github/([^)]+)/blob/main/(S8_\w+\.ipynb)",
+                        (ROOT / "README.md").read_text())
+    assert sorted(nb for _, nb in badges) == sorted(make_notebooks.all_notebooks())
+    assert {repo for repo, _ in badges} == {make_notebooks.REPO}
