@@ -48,8 +48,7 @@ CAPS_WITHOUT_BF16 = {"ONEDNN_MAX_CPU_ISA": {"SSE41", "AVX", "AVX2", "AVX2_VNNI",
 def caps_without_bf16():
     """{variable: value} of the ISA caps set in the environment that exclude native bf16."""
     return {name: os.environ[name] for name, levels in CAPS_WITHOUT_BF16.items()
-            if os.environ.get(name, "").strip() and
-            os.environ[name].strip().upper() in {level.upper() for level in levels}}
+            if os.environ.get(name, "").strip().upper() in {level.upper() for level in levels}}
 
 
 def cpu_has_native_bf16():
@@ -118,11 +117,8 @@ def get_device(name=None):
                              f"this machine, which has: {', '.join(available_devices())}; "
                              f"leave --device out to use the best one")
         return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return next(device for device in map(torch.device, ("cuda", "mps", "cpu"))
+                if device_present(device))
 
 
 def available_devices():
@@ -131,7 +127,7 @@ def available_devices():
     if torch.cuda.is_available():
         names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] * (
             torch.cuda.device_count() > 1)
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if device_present(torch.device("mps")):
         names.append("mps")
     return names
 
@@ -232,12 +228,15 @@ def _cudnn_off(module, args=None):
     torch.backends.cudnn.enabled = False
 
 
-def _cudnn_back_on(module, args, output):
+def _cudnn_restore(module):
     torch.backends.cudnn.enabled = module.cudnn_was
+
+
+def _cudnn_back_on(module, args, output):
+    _cudnn_restore(module)
     if getattr(output, "grad_fn", None) is not None:  # backward picks its kernels as it runs
         output.grad_fn.register_prehook(lambda grad_outputs: _cudnn_off(module))
-        output.grad_fn.register_hook(
-            lambda grad_inputs, grad_outputs: _cudnn_back_on(module, None, output.detach()))
+        output.grad_fn.register_hook(lambda grad_inputs, grad_outputs: _cudnn_restore(module))
 
 
 def guarded_first_step(step, model, device, precision):

@@ -727,14 +727,15 @@ def bench_files(folder=BENCH_DIR, gpu_dir=GPU_DIR):
 
 
 def load_gpu_checks(gpu_dir=GPU_DIR):
-    """[(summary, {"train": [runs], "notebooks": [runs]})] of each tools/gpu_check.py output
-    under results/gpu/, by GPU name; smoke runs never land there."""
+    """[(summary, {"train": [runs], "notebooks": [runs]}, its folder under results/)] of each
+    tools/gpu_check.py output under results/gpu/, by GPU name; smoke runs never land there."""
     checks = []
     for path in sorted(gpu_dir.glob("*/summary.json")):
         summary = load_results(path)  # a JSON dict too: one line if unreadable
         checks.append((summary, {kind: compare.read_results(path.parent / kind)
                                  for kind in ("train", "notebooks")
-                                 if (path.parent / kind).is_dir()}))
+                                 if (path.parent / kind).is_dir()},
+                       path.parent.relative_to(gpu_dir.parent).as_posix()))
     return checks
 
 
@@ -742,19 +743,15 @@ def gpu_archives(checks):
     """The GPU checks' notebook runs at the default precision, as extra rows of the results
     table: [(label, folder, {variant: runs})]."""
     rows = []
-    for summary, runs in checks:
+    for summary, runs, folder in checks:
         default = [r for r in runs.get("notebooks", []) if r["train_config"]["precision"] == "auto"]
         by_variant = {}
         for run in default:
             by_variant.setdefault(run["variant"], []).append(run)
         if by_variant:
-            gpu = summary["hardware"]["gpu"]
-            rows.append((f"{gpu}, notebook", f"gpu/{train_slug(gpu)}/notebooks", by_variant))
+            rows.append((f"{summary['hardware']['gpu']}, notebook", f"{folder}/notebooks",
+                         by_variant))
     return rows
-
-
-def train_slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _epoch_times(run):
@@ -768,7 +765,7 @@ def gpu_section(checks):
     if not checks:
         return "No GPU check yet (results/gpu/ is empty): run `python tools/gpu_check.py` on a GPU."
     parts = []
-    for summary, runs in checks:
+    for summary, runs, _ in checks:
         hw = summary["hardware"]
         gpu = f"{hw['gpu']} (compute capability {hw['gpu_capability']})"
         lines = [f"**{gpu}**, torch {hw['torch']}, {summary['date']}; data "
