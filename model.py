@@ -106,6 +106,11 @@ class ModelConfig:
                                        # taps: none can average its neighbourhood)
     skips: str = "blocks"     # where the identity adds sit: blocks, per-conv or off
     conv: str = "separable"   # the 3x3 blocks after C1: separable (depthwise + 1x1) or full
+    depthwise_kernel: int = 3  # separable only: the depthwise filters' size (3 or 5; odd)
+    depthwise_dilation: int = 1  # separable only: the depthwise filters' dilation (2: a 5x5
+                                 # view from 3x3 taps, no parameters added)
+    se_hidden: int = 0        # squeeze-and-excitation on each residual branch (C2, C5, C8)
+                              # through this many hidden units; 0: off
 
     def __post_init__(self):
         self.norm = canonical_norm(self.norm)
@@ -114,7 +119,8 @@ class ModelConfig:
         if len(self.widths) != 3 or min(self.widths) < 1:
             raise ValueError(f"widths needs 3 positive stage widths, got {self.widths!r}")
         check_range(self, num_groups=(1, None), group_size=(0, None), dropout=(0, 1, "half"),
-                    num_classes=(2, None))
+                    num_classes=(2, None), depthwise_kernel=(1, 7), depthwise_dilation=(1, 4),
+                    se_hidden=(0, None))
         check_choice(self, identity_init=IDENTITY_INITS, skips=SKIP_LAYOUTS, conv=CONVS)
         if self.identity_init == "dirac" and self.conv == "separable":
             raise ValueError("identity_init dirac needs conv full: a depthwise-plus-1x1 block "
@@ -122,6 +128,15 @@ class ModelConfig:
         if not self.weight_std_depthwise and not (self.weight_std and self.conv == "separable"):
             raise ValueError("weight_std_depthwise off needs weight_std on and conv separable: "
                              "only then are there depthwise filters to leave unstandardized")
+        if self.depthwise_kernel % 2 == 0:
+            raise ValueError(f"depthwise_kernel must be odd (a centred filter keeps the map's "
+                             f"size), got {self.depthwise_kernel}")
+        if (self.depthwise_kernel, self.depthwise_dilation) != (3, 1) and self.conv != "separable":
+            raise ValueError("depthwise_kernel and depthwise_dilation need conv separable: a "
+                             "full conv has no depthwise filters")
+        if self.se_hidden and self.skips != "blocks":
+            raise ValueError("se_hidden needs skips blocks: squeeze-and-excitation gates the "
+                             "branches that end at C2, C5 and C8")
         if self.identity_init == "skipinit" and not SKIP_LAYOUTS[self.skips]:
             raise ValueError("identity_init skipinit needs skip connections (skips blocks or "
                              "per-conv): without them there is no branch to gate")
@@ -142,15 +157,31 @@ class StdConv2d(nn.Conv2d):
 
 
 class SeparableConv2d(nn.Sequential):
-    """A depthwise 3x3 conv (one filter per input channel) then a pointwise 1x1 conv: a 3x3
-    conv factorized into its spatial and its channel-mixing part (MobileNet)."""
+    """A depthwise conv (one filter per input channel; 3x3 by default) then a pointwise 1x1
+    conv: a 3x3 conv factorized into its spatial and its channel-mixing part (MobileNet).
+    `depthwise_kernel`/`depthwise_dilation` widen the depthwise filters' view."""
 
     def __init__(self, c_in, c_out, kernel_size=3, padding=1, bias=False, conv=nn.Conv2d,
-                 depthwise_conv=None):
+                 depthwise_conv=None, depthwise_kernel=3, depthwise_dilation=1):
         depthwise_conv = depthwise_conv or conv
-        super().__init__(depthwise_conv(c_in, c_in, kernel_size, padding=padding, groups=c_in,
-                                        bias=False),
+        reach = depthwise_dilation * (depthwise_kernel - 1) // 2  # padding that keeps the size
+        super().__init__(depthwise_conv(c_in, c_in, depthwise_kernel, padding=reach,
+                                        dilation=depthwise_dilation, groups=c_in, bias=False),
                          conv(c_in, c_out, 1, bias=bias))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al., 2018): each channel scaled by a gate in (0, 1) that
+    a two-layer bottleneck computes from every channel's global average."""
+
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):                          # x: (N, C, H, W)
+        squeezed = F.adaptive_avg_pool2d(x, 1)     # (N, C, 1, 1)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(squeezed))))
 
 
 class ConvBlock(nn.Sequential):
@@ -185,7 +216,9 @@ class Net(nn.Module):
                         activation=get_activation(config.activation), conv=conv)
         depthwise = conv if config.weight_std_depthwise else nn.Conv2d
         square = block if config.conv == "full" else partial(  # C2 ... C9
-            block, conv=partial(SeparableConv2d, conv=conv, depthwise_conv=depthwise))
+            block, conv=partial(SeparableConv2d, conv=conv, depthwise_conv=depthwise,
+                                depthwise_kernel=config.depthwise_kernel,
+                                depthwise_dilation=config.depthwise_dilation))
 
         self.C1 = block("C1", 3, w1)  # always full: a depthwise filter per RGB channel sees no colour
         self.C2 = square("C2", w1, w1)
@@ -202,6 +235,10 @@ class Net(nn.Module):
         self.branch_gains = nn.ParameterDict(
             {name: nn.Parameter(torch.zeros(())) for name in SKIP_LAYOUTS[config.skips]}
         ) if config.identity_init == "skipinit" else None
+        widths = {"C2": w1, "C5": w2, "C8": w3}
+        self.excite = nn.ModuleDict(
+            {name: SqueezeExcite(widths[name], config.se_hidden)
+             for name in SKIP_LAYOUTS["blocks"]}) if config.se_hidden else None
         init_identity(self, config.identity_init)
 
     def forward(self, x):                      # x: (N, 3, 32, 32)
@@ -219,6 +256,8 @@ class Net(nn.Module):
         branch_input, ends = x, SKIP_LAYOUTS[self.config.skips]
         for name in blocks:
             x = getattr(self, name)(x)
+            if self.excite is not None and name in self.excite:
+                x = self.excite[name](x)
             if name in ends:
                 if self.branch_gains is not None:
                     x = self.branch_gains[name] * x

@@ -144,18 +144,29 @@ def make_optimizer(model, config, device="cpu"):
 def _base_optimizer(model, config, device):
     trained = [p for p in model.parameters() if p.requires_grad]
     shifts = {id(m.bias) for _, m in norm_layers(model) if getattr(m, "bias", None) is not None}
-    # a depthwise filter is one channel's 3x3 kernel, not a matrix mixing channels: SGD's
-    kernels = {id(conv.weight) for block in model.modules() if isinstance(block, ConvBlock)
-               for conv in block.modules() if isinstance(conv, nn.Conv2d) and conv.groups == 1
-               and conv.weight.requires_grad}
+    convs = [conv for block in model.modules() if isinstance(block, ConvBlock)
+             for conv in block.modules() if isinstance(conv, nn.Conv2d)
+             and conv.weight.requires_grad]
+    # a depthwise filter is one channel's 3x3 kernel, not a matrix mixing channels: SGD's,
+    # unless config.muon_depthwise makes a layer's filters one (channels, taps) matrix
+    depthwise = {id(conv.weight) for conv in convs if conv.groups > 1}
+    kernels = {id(conv.weight) for conv in convs
+               if conv.groups == 1 or config.muon_depthwise}
     muon = [p for p in trained if id(p) in kernels] if config.optimizer == "muon" else []
     rest = [p for p in trained if all(p is not m for m in muon)]
-    fast = [p for p in rest if id(p) in shifts and config.norm_bias_lr != 1]
-    groups = [{"params": [p for p in rest if p.ndim > 1], "weight_decay": config.weight_decay},
-              {"params": [p for p in rest if p.ndim <= 1 and all(p is not f for f in fast)],
-               "weight_decay": 0.0}]
-    if fast:
-        groups.append({"params": fast, "weight_decay": 0.0, "lr": config.lr * config.norm_bias_lr})
+    # parameter groups at their own multiple of the rate: {id: multiple}, 1 left in the main groups
+    multiple = {**{i: config.depthwise_lr for i in depthwise},
+                **{i: config.norm_bias_lr for i in shifts}}
+    main = [p for p in rest if multiple.get(id(p), 1) == 1]
+    groups = [{"params": [p for p in main if p.ndim > 1], "weight_decay": config.weight_decay},
+              {"params": [p for p in main if p.ndim <= 1], "weight_decay": 0.0}]
+    for factor in sorted({multiple.get(id(p), 1) for p in rest} - {1}):
+        scaled = [p for p in rest if multiple.get(id(p), 1) == factor]
+        for decayed in (True, False):
+            part = [p for p in scaled if (p.ndim > 1) == decayed]
+            if part:
+                groups.append({"params": part, "lr": config.lr * factor,
+                               "weight_decay": config.weight_decay if decayed else 0.0})
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
     sgd = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True,

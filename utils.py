@@ -52,6 +52,8 @@ class TrainConfig:
     alternate_flip: bool = False  # each image flipped in every other epoch instead of at random
     optimizer: str = "muon"       # muon (the 3x3 blocks' kernels; SGD for the rest), sgd or adamw
     muon_lr: float = 0.05         # Muon's peak learning rate for the 3x3 blocks' kernels
+    muon_depthwise: bool = False  # Muon for the depthwise filters too (a layer's as one matrix)
+    depthwise_lr: float = 1.0     # the depthwise filters learn at this multiple of `lr` (not Muon's)
     lookahead: int = 0            # Lookahead: sync with the slow weights every this many steps; 0: off
     lookahead_alpha: float = 0.5  # Lookahead: how far the slow weights move towards the fast ones
 
@@ -60,11 +62,18 @@ class TrainConfig:
                     momentum=(0, 1, "half"), weight_decay=(0, None), label_smoothing=(0, 1, "half"),
                     pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
                     pad=(0, 31), norm_bias_lr=(0, None, "open"), muon_lr=(0, None, "open"),
+                    depthwise_lr=(0, None, "open"),
                     lookahead=(0, None), lookahead_alpha=(0, 1, "open"))
         check_choice(self, optimizer=OPTIMIZERS, whiten=WHITEN_MODES, precision=PRECISIONS)
         if self.optimizer != "muon" and self.muon_lr != TrainConfig.muon_lr:
             raise ValueError(f"muon_lr applies to optimizer 'muon' only, got optimizer "
                              f"{self.optimizer!r}; add --optimizer muon or leave --muon-lr out")
+        if self.muon_depthwise and self.optimizer != "muon":
+            raise ValueError(f"muon_depthwise needs optimizer 'muon', got {self.optimizer!r}; "
+                             f"add --optimizer muon or leave --muon-depthwise out")
+        if self.muon_depthwise and self.depthwise_lr != 1:
+            raise ValueError("depthwise_lr scales `lr` for the depthwise filters, which "
+                             "muon_depthwise hands to Muon: pass one of the two")
 
     def to_dict(self):
         return asdict(self)

@@ -203,3 +203,51 @@ def test_a_separable_conv_is_the_full_conv_whose_kernel_factorizes():
 def test_dirac_with_separable_blocks_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"identity_init dirac needs conv full"):
         build_model("batch", conv="separable", identity_init="dirac")
+
+
+# The learning-per-epoch study's levers on the depthwise filters and the branches (issue 52)
+LEVER_NETS = {"dw5": {"depthwise_kernel": 5, "widths": (32, 60, 84)},
+              "dil2": {"depthwise_dilation": 2}, "se4": {"se_hidden": 4}}
+
+
+@pytest.mark.parametrize("lever", LEVER_NETS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_lever_network_stays_under_50k_and_every_parameter_learns(norm, lever):
+    model = build_model(norm, seed=0, **LEVER_NETS[lever])
+    assert model.get_num_params() < 50_000
+    loss = F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kernel,dilation,view", [(5, 1, 5), (3, 2, 5), (3, 1, 3)])
+def test_the_depthwise_filters_see_the_view_asked_for_and_keep_the_map_size(kernel, dilation,
+                                                                             view):
+    conv = SeparableConv2d(4, 4, depthwise_kernel=kernel, depthwise_dilation=dilation)
+    x = torch.zeros(1, 4, 11, 11, requires_grad=True)
+    out = conv(x)
+    assert out.shape == x.shape
+    out[0, :, 5, 5].sum().backward()  # which inputs reach the centre pixel
+    reached = (x.grad[0].abs().sum(0) > 0).nonzero()
+    assert (reached.max(0).values - reached.min(0).values + 1).tolist() == [view, view]
+
+
+def test_squeeze_excitation_gates_the_three_branches_by_their_global_averages():
+    model = build_model("batch", seed=0, se_hidden=4).eval()
+    assert set(model.excite) == {"C2", "C5", "C8"}
+    assert model.get_num_params() - build_model("batch").get_num_params() == sum(
+        2 * 4 * c + 4 + c for c in model.config.widths)  # two 1x1 convs with biases each
+    x = torch.randn(2, 32, 16, 16)
+    gate = model.excite["C2"](x) / x
+    assert ((gate > 0) & (gate < 1)).all()
+    torch.testing.assert_close(gate, gate[:, :, :1, :1].expand_as(gate))  # one gate a channel
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"depthwise_kernel": 4}, "depthwise_kernel must be odd"),
+    ({"depthwise_kernel": 5, "conv": "full"}, "need conv separable"),
+    ({"se_hidden": 4, "skips": "off"}, "se_hidden needs skips blocks")])
+def test_lever_settings_that_cannot_hold_are_refused_in_one_line(settings, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("batch", **settings)

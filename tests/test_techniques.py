@@ -282,3 +282,44 @@ def test_a_muon_rate_without_muon_is_refused_rather_than_ignored():
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="optimizer must be one of sgd, muon, adamw"):
         TrainConfig(optimizer="lion")
+
+
+def test_muon_depthwise_hands_each_layers_depthwise_filters_to_muon_as_one_matrix():
+    model = build_model("batch", seed=0, **SEPARABLE_NET).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, TrainConfig(muon_depthwise=True))
+    sgd, muon = optimizer.optimizers
+    blocks = [model.C2, model.C4, model.C5, model.C7, model.C8, model.C9]
+    matrices = {id(p.kernel): p for p in muon.param_groups[0]["params"]}
+    assert set(matrices) >= {id(b[0][0].weight) for b in blocks}
+    assert len(matrices) == 13  # C1, and each block's depthwise and 1x1 halves
+    in_sgd = {id(p) for g in sgd.param_groups for p in g["params"]}
+    assert not in_sgd & set(matrices)
+    depthwise = model.C7[0][0].weight
+    assert tuple(matrices[id(depthwise)].shape) == (depthwise.shape[0], 9)  # channels x taps
+    before = depthwise.detach().clone()
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    F.cross_entropy(model(x), torch.arange(8)).backward()
+    optimizer.step()
+    step = (depthwise - before).reshape(depthwise.shape[0], 9).double()
+    singular = torch.linalg.svdvals(step)  # orthogonalized: nine equal singular values
+    assert singular.max() / singular.min() < 2
+
+
+def test_depthwise_lr_scales_the_depthwise_filters_rate_alone_under_the_schedule():
+    model = build_model("batch", seed=0, **SEPARABLE_NET)
+    config = TrainConfig(depthwise_lr=4)
+    sgd, _ = make_optimizer(model, config).optimizers
+    depthwise = {id(b[0][0].weight) for b in (model.C2, model.C4, model.C5, model.C7, model.C8,
+                                              model.C9)}
+    rate = {id(p): (g["lr"], g["weight_decay"]) for g in sgd.param_groups for p in g["params"]}
+    assert {rate[i] for i in depthwise} == {(config.lr * 4, config.weight_decay)}
+    assert {r for i, r in rate.items() if i not in depthwise} == {
+        (config.lr, config.weight_decay), (config.lr, 0.0)}
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"muon_depthwise": True, "optimizer": "sgd"}, "muon_depthwise needs optimizer 'muon'"),
+    ({"muon_depthwise": True, "depthwise_lr": 2}, "pass one of the two")])
+def test_depthwise_optimizer_settings_that_clash_are_refused_in_one_line(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)

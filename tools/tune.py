@@ -9,6 +9,8 @@
     python tools/tune.py --list          # the configurations and their train.py arguments
     # the learning-per-epoch study's whole grid, in order; --list with it: what is done
     python tools/tune.py --grid --jobs 8
+    # the lever study's grid (issue 52), on a GPU, many runs at a time
+    python tools/tune.py --grid levers --jobs 14
 
 Every run is `train.py --validation`: it trains on 45,000 training images and is scored on the
 5,000 held out (500 per class, a fixed split: dataset.CIFAR10Data.validation_split), with the
@@ -96,20 +98,30 @@ CONFIGS = {
     "g2": ["--groups", "2"],
     "gs4": ["--group-size", "4"],     # 4, 7, 8 groups at 16, 28, 32 channels
     "gs2": ["--group-size", "2"],     # 8, 14, 16 groups
+    # The levers never tried on the separable network (issue 52), each on top of `sep`:
+    "mdw": ["--muon-depthwise"],                 # Muon for each layer's depthwise filters too
+    "dwlr4": ["--depthwise-lr", "4"],            # or SGD's depthwise filters at 4x the rate
+    "dw5": ["--depthwise-kernel", "5", "--widths", "32", "60", "84"],  # 5x5 filters (49,038)
+    "dil2": ["--depthwise-dilation", "2"],       # 3x3 taps spread over 5x5, no parameters
+    "se4": ["--se-hidden", "4"],                 # squeeze-and-excitation (+1,700 parameters)
+    "w24-52-96": ["--widths", "24", "52", "96"],  # channels moved to 8x8 (46,114 parameters)
 }
 GROUP_ONLY = {"g2", "gs4", "gs2"}
 # Every arm's first seeds in the learning-per-epoch study; no verdict with fewer
 PROTOCOL_SEEDS = [0, 1, 2, 3]
 # Added to both arms of a pair whose interval still straddles zero after PROTOCOL_SEEDS
 EXTRA_SEEDS = [4, 5, 6, 7]
-# Refinements of another change, meaningful only on top of it: {configuration: what it refines}
-REFINES = {"mlr0.1": "muon", "mlr0.025": "muon", "wstd-pw": "sep"}
+# Refinements of other changes, meaningful only on top of them: {configuration: what it refines,
+# names joined with "+"}
+REFINES = {"mlr0.1": "muon", "mlr0.025": "muon", "wstd-pw": "sep", "mdw": "muon+sep", "dwlr4": "sep",
+           "dw5": "sep", "dil2": "sep", "se4": "sep", "w24-52-96": "sep"}
 
 
 def missing_bases(config):
     """The combinations to run instead where `config` holds a refinement without its base."""
     parts = config.split("+")
-    return [f"{REFINES[p]}+{p}" for p in parts if p in REFINES and REFINES[p] not in parts]
+    return [f"{REFINES[p]}+{p}" for p in parts if p in REFINES
+            and not set(REFINES[p].split("+")) <= set(parts)]
 
 
 def default_configs(norm):
@@ -197,6 +209,28 @@ def per_epoch_grid():
     ]
 
 
+# The lever study (issue 52) ran on a lent GPU: its pairs share that GPU's arithmetic (bf16),
+# so its runs live apart from results/tuning's CPU fp32 ones and are paired only among themselves
+LEVERS_DIR = ROOT / "results" / "levers-h200"
+TODAY = "muon+sep"  # today's recipe (recipe v3) in CONFIGS' terms
+# Each lever alone on top of today's recipe, in the order of the effect expected: the recipe
+# study's 2-seed hint (GELU), then the separable blocks' untuned parts, then the rates
+LEVERS = ["gelu", "mdw", "dw5", "se4", "ema0.998", "dil2", "lr0.2", "silu", "wd1e-3",
+          "warmup0.1", "dwlr4", "w24-52-96", "lr0.05", "wd2e-4", "bs64"]
+
+
+def lever_grid():
+    """The lever study (docs/levers.md) as a grid: every lever alone on BatchNorm, paired with
+    today's recipe on PROTOCOL_SEEDS, then the first four on LayerNorm and GroupNorm."""
+    on_today = [TODAY, *(f"{TODAY}+{lever}" for lever in LEVERS)]
+    return [(DEFAULT, on_today, 20, PROTOCOL_SEEDS, LEVERS_DIR),
+            *[(v, on_today[:5], 20, PROTOCOL_SEEDS, LEVERS_DIR) for v in course_variants()
+              if v != DEFAULT]]
+
+
+GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid}
+
+
 def grid_plan(grid):
     """[(name, train.py arguments, folder)] of every run of `grid`, in its order."""
     return [(name, run_args, folder) for norm, configs, epochs, seeds, folder in grid
@@ -218,12 +252,13 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(OUT_DIR), help="(default: results/tuning)")
     p.add_argument("--images-dir", default="runs/tuning", help="(default: runs/tuning)")
     p.add_argument("--list", action="store_true", help="print the configurations and stop")
-    p.add_argument("--grid", action="store_true",
-                   help="run the learning-per-epoch study's whole grid (per_epoch_grid) instead "
-                        "of --configs/--seeds/--epochs/--norm; with --list: each run, done or not")
+    p.add_argument("--grid", nargs="?", const="per-epoch", default=None, choices=GRIDS,
+                   help="run a study's whole grid instead of --configs/--seeds/--epochs/--norm: "
+                        "per-epoch (the default; per_epoch_grid) or levers (lever_grid); with "
+                        "--list: each run, done or not")
     args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
     if args.grid:
-        runs = grid_plan(per_epoch_grid())
+        runs = grid_plan(GRIDS[args.grid]())
         if args.list:
             try:
                 done = [finished(Path(folder, f"{name}.json")) for name, _, folder in runs]
