@@ -505,12 +505,12 @@ def spread_labels(values, low, high, gap):
     return placed
 
 
-def plot_technique_forest(rows, path=None, show=False):
+def plot_technique_forest(rows, path=None, show=False, title=None):
     """Each 20-epoch change's mean paired difference with its 95% interval, one row per change,
     grouped by variant and sorted by effect within each, a line at zero; filled markers for the
     changes that win (interval above zero), stars for those today's recipe adopted; an interval
     wider than the figure's scale (2 seeds) ends in an arrowhead at its edge.
-    `rows`: report.technique_rows() entries with an interval."""
+    `rows`: report.technique_rows() entries with an interval; `title` replaces the default."""
     variants = [v for v in REGISTRY if any(r["variant"] == v for r in rows)]
     ordered = [r for v in variants for r in sorted(
         (r for r in rows if r["variant"] == v), key=lambda r: r["diff"]["mean"])]
@@ -543,8 +543,8 @@ def plot_technique_forest(rows, path=None, show=False):
     ax.invert_yaxis()
     ax.set(xlabel="validation accuracy, change minus its reference (points; mean and 95% CI "
                   "over paired seeds)",
-           title="Each change at 20 epochs, against its reference\n"
-                 "filled: interval above zero (wins); star: adopted in today's recipe")
+           title=title or "Each change at 20 epochs, against its reference\n"
+                          "filled: interval above zero (wins); star: adopted in today's recipe")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return finish_figure(fig, path, show)

@@ -637,3 +637,28 @@ def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own
     assert "| aflip |" not in text   # not stacked on the re-run arm
     assert "muon+sep+aflip" not in text  # two changes on it: judged against muon+sep instead
     assert report.arithmetic_section(tuning, {}).startswith("No re-runs yet")
+
+
+def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_point_bar():
+    def runs(acc, seeds=(0, 1, 2, 3)):
+        return [{**fake_tuning_run(a, s, epochs=20),
+                 "data": {"train_images": 45000, "test_images": 5000,
+                          "source": "cifar10-jpeg.tar.gz (archive)"}}
+                for s, a in zip(seeds, acc)]
+
+    levers = {("batch", "muon+sep", 20): runs([0.84, 0.85, 0.84, 0.85]),
+              ("batch", "muon+sep+silu", 20): runs([0.846, 0.856, 0.845, 0.856]),   # +0.55
+              ("batch", "muon+sep+mdw", 20): runs([0.850, 0.850, 0.845, 0.855]),   # +0.5, wide
+              ("batch", "muon+sep+dil2", 20): runs([0.83, 0.84, 0.83, 0.84])}      # -1.00
+    text = report.levers_section(levers)
+    lines = text.splitlines()
+    assert [line.split(" | ")[1] for line in lines if line.startswith("| batch")] == [
+        "(today's recipe)", "silu", "mdw", "dil2"]  # largest mean gain first
+    assert row(text, "| batch | silu |").endswith("| wins | yes |")
+    assert row(text, "| batch | mdw |").endswith("| no decision | no |")  # mean +0.5, straddles
+    assert "| -1.00 [-1.00, -1.00] | loses | no |" in row(text, "| batch | dil2 |")
+    assert "- BatchNorm: met by silu" in text
+    del levers[("batch", "muon+sep+silu", 20)]
+    assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
+           "mean gain is mdw, +0.50" in report.levers_section(levers)
+    assert "No lever runs yet" in report.levers_section({})

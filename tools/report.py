@@ -57,6 +57,9 @@ TUNING_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = compare.CEILING_DIR
 EPOCHS_FIGURE = IMAGES / "equivalent_epochs.png"
 FOREST_FIGURE = IMAGES / "technique_forest.png"
+LEVERS_DIR = tune.LEVERS_DIR
+LEVER_FIGURE = IMAGES / "lever_forest.png"
+LEVER_GAIN = 0.5  # issue 52's bar: a lever +0.5 over today's recipe, its interval above zero
 # Earlier recipes' final runs, kept beside today's for a before/after comparison, oldest first:
 # (folder under results/, the label of their rows).
 ARCHIVES = [("before-study", "before the study"),  # published before the recipe study
@@ -346,7 +349,8 @@ def config_names():
     """{recipe change: tools/tune.py's configuration that makes it}, the study grid's names
     first (those its files were run under), then single configurations and pairs, so that a
     run's configuration is read from its settings, not from its file name."""
-    names = [config for _, configs, *_ in tune.per_epoch_grid() for config in configs]
+    names = [config for grid in tune.GRIDS.values() for _, configs, *_ in grid()
+             for config in configs]
     names += list(tune.CONFIGS) + [f"{a}+{b}" for i, a in enumerate(tune.CONFIGS)
                                    for b in list(tune.CONFIGS)[i + 1:]]
     found = {}
@@ -572,6 +576,95 @@ def per_epoch_section(tuning, ceiling, reruns=None):
     return "\n".join(lines)
 
 
+def lever_rows(levers):
+    """Each lever of the lever study (results/levers-h200/) against today's recipe run in the
+    same folder, same variant and seeds: technique_rows()' keys, by variant, largest gain first."""
+    rows = []
+    for (variant, config, epochs), runs in levers.items():
+        base = levers.get((variant, tune.TODAY, epochs), [])
+        if config == tune.TODAY or not base:
+            continue
+        diff = compare.paired_difference(runs, base)
+        rows.append({"variant": variant, "config": config, "runs": runs,
+                     "mean": statistics.mean(_accs(runs)), "against": "today's recipe",
+                     "diff": diff, "decision": decision(diff), "adopted": False})
+    return sorted(rows, key=lambda r: (tuple(REGISTRY).index(r["variant"]),
+                                       -(r["diff"]["mean"] if r["diff"]["seeds"] else -99)))
+
+
+def lever_name(config):
+    """"silu" for "muon+sep+silu": a lever by what it adds to today's recipe."""
+    return config.removeprefix(f"{tune.TODAY}+")
+
+
+def clears_gain(diff):
+    """Whether a paired difference meets the lever study's bar: mean at least LEVER_GAIN and
+    its 95% interval above zero."""
+    return diff["low"] is not None and diff["low"] > 0 and diff["mean"] >= LEVER_GAIN
+
+
+def levers_section(levers):
+    """The lever study's table: today's recipe, then each lever on it, paired by seed; a line
+    per variant saying whether any lever clears +LEVER_GAIN with its interval above zero."""
+    if not levers:
+        return "No lever runs yet (results/levers-h200/ is empty): `tools/tune.py --grid levers`."
+    lines = ["| variant | lever on today's recipe | flags | params | seeds | val. acc. mean "
+             "(min–max) | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
+             f"+{LEVER_GAIN} with its interval above 0 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows, verdicts = lever_rows(levers), []
+    for variant in REGISTRY:
+        base = levers.get((variant, tune.TODAY, 20))
+        if not base:
+            continue
+        accs = _accs(base)
+        lines.append(f"| {variant} | (today's recipe) | `{' '.join(tune.change_flags(tune.TODAY))}` "
+                     f"| {base[0]['num_params']:,} | {_seeds(base)} | {statistics.mean(accs):.2f} "
+                     f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - |")
+        mine = [r for r in rows if r["variant"] == variant]
+        for row in mine:
+            accs = _accs(row["runs"])
+            flags = " ".join(tune.change_flags(row["config"])[len(tune.change_flags(tune.TODAY)):])
+            lines.append(
+                f"| {variant} | {lever_name(row['config'])} | `{flags}` | "
+                f"{row['runs'][0]['num_params']:,} | {_seeds(row['runs'])} | "
+                f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
+                f"{', '.join(f'{d:+.2f}' for d in row['diff']['diffs']) or '-'} | "
+                f"{_delta(row['diff'], row['runs'])} | {row['decision']} | "
+                f"{'yes' if clears_gain(row['diff']) else 'no'} |")
+        paired = [r for r in mine if r["diff"]["low"] is not None]
+        if paired:
+            best = max(paired, key=lambda r: r["diff"]["mean"])
+            above = [f"{lever_name(r['config'])} ({_delta(r['diff'])})" for r in paired
+                     if r["diff"]["low"] > 0]
+            met = [r for r in paired if clears_gain(r["diff"])]
+            verdicts.append(
+                f"{REGISTRY[variant].title}: "
+                + (f"met by {', '.join(lever_name(r['config']) for r in met)}"
+                   if met else f"missed: no lever gains +{LEVER_GAIN} with its interval above "
+                               f"zero; the largest mean gain is {lever_name(best['config'])}, "
+                               f"{_delta(best['diff'])}")
+                + (f"; interval above zero: {', '.join(above)}" if above else
+                   "; no interval lies above zero") + ".")
+    every = [r for runs in levers.values() for r in runs]
+    images = lambda key: "/".join(sorted({f"{r['data'][key]:,}" for r in every}))  # noqa: E731
+    hardware = sorted({f"{r['hardware'].get('gpu') or compare.threads(r['hardware'])}, "
+                       f"{r['precision']}" for r in every})
+    dates = sorted(r["date"][:10] for r in every)
+    lines += ["", f"{len(every)} runs of 20 epochs, each trained on "
+                  f"{images('train_images')} training images and scored on the "
+                  f"{images('test_images')} held-out "
+                  f"validation images (never the test set), data {', '.join(sorted({compare.data_file(r) for r in every}))}; "
+                  f"single-view validation accuracy (%) after the last epoch; "
+                  f"{'; '.join(hardware)}; {' to '.join(sorted({dates[0], dates[-1]}))}. Each "
+                  f"lever is paired with today's recipe's run of the same seed in the same "
+                  f"folder (same initialization, data order and GPU arithmetic); verdicts as in "
+                  f"the learning-per-epoch study (4 paired seeds, then 8).",
+              "", f"The bar (+{LEVER_GAIN} points with the interval above zero), per variant:",
+              "", *[f"- {v}" for v in verdicts]]
+    return "\n".join(lines)
+
+
 def arithmetic_section(tuning, reruns):
     """A baseline arm re-run, same seeds, in the arithmetic its changes ran in (results/
     arithmetic/): how far the arithmetic alone moves it, then each single change on it paired
@@ -656,6 +749,7 @@ SECTIONS = [
     ("tuning", lambda f: tuning_section(f["tuning"])),
     ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"], f["arithmetic"])),
     ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
+    ("levers", lambda f: levers_section(f["levers"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
@@ -669,6 +763,7 @@ def render_readme(readme_text, files):
     has its markers."""
     files = {"runs": {}, "archives": [], "study": {}, "budget": None, "checks": [],
              "bench_files": [], "tuning": {}, "ceiling": {}, "arithmetic": {}, "lr_study": {},
+             "levers": {},
              "gpu_checks": [],
              **files}
     text = readme_text
@@ -808,7 +903,7 @@ def load_files():
     return {"runs": load_runs(), "study": load_study(), "budget": study_budget(),
             "checks": load_precision_checks(), "bench_files": bench_files(),
             "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
-            "arithmetic": load_tuning(compare.ARITHMETIC_DIR),
+            "arithmetic": load_tuning(compare.ARITHMETIC_DIR), "levers": load_tuning(LEVERS_DIR),
             "archives": load_archives(), "gpu_checks": load_gpu_checks(),
             "lr_study": compare.load_lr_study()}
 
@@ -818,7 +913,8 @@ def render_current(text, files=None):
     return render_readme(text, load_files() if files is None else files)
 
 
-def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=None):
+def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=None,
+                  levers=None):
     import matplotlib
     matplotlib.use("Agg")  # files only; the notebooks draw the same figures inline
 
@@ -836,6 +932,12 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=N
     rows = [r for r in technique_rows(tuning or {}, arithmetic) if r["diff"]["low"] is not None]
     if rows:
         compare.plot_technique_forest(mark_adopted(rows), FOREST_FIGURE)
+    rows = [{**r, "config": lever_name(r["config"])} for r in lever_rows(levers or {})
+            if r["diff"]["low"] is not None]
+    if rows:
+        compare.plot_technique_forest(rows, LEVER_FIGURE, title=(
+            "Each lever on today's recipe at 20 epochs (GPU, paired seeds)\n"
+            "filled: interval above zero (wins)"))
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
@@ -894,7 +996,7 @@ def main():
     for page in stale:
         page.write_text(rendered[page])
     write_figures(files["runs"], files["study"], files["lr_study"], files["tuning"],
-                  files["ceiling"], files["arithmetic"])
+                  files["ceiling"], files["arithmetic"], files["levers"])
     if not args.no_notebook:
         execute_compare_notebook()
     print(f"README.md tables rewritten from {sum(len(r) for r in files['runs'].values())} "
