@@ -658,6 +658,11 @@ def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_p
     assert row(text, "| batch | mdw |").endswith("| no decision | no |")  # mean +0.5, straddles
     assert "| -1.00 [-1.00, -1.00] | loses | no |" in row(text, "| batch | dil2 |")
     assert "- BatchNorm: met by silu" in text
+    # the greedy step: a stack on the winner is judged against the winner, not today's recipe
+    levers[("batch", "muon+sep+silu+mdw", 20)] = runs([0.846, 0.856, 0.845, 0.856])
+    assert "| silu | +0.00, +0.00, +0.00, +0.00 |" in row(report.levers_section(levers),
+                                                         "| batch | silu+mdw |")
+    del levers[("batch", "muon+sep+silu+mdw", 20)]
     del levers[("batch", "muon+sep+silu", 20)]
     assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
            "mean gain is mdw, +0.50" in report.levers_section(levers)

@@ -490,6 +490,18 @@ def decision(diff):
     return verdict
 
 
+def greedy_reference(groups, variant, config, base):
+    """What a 20-epoch change is judged against (the greedy step): a change stacked on one
+    that won ("muon+aflip" on "muon"), that one, the best of them by mean; else `base`."""
+    parts, base_runs = config.split("+"), groups.get((variant, base, 20), [])
+    one_less = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
+                if len(parts) > 1]
+    winners = [c for c in one_less if c != base and (variant, c, 20) in groups and decision(
+        compare.paired_difference(groups[(variant, c, 20)], base_runs)) == "wins"]
+    return max(winners, key=lambda c: statistics.mean(_accs(groups[(variant, c, 20)])),
+               default=base)
+
+
 def technique_rows(tuning, reruns=None):
     """Every change measured at 20 epochs, in the study's order: {"variant", "config", "runs",
     "mean" (validation accuracy %), "against" (its reference), "diff" (paired with it),
@@ -500,13 +512,7 @@ def technique_rows(tuning, reruns=None):
         base = tuning.get((variant, "base", 20), [])
         for config in sorted(by_config, key=lambda c: order.index(c) if c in order else 99):
             runs = tuning[(variant, config, 20)]
-            # the greedy step: a change stacked on one that won ("muon+aflip") against that alone
-            parts = config.split("+")
-            one_less = ["+".join(parts[:i] + parts[i + 1:]) for i in range(len(parts))
-                        if len(parts) > 1]
-            winners = [c for c in one_less if decision(compare.paired_difference(
-                tuning.get((variant, c, 20), []), base)) == "wins"]
-            reference = max(winners, key=lambda c: by_config[c], default="base")
+            reference = greedy_reference(tuning, variant, config, "base")
             first = tuning[(variant, reference, 20)] if reference != "base" else base
             again = reruns.get((variant, reference, 20), [])
             paired_with = compare.alike_base(runs, first, again)
@@ -578,16 +584,19 @@ def per_epoch_section(tuning, ceiling, reruns=None):
 
 def lever_rows(levers):
     """Each lever of the lever study (results/levers-h200/) against today's recipe run in the
-    same folder, same variant and seeds: technique_rows()' keys, by variant, largest gain first."""
+    same folder, same variant and seeds, or a stack of levers against the one it stacks on
+    (greedy_reference): technique_rows()' keys, by variant, largest gain first."""
     rows = []
     for (variant, config, epochs), runs in levers.items():
-        base = levers.get((variant, tune.TODAY, epochs), [])
-        if config == tune.TODAY or not base:
+        if config == tune.TODAY or epochs != 20 or (variant, tune.TODAY, 20) not in levers:
             continue
-        diff = compare.paired_difference(runs, base)
+        reference = greedy_reference(levers, variant, config, tune.TODAY)
+        diff = compare.paired_difference(runs, levers[(variant, reference, 20)])
         rows.append({"variant": variant, "config": config, "runs": runs,
-                     "mean": statistics.mean(_accs(runs)), "against": "today's recipe",
-                     "diff": diff, "decision": decision(diff), "adopted": False})
+                     "mean": statistics.mean(_accs(runs)),
+                     "against": "today's recipe" if reference == tune.TODAY else
+                     lever_name(reference), "diff": diff, "decision": decision(diff),
+                     "adopted": False})
     return sorted(rows, key=lambda r: (tuple(REGISTRY).index(r["variant"]),
                                        -(r["diff"]["mean"] if r["diff"]["seeds"] else -99)))
 
@@ -609,9 +618,9 @@ def levers_section(levers):
     if not levers:
         return "No lever runs yet (results/levers-h200/ is empty): `tools/tune.py --grid levers`."
     lines = ["| variant | lever on today's recipe | flags | params | seeds | val. acc. mean "
-             "(min–max) | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
+             "(min–max) | compared with | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
              f"+{LEVER_GAIN} with its interval above 0 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows, verdicts = lever_rows(levers), []
     for variant in REGISTRY:
         base = levers.get((variant, tune.TODAY, 20))
@@ -620,7 +629,7 @@ def levers_section(levers):
         accs = _accs(base)
         lines.append(f"| {variant} | (today's recipe) | `{' '.join(tune.change_flags(tune.TODAY))}` "
                      f"| {base[0]['num_params']:,} | {_seeds(base)} | {statistics.mean(accs):.2f} "
-                     f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - |")
+                     f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - | - |")
         mine = [r for r in rows if r["variant"] == variant]
         for row in mine:
             accs = _accs(row["runs"])
@@ -628,7 +637,7 @@ def levers_section(levers):
             lines.append(
                 f"| {variant} | {lever_name(row['config'])} | `{flags}` | "
                 f"{row['runs'][0]['num_params']:,} | {_seeds(row['runs'])} | "
-                f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
+                f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {row['against']} | "
                 f"{', '.join(f'{d:+.2f}' for d in row['diff']['diffs']) or '-'} | "
                 f"{_delta(row['diff'], row['runs'])} | {row['decision']} | "
                 f"{'yes' if clears_gain(row['diff']) else 'no'} |")
@@ -657,7 +666,8 @@ def levers_section(levers):
                   f"validation images (never the test set), data {', '.join(sorted({compare.data_file(r) for r in every}))}; "
                   f"single-view validation accuracy (%) after the last epoch; "
                   f"{'; '.join(hardware)}; {' to '.join(sorted({dates[0], dates[-1]}))}. Each "
-                  f"lever is paired with today's recipe's run of the same seed in the same "
+                  f"lever is paired with the run of the same seed of what it is compared with "
+                  f"(today's recipe, or the winning lever a stack builds on), in the same "
                   f"folder (same initialization, data order and GPU arithmetic); verdicts as in "
                   f"the learning-per-epoch study (4 paired seeds, then 8).",
               "", f"The bar (+{LEVER_GAIN} points with the interval above zero), per variant:",

@@ -220,12 +220,19 @@ LEVERS = ["gelu", "mdw", "dw5", "se4", "ema0.998", "dil2", "lr0.2", "silu", "wd1
 
 
 def lever_grid():
-    """The lever study (docs/levers.md) as a grid: every lever alone on BatchNorm, paired with
-    today's recipe on PROTOCOL_SEEDS, then the first four on LayerNorm and GroupNorm."""
+    """The lever study (docs/levers.md) as a grid, in the order worth running: every lever alone
+    on BatchNorm, paired with today's recipe on PROTOCOL_SEEDS (the screen); its leaders with
+    EXTRA_SEEDS for both arms, the greedy stack on the winner, the leaders on LayerNorm and
+    GroupNorm; then the screen's last levers."""
     on_today = [TODAY, *(f"{TODAY}+{lever}" for lever in LEVERS)]
-    return [(DEFAULT, on_today, 20, PROTOCOL_SEEDS, LEVERS_DIR),
-            *[(v, on_today[:5], 20, PROTOCOL_SEEDS, LEVERS_DIR) for v in course_variants()
-              if v != DEFAULT]]
+    # the screen's positive means (docs/levers.md): SiLU won at 4 seeds; the others straddled
+    leaders = [f"{TODAY}+{lever}" for lever in ("silu", "mdw", "gelu", "warmup0.1")]
+    return [(DEFAULT, on_today[:-2], 20, PROTOCOL_SEEDS, LEVERS_DIR),  # run 2026-12-04
+            (DEFAULT, [TODAY, *leaders[1:]], 20, EXTRA_SEEDS, LEVERS_DIR),
+            (DEFAULT, [f"{TODAY}+silu+mdw"], 20, PROTOCOL_SEEDS, LEVERS_DIR),
+            *[(v, [TODAY, *leaders], 20, PROTOCOL_SEEDS, LEVERS_DIR) for v in course_variants()
+              if v != DEFAULT],
+            (DEFAULT, on_today[-2:], 20, PROTOCOL_SEEDS, LEVERS_DIR)]
 
 
 GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid}
