@@ -21,7 +21,7 @@ class Variant:
     colour: str                  # its colour in every figure
     make_layer: Callable         # (num_channels, num_groups, group_size) -> nn.Module
     axes: Optional[str] = None   # which activations share one statistic (normalizations.AXES)
-    target: Optional[float] = None  # README target, mean test accuracy of 3 seeds (%); None:
+    target: Optional[float] = None  # README target, mean test accuracy over seeds (%); None:
                                     # a reference point of a study, not a variant of the course
     description: str = ""        # the notebook's first line about it
     uses_groups: bool = False    # reads ModelConfig.num_groups / group_size
