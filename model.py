@@ -18,7 +18,9 @@ Each 3x3 block after C1 is separable by default (`ModelConfig.conv`): a depthwis
 9c + c^2 weights instead of 9c^2, so the same 50,000 parameters buy stages of 32, 64 and 88
 channels instead of 16, 28 and 32 (the learning-per-epoch study's win; `conv="full"` with
 `widths=(16, 28, 32)` is the network of recipes v1 and v2). C1 stays a full conv: a depthwise
-filter on an RGB image would see each colour alone.
+filter on an RGB image would see each colour alone. The lever study (docs/levers.md) widens the
+depthwise filters' view (`depthwise_kernel`, `depthwise_dilation`) and gates the three residual
+branches by squeeze-and-excitation (`se_hidden`); all off by default.
 
 `ModelConfig.skips` moves the adds for the study of where they sit (SKIP_LAYOUTS): "per-conv"
 makes every square 3x3 conv its own residual branch (C2, C4, C5, C7, C8, C9), "off" removes

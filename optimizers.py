@@ -4,14 +4,18 @@ schedule:
     sgd    SGD with Nesterov momentum: the recipe
     muon   Muon for the conv kernels of the 3x3 blocks C1 to C9 (torch.optim.Muon, on each
            kernel's (out, in*k*k) matrix; of a separable block, its 1x1 half), SGD as above for
-           everything else (1x1 transitions, depthwise filters, norms, head)
+           everything else (1x1 transitions, depthwise filters, norms, head); with
+           `config.muon_depthwise` each layer's depthwise filters too, as one (channels, taps)
+           matrix
     adamw  AdamW for everything, weight decay on conv weights only
 
 Muon (Jordan et al., 2024) replaces a matrix's momentum by the nearest orthogonal matrix
 (Newton-Schulz iterations), so every direction of the update moves at the same rate; it takes
 2-D parameters only, hence the kernels' matrix views, which share the kernels' storage.
 
-Any of them can be wrapped in Lookahead (`config.lookahead` steps; Zhang et al., 2019).
+Any of them can be wrapped in Lookahead (`config.lookahead` steps; Zhang et al., 2019); the
+norms' shifts and the depthwise filters can learn at their own multiple of the rate
+(`config.norm_bias_lr`, `config.depthwise_lr`).
 """
 
 import torch
