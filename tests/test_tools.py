@@ -667,3 +667,20 @@ def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_p
     assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
            "mean gain is mdw, +0.50" in report.levers_section(levers)
     assert "No lever runs yet" in report.levers_section({})
+
+
+def test_the_lever_grid_refuses_a_machine_whose_runs_would_not_pair_with_its_own(monkeypatch):
+    started = []
+    monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: started.append(runs))
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"pair only with runs made on an NVIDIA H200 in bf16 "
+                                         r".* this machine has no CUDA GPU"):
+        tune.main(["--grid", "levers"])
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(SystemExit, match="this machine has Tesla T4"):
+        tune.main(["--grid", "levers"])
+    assert not started
+    monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    tune.main(["--grid", "levers"])
+    assert [name for name, *_ in started[0][:1]] == ["batch_muon+sep_e20_seed0"]

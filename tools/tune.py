@@ -26,6 +26,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -236,6 +238,20 @@ def lever_grid():
 
 
 GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid}
+# The grids whose runs pair only with runs of one GPU kind (their arithmetic): {grid: GPU name}
+GRID_GPUS = {"levers": "H200"}
+
+
+def check_grid_device(grid):
+    """Fail in one line, before any run starts, where this machine's runs would not share the
+    arithmetic of the grid's runs so far (a CPU run paired with an H200 run measures both)."""
+    need = GRID_GPUS.get(grid)
+    have = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+    if need and need not in have:
+        raise SystemExit(f"error: the {grid} grid's runs pair only with runs made on an NVIDIA "
+                         f"{need} in bf16 (results/levers-h200/README.md), and this machine has "
+                         f"{have}: run the grid there, or single configurations with --configs "
+                         f"into another --out-dir")
 
 
 def grid_plan(grid):
@@ -277,6 +293,7 @@ def main(argv=None):
             return
         if args.jobs < 1:
             p.error("--jobs must be at least 1")
+        check_grid_device(args.grid)
         run_all(runs, args.out_dir, args.images_dir, train_args, args.jobs,
                 log_dir="runs/logs/tuning")
         return
