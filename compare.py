@@ -139,6 +139,16 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}
 
 
+def t_interval(values):
+    """(low, high): the 95% t-interval of the mean of `values`; (None, None) with fewer than 2
+    (beyond the table's degrees of freedom, its last quantile: a slightly wider interval)."""
+    if len(values) < 2:
+        return None, None
+    mean = statistics.mean(values)
+    half = T_975[min(len(values) - 1, max(T_975))] * statistics.stdev(values) / len(values) ** .5
+    return mean - half, mean + half
+
+
 def paired_difference(runs, base, key="final_test_acc"):
     """The per-seed differences of `runs` from `base` (same seed: same initialization and data
     order) in points: {"seeds", "diffs", "mean", "low", "high"}, low-high the 95% t-interval of
@@ -148,10 +158,8 @@ def paired_difference(runs, base, key="final_test_acc"):
                    if r["seed"] in base_by_seed)
     diffs = [d for _, d in pairs]
     result = {"seeds": [s for s, _ in pairs], "diffs": diffs,
-              "mean": statistics.mean(diffs) if diffs else None, "low": None, "high": None}
-    if len(diffs) >= 2:
-        half = T_975[min(len(diffs) - 1, max(T_975))] * statistics.stdev(diffs) / len(diffs) ** .5
-        result.update(low=result["mean"] - half, high=result["mean"] + half)
+              "mean": statistics.mean(diffs) if diffs else None}
+    result["low"], result["high"] = t_interval(diffs)
     return result
 
 

@@ -101,10 +101,9 @@ def summary_table(runs):
         accs = [100 * r["final_test_acc"] for r in rs]
         mean, target = statistics.mean(accs), REGISTRY[variant].target
         if len(accs) > 1:
-            std = statistics.stdev(accs)
-            half = compare.T_975[min(len(accs) - 1, max(compare.T_975))] * std / len(accs) ** .5
-            low, high = mean - half, mean + half
-            spread, interval = f"{mean:.2f} ± {std:.2f}", f"[{low:.2f}, {high:.2f}]"
+            low, high = compare.t_interval(accs)
+            spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}"
+            interval = f"[{low:.2f}, {high:.2f}]"
             clears = ("the interval clears it" if low >= target else
                       "the interval does not clear it")
         else:
@@ -597,8 +596,9 @@ def lever_rows(levers):
                      "against": "today's recipe" if reference == tune.TODAY else
                      lever_name(reference), "diff": diff, "decision": decision(diff),
                      "adopted": False})
+    # unpaired rows (no shared seed: no mean) after the paired ones
     return sorted(rows, key=lambda r: (tuple(REGISTRY).index(r["variant"]),
-                                       -(r["diff"]["mean"] if r["diff"]["seeds"] else -99)))
+                                       r["diff"]["mean"] is None, -(r["diff"]["mean"] or 0)))
 
 
 def lever_name(config):

@@ -105,7 +105,7 @@ CONFIGS = {
     "dwlr4": ["--depthwise-lr", "4"],            # or SGD's depthwise filters at 4x the rate
     "dw5": ["--depthwise-kernel", "5", "--widths", "32", "60", "84"],  # 5x5 filters (49,038)
     "dil2": ["--depthwise-dilation", "2"],       # 3x3 taps spread over 5x5, no parameters
-    "se4": ["--se-hidden", "4"],                 # squeeze-and-excitation (+1,700 parameters)
+    "se4": ["--se-hidden", "4"],                 # squeeze-and-excitation (+1,668 parameters)
     "w24-52-96": ["--widths", "24", "52", "96"],  # channels moved to 8x8 (46,114 parameters)
 }
 GROUP_ONLY = {"g2", "gs4", "gs2"}
