@@ -127,7 +127,9 @@ def threads(hardware):
         return f"{hardware['gpu']} (CUDA, compute capability {hardware['gpu_capability']})"
     cpu = hardware["cpu"]
     if "cpu_capability" in hardware:
-        bf16 = ", native bf16" if hardware.get("cpu_native_bf16") else ""
+        # the CPU's own bf16, which caps that exclude it hide from cpu_native_bf16
+        native = hardware.get("cpu_native_bf16_uncapped", hardware.get("cpu_native_bf16"))
+        bf16 = ", native bf16" if native else ""
         capped = " by ISA caps" if hardware.get("isa_caps") else ""
         cpu = f"{cpu} ({hardware['cpu_capability']}{capped}{bf16})"
     n = hardware.get("cpu_threads")

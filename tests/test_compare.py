@@ -165,6 +165,9 @@ def test_unfinished_study_shows_missing_cells_and_seed_counts(study_dir):
     capped = {"cpu": "X", "cpu_threads": 1, "cpu_capability": "AVX2", "cpu_native_bf16": True,
               "isa_caps": {"ATEN_CPU_CAPABILITY": "avx2"}}
     assert compare.threads(capped) == "X (AVX2 by ISA caps, native bf16), 1 thread"
+    # caps that exclude bf16 (newer results files) describe the same CPU the same way
+    hidden = {**capped, "cpu_native_bf16": False, "cpu_native_bf16_uncapped": True}
+    assert compare.threads(hidden) == compare.threads(capped)
     gpu = {"device": "cuda", "cpu": "X", "cpu_threads": 2, "gpu": "NVIDIA H100 80GB HBM3",
            "gpu_capability": "9.0"}
     assert compare.threads(gpu) == "NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0)"

@@ -647,7 +647,7 @@ def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_p
                 for s, a in zip(seeds, acc)]
 
     levers = {("batch", "muon+sep", 20): runs([0.84, 0.85, 0.84, 0.85]),
-              ("batch", "muon+sep+silu", 20): runs([0.846, 0.856, 0.845, 0.856]),   # +0.55
+              ("batch", "muon+sep+silu", 20): runs([0.846, 0.856, 0.845, 0.856]),   # +0.57
               ("batch", "muon+sep+mdw", 20): runs([0.850, 0.850, 0.845, 0.855]),   # +0.5, wide
               ("batch", "muon+sep+dil2", 20): runs([0.83, 0.84, 0.83, 0.84])}      # -1.00
     text = report.levers_section(levers)
@@ -660,13 +660,20 @@ def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_p
     assert "- BatchNorm: met by silu" in text
     # the greedy step: a stack on the winner is judged against the winner, not today's recipe
     levers[("batch", "muon+sep+silu+mdw", 20)] = runs([0.846, 0.856, 0.845, 0.856])
-    assert "| silu | +0.00, +0.00, +0.00, +0.00 |" in row(report.levers_section(levers),
-                                                         "| batch | silu+mdw |")
+    stack = row(report.levers_section(levers), "| batch | silu+mdw |")
+    assert "| silu | +0.00, +0.00, +0.00, +0.00 |" in stack
+    # ... while the bar is read over today's recipe: the stack keeps silu's +0.57
+    assert stack.endswith("| yes (+0.57 [+0.50, +0.65]) |")
     del levers[("batch", "muon+sep+silu+mdw", 20)]
     del levers[("batch", "muon+sep+silu", 20)]
     assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
-           "mean gain is mdw, +0.50" in report.levers_section(levers)
-    assert "No lever runs yet" in report.levers_section({})
+           "mean gain over today's recipe is mdw, +0.50" in report.levers_section(levers)
+    assert "No lever runs yet: `tools/tune.py --grid levers`" in report.levers_section({})
+    # the CPU part: today's recipe and the changes on it, out of the learning-per-epoch study
+    tuning = {**levers, ("batch", "muon", 20): runs([0.83] * 4)}
+    assert list(report.on_today(tuning)) == list(levers)
+    assert "No lever runs yet: `tools/tune.py --grid levers-cpu`" in report.levers_section(
+        {("batch", "muon+sep", 20): levers[("batch", "muon+sep", 20)]}, "levers-cpu")
 
 
 def test_the_lever_grid_refuses_a_machine_whose_runs_would_not_pair_with_its_own(monkeypatch):
@@ -684,3 +691,42 @@ def test_the_lever_grid_refuses_a_machine_whose_runs_would_not_pair_with_its_own
     monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     tune.main(["--grid", "levers"])
     assert [name for name, *_ in started[0][:1]] == ["batch_muon+sep_e20_seed0"]
+
+
+def test_the_cpu_lever_grid_runs_only_in_the_arithmetic_of_the_runs_it_pairs_with(monkeypatch):
+    started = []
+    monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: started.append(runs))
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tune.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.raises(SystemExit, match="would run on AVX512 kernels: run it on a CPU-only "
+                                         "machine as ATEN_CPU_CAPABILITY=avx2"):
+        tune.main(["--grid", "levers-cpu", "--precision", "fp32"])
+    monkeypatch.setattr(tune.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(SystemExit, match="AVX2 kernels without --precision fp32"):
+        tune.main(["--grid", "levers-cpu", "--precision", "bf16"])
+    assert not started
+    tune.main(["--grid", "levers-cpu", "--precision", "fp32"])
+    names = [name for name, *_ in started[0]]
+    # levers' arms, and today's recipe only on seeds the learning-per-epoch study lacks:
+    # a repeat of one of its runs would pair a lever with a second baseline
+    study = {name for name, *_ in tune.grid_plan(tune.per_epoch_grid())}
+    assert names[0] == "batch_muon+sep+pad2+silu_e20_seed0" and not study & set(names)
+    assert {int(n.rsplit("seed", 1)[1]) for n in names if n.split("_")[1] == tune.TODAY} \
+        == set(tune.EXTRA_SEEDS)
+    assert {folder for *_, folder in started[0]} == {tune.OUT_DIR}
+
+
+def test_front_page_table_says_how_far_each_mean_is_from_both_targets_and_whether_its_interval_clears():
+    def runs(accs):
+        return [{"final_test_acc": a, "seed": s, "num_params": 46610, "epochs": 20}
+                for s, a in enumerate(accs)]
+
+    text = report.summary_table({"batch": runs([0.852, 0.853, 0.852]),   # tight above 85
+                                 "layer": runs([0.83, 0.84, 0.82]),      # mean 83, wide
+                                 "group": runs([0.8299])})
+    assert row(text, "| BatchNorm |").endswith(
+        "| ≥ 85: mean met (+0.23); the interval clears it | ≥ 87: missed by 1.77 |")
+    assert row(text, "| LayerNorm |").endswith(
+        "| ≥ 83: mean met (+0.00); the interval does not clear it | ≥ 86: missed by 3.00 |")
+    assert row(text, "| GroupNorm |").endswith("| - | 0 | 46,610 | 20 | ≥ 83: missed by 0.01 | "
+                                               "≥ 86: missed by 3.01 |")

@@ -87,33 +87,40 @@ def archive_note(archives):
         if archives else ""
 
 
+def target_verdict(accs, target):
+    """Whether the mean of `accs` (%) meets `target`, and whether its 95% t-interval clears it."""
+    mean = statistics.mean(accs)
+    if mean < target:
+        return f"≥ {target:.0f}: missed by {target - mean:.2f}"
+    if len(accs) < 2:
+        return f"≥ {target:.0f}: mean met (+{mean - target:.2f}); one seed: no interval"
+    clears = "clears" if compare.t_interval(accs)[0] >= target else "does not clear"
+    return f"≥ {target:.0f}: mean met (+{mean - target:.2f}); the interval {clears} it"
+
+
 def summary_table(runs):
     """The front page's table: today's runs per variant, the mean test accuracy with its 95%
-    t-interval, and whether the mean, and the interval, clear the target."""
+    t-interval, and whether the mean, and the interval, clear the target and the next one."""
     if not runs:
         return "No results yet: `python tools/sweep.py --norms batch layer group --seeds 0 1 2 --out-dir results`."
     lines = ["| variant | test acc. mean ± std (%) | 95% interval of the mean (%) | seeds | "
-             "params | epochs | target |", "|---|---|---|---|---|---|---|"]
+             "params | epochs | target | next target |", "|---|---|---|---|---|---|---|---|"]
     for variant in tuple(REGISTRY):
         rs = sorted(runs.get(variant, []), key=lambda r: r["seed"])
         if not rs:
             continue
         accs = [100 * r["final_test_acc"] for r in rs]
-        mean, target = statistics.mean(accs), REGISTRY[variant].target
         if len(accs) > 1:
             low, high = compare.t_interval(accs)
-            spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}"
+            spread = f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
             interval = f"[{low:.2f}, {high:.2f}]"
-            clears = ("the interval clears it" if low >= target else
-                      "the interval does not clear it")
         else:
-            spread, interval, clears = f"{mean:.2f}", "-", "one seed: no interval"
-        verdict = (f"mean met (+{mean - target:.2f}); {clears}" if mean >= target else
-                   f"not met ({mean - target:.2f})")
+            spread, interval = f"{statistics.mean(accs):.2f}", "-"
         lines.append(f"| {REGISTRY[variant].title} | {spread} | {interval} | {_seeds(rs)} | "
                      f"{', '.join(f'{p:,}' for p in sorted({r['num_params'] for r in rs}))} | "
                      f"{', '.join(map(str, sorted({r['epochs'] for r in rs})))} | "
-                     f"≥ {target:.0f}: {verdict} |")
+                     f"{target_verdict(accs, REGISTRY[variant].target)} | "
+                     f"{target_verdict(accs, REGISTRY[variant].next_target)} |")
     return "\n".join(lines)
 
 
@@ -581,10 +588,18 @@ def per_epoch_section(tuning, ceiling, reruns=None):
     return "\n".join(lines)
 
 
+def on_today(groups):
+    """The groups of `groups` ({(variant, configuration, epochs): runs}) that are today's recipe
+    or a change on top of it: the lever study's share of the learning-per-epoch study's runs."""
+    return {key: runs for key, runs in groups.items()
+            if key[1] == tune.TODAY or key[1].startswith(f"{tune.TODAY}+")}
+
+
 def lever_rows(levers):
     """Each lever of the lever study (results/levers-h200/) against today's recipe run in the
     same folder, same variant and seeds, or a stack of levers against the one it stacks on
-    (greedy_reference): technique_rows()' keys, by variant, largest gain first."""
+    (greedy_reference): technique_rows()' keys, by variant, largest gain first, and
+    "over_today", its paired difference with today's recipe (the bar's)."""
     rows = []
     for (variant, config, epochs), runs in levers.items():
         if config == tune.TODAY or epochs != 20 or (variant, tune.TODAY, 20) not in levers:
@@ -595,6 +610,8 @@ def lever_rows(levers):
                      "mean": statistics.mean(_accs(runs)),
                      "against": "today's recipe" if reference == tune.TODAY else
                      lever_name(reference), "diff": diff, "decision": decision(diff),
+                     "over_today": diff if reference == tune.TODAY else
+                     compare.paired_difference(runs, levers[(variant, tune.TODAY, 20)]),
                      "adopted": False})
     # unpaired rows (no shared seed: no mean) after the paired ones
     return sorted(rows, key=lambda r: (tuple(REGISTRY).index(r["variant"]),
@@ -612,14 +629,15 @@ def clears_gain(diff):
     return diff["low"] is not None and diff["low"] > 0 and diff["mean"] >= LEVER_GAIN
 
 
-def levers_section(levers):
+def levers_section(levers, grid="levers"):
     """The lever study's table: today's recipe, then each lever on it, paired by seed; a line
-    per variant saying whether any lever clears +LEVER_GAIN with its interval above zero."""
-    if not levers:
-        return "No lever runs yet (results/levers-h200/ is empty): `tools/tune.py --grid levers`."
+    per variant saying whether any lever (a stack: over today's recipe) clears +LEVER_GAIN with
+    its interval above zero. `grid`: tools/tune.py's grid that runs them."""
+    if not any(lever_rows(levers)):
+        return f"No lever runs yet: `tools/tune.py --grid {grid}`."
     lines = ["| variant | lever on today's recipe | flags | params | seeds | val. acc. mean "
              "(min–max) | compared with | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
-             f"+{LEVER_GAIN} with its interval above 0 |",
+             f"+{LEVER_GAIN} over today's recipe, interval above 0 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows, verdicts = lever_rows(levers), []
     for variant in REGISTRY:
@@ -640,19 +658,20 @@ def levers_section(levers):
                 f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {row['against']} | "
                 f"{', '.join(f'{d:+.2f}' for d in row['diff']['diffs']) or '-'} | "
                 f"{_delta(row['diff'], row['runs'])} | {row['decision']} | "
-                f"{'yes' if clears_gain(row['diff']) else 'no'} |")
-        paired = [r for r in mine if r["diff"]["low"] is not None]
+                f"{'yes' if clears_gain(row['over_today']) else 'no'}"
+                f"{'' if row['over_today'] is row['diff'] else ' (' + _delta(row['over_today']) + ')'} |")
+        paired = [r for r in mine if r["over_today"]["low"] is not None]
         if paired:
-            best = max(paired, key=lambda r: r["diff"]["mean"])
-            above = [f"{lever_name(r['config'])} ({_delta(r['diff'])})" for r in paired
-                     if r["diff"]["low"] > 0]
-            met = [r for r in paired if clears_gain(r["diff"])]
+            best = max(paired, key=lambda r: r["over_today"]["mean"])
+            above = [f"{lever_name(r['config'])} ({_delta(r['over_today'])})" for r in paired
+                     if r["over_today"]["low"] > 0]
+            met = [r for r in paired if clears_gain(r["over_today"])]
             verdicts.append(
                 f"{REGISTRY[variant].title}: "
                 + (f"met by {', '.join(lever_name(r['config']) for r in met)}"
                    if met else f"missed: no lever gains +{LEVER_GAIN} with its interval above "
-                               f"zero; the largest mean gain is {lever_name(best['config'])}, "
-                               f"{_delta(best['diff'])}")
+                               f"zero; the largest mean gain over today's recipe is {lever_name(best['config'])}, "
+                               f"{_delta(best['over_today'])}")
                 + (f"; interval above zero: {', '.join(above)}" if above else
                    "; no interval lies above zero") + ".")
     every = [r for runs in levers.values() for r in runs]
@@ -668,7 +687,7 @@ def levers_section(levers):
                   f"{'; '.join(hardware)}; {' to '.join(sorted({dates[0], dates[-1]}))}. Each "
                   f"lever is paired with the run of the same seed of what it is compared with "
                   f"(today's recipe, or the winning lever a stack builds on), in the same "
-                  f"folder (same initialization, data order and GPU arithmetic); verdicts as in "
+                  f"folder (same initialization, data order and arithmetic); verdicts as in "
                   f"the learning-per-epoch study (4 paired seeds, then 8).",
               "", f"The bar (+{LEVER_GAIN} points with the interval above zero), per variant:",
               "", *[f"- {v}" for v in verdicts]]
@@ -760,6 +779,7 @@ SECTIONS = [
     ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"], f["arithmetic"])),
     ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
     ("levers", lambda f: levers_section(f["levers"])),
+    ("levers-cpu", lambda f: levers_section(on_today(f["tuning"]), "levers-cpu")),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),

@@ -11,6 +11,9 @@
     python tools/tune.py --grid --jobs 8
     # the lever study's grid (issue 52), on a GPU, many runs at a time
     python tools/tune.py --grid levers --jobs 14
+    # its part on the CPU, paired with results/tuning/'s runs of today's recipe (AVX2 fp32)
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python tools/tune.py --grid levers-cpu --jobs 2 --precision fp32
 
 Every run is `train.py --validation`: it trains on 45,000 training images and is scored on the
 5,000 held out (500 per class, a fixed split: dataset.CIFAR10Data.validation_split), with the
@@ -237,12 +240,36 @@ def lever_grid():
             (DEFAULT, on_today[-2:], 20, PROTOCOL_SEEDS, LEVERS_DIR)]
 
 
-GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid}
+def cpu_lever_grid():
+    """The lever study's part on the CPU (issue 52), for days without a GPU: levers on today's
+    recipe, each paired with the learning-per-epoch study's own runs of today's recipe in
+    results/tuning/ (fp32, AVX2 arithmetic, seeds 0 to 7 on BatchNorm and GroupNorm, 0 to 3 on
+    LayerNorm), so that only the lever's arm runs. In order: SiLU stacked on 2-pixel padding on
+    BatchNorm (the greedy step on padding, which won here; with SiLU, the GPU screen's one win,
+    the likeliest to clear +0.5); SiLU on LayerNorm and GroupNorm, which the GPU has not
+    reached; the same stack on LayerNorm, where padding won too; then Muon for the depthwise
+    filters, the GPU screen's largest mean, on LayerNorm and GroupNorm. The stack runs 8 seeds
+    at once, as 4 left its greedy step undecided; SiLU on LayerNorm, undecided at 4, gets seeds
+    4 to 7 of both arms after GroupNorm's screen, as today's recipe has only 0 to 3 there."""
+    others = [v for v in course_variants() if v != DEFAULT]
+    without_groups = [v for v in others if not get_variant(v).uses_groups]
+    return [(DEFAULT, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS + EXTRA_SEEDS, OUT_DIR),
+            *[(v, [f"{TODAY}+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
+            *[(v, [TODAY, f"{TODAY}+silu"], 20, EXTRA_SEEDS, OUT_DIR) for v in without_groups],
+            # LayerNorm: padding won there too; on GroupNorm it did not
+            *[(v, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in without_groups],
+            *[(v, [f"{TODAY}+mdw"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others]]
+
+
+GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid, "levers-cpu": cpu_lever_grid}
 # The grids whose runs pair only with runs of one GPU kind (their arithmetic): {grid: GPU name}
 GRID_GPUS = {"levers": "H200"}
+# The grids whose runs pair only with fp32 CPU runs in the AVX2 EPYC's arithmetic
+GRID_AVX2 = {"levers-cpu"}
+AVX2_CAPS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
 
 
-def check_grid_device(grid):
+def check_grid_device(grid, train_args=()):
     """Fail in one line, before any run starts, where this machine's runs would not share the
     arithmetic of the grid's runs so far (a CPU run paired with an H200 run measures both)."""
     need = GRID_GPUS.get(grid)
@@ -252,6 +279,16 @@ def check_grid_device(grid):
                          f"{need} in bf16 (results/levers-h200/README.md), and this machine has "
                          f"{have}: run the grid there, or single configurations with --configs "
                          f"into another --out-dir")
+    if grid in GRID_AVX2:
+        kernels = "a CUDA GPU" if torch.cuda.is_available() else \
+            f"{torch.backends.cpu.get_cpu_capability()} kernels"
+        fp32 = "--precision fp32" in " ".join(train_args)
+        if kernels != "AVX2 kernels" or not fp32:
+            raise SystemExit(f"error: the {grid} grid's runs pair only with fp32 CPU runs in the "
+                             f"AVX2 EPYC's arithmetic, and these would run on {kernels}"
+                             f"{'' if fp32 else ' without --precision fp32'}: run it on a "
+                             f"CPU-only machine as {AVX2_CAPS} tools/tune.py --grid {grid} "
+                             f"--jobs 2 --precision fp32")
 
 
 def grid_plan(grid):
@@ -277,7 +314,8 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="print the configurations and stop")
     p.add_argument("--grid", nargs="?", const="per-epoch", default=None, choices=GRIDS,
                    help="run a study's whole grid instead of --configs/--seeds/--epochs/--norm: "
-                        "per-epoch (the default; per_epoch_grid) or levers (lever_grid); with "
+                        "per-epoch (the default; per_epoch_grid), levers (lever_grid) or "
+                        "levers-cpu (cpu_lever_grid); with "
                         "--list: each run, done or not")
     args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
     if args.grid:
@@ -293,7 +331,7 @@ def main(argv=None):
             return
         if args.jobs < 1:
             p.error("--jobs must be at least 1")
-        check_grid_device(args.grid)
+        check_grid_device(args.grid, train_args)
         run_all(runs, args.out_dir, args.images_dir, train_args, args.jobs,
                 log_dir="runs/logs/tuning")
         return
