@@ -462,17 +462,27 @@ def test_a_write_failure_whose_lock_cannot_be_removed_is_still_one_line(archive,
 def test_a_dry_run_stopped_by_sigterm_leaves_no_folder_behind(tmp_path):
     write_image_tree(tmp_path / "tree20", per_class=(20, 20))
     data = make_archive(tmp_path / "tree20", tmp_path / "twenty.tar.gz")
-    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dry-run", "--data",
-                            str(data), "--no-progress"], cwd=tmp_path,
+    # The child holds its training step until signalled: a dry run this small can finish
+    # between the test's seeing its locks and the signal's arriving (CI saw exit code 0).
+    child = ("import sys, time, train\n"
+             "def held_fit(*args, **kwargs):\n"
+             "    print('training', flush=True)\n"
+             "    time.sleep(120)\n"
+             "train.fit = held_fit\n"
+             "train.main(sys.argv[1:])\n")
+    run = subprocess.Popen([sys.executable, "-c", child, "--dry-run", "--data", str(data),
+                            "--no-progress"], cwd=tmp_path,
                            env={"S8_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
-                                "TMPDIR": str(tmp_path)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("s8_dry_run_*/*.lock")) and run.poll() is None:
-        assert time.monotonic() < deadline, "the dry run never took its locks"
-        time.sleep(0.05)
+                                "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:  # the summary first, then the held step's word
+        if line == "training\n":
+            break
+    else:
+        raise AssertionError(f"the dry run never reached training: {run.communicate()[1]}")
+    assert list(tmp_path.glob("s8_dry_run_*/*.lock"))  # what the signal must clean up
     run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=60) != 0
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
     assert not list(tmp_path.glob("s8_dry_run_*"))
 
 
