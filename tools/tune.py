@@ -247,17 +247,16 @@ def cpu_lever_grid():
     LayerNorm), so that only the lever's arm runs. In order: SiLU stacked on 2-pixel padding on
     BatchNorm (the greedy step on padding, which won here; with SiLU, the GPU screen's one win,
     the likeliest to clear +0.5); SiLU on LayerNorm and GroupNorm, which the GPU has not
-    reached; the same stack on LayerNorm, the greedy step there too, as padding won on it; then
-    seeds 4 to 7 of both arms of SiLU alone on LayerNorm (undecided at 4; today's recipe has
-    only 0 to 3 there); then Muon for the depthwise filters, the GPU screen's largest mean, on
-    LayerNorm and GroupNorm. The BatchNorm stack runs 8 seeds at once, as 4 left its greedy
-    step undecided."""
+    reached; the same stack on LayerNorm, the greedy step there too, as padding won on it, and
+    on GroupNorm, where it would make padding and SiLU one recipe for all three; then seeds 4
+    to 7 of both arms of SiLU alone on LayerNorm (undecided at 4; today's recipe has only 0 to 3
+    there); then Muon for the depthwise filters, the GPU screen's largest mean, on LayerNorm and
+    GroupNorm. The BatchNorm stack runs 8 seeds at once, as 4 left its greedy step undecided."""
     others = [v for v in course_variants() if v != DEFAULT]
     without_groups = [v for v in others if not get_variant(v).uses_groups]
     return [(DEFAULT, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS + EXTRA_SEEDS, OUT_DIR),
             *[(v, [f"{TODAY}+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
-            # LayerNorm: padding won there too; on GroupNorm it did not
-            *[(v, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in without_groups],
+            *[(v, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
             *[(v, [TODAY, f"{TODAY}+silu"], 20, EXTRA_SEEDS, OUT_DIR) for v in without_groups],
             *[(v, [f"{TODAY}+mdw"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others]]
 
