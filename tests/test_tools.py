@@ -676,6 +676,28 @@ def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_p
         {("batch", "muon+sep", 20): levers[("batch", "muon+sep", 20)]}, "levers-cpu")
 
 
+def test_the_recipe_choice_table_shows_each_shared_change_on_every_variant_and_where_it_clears():
+    def runs(acc, seeds=(0, 1, 2, 3)):
+        return [fake_tuning_run(a, s, epochs=20) for s, a in zip(seeds, acc)]
+
+    today = [0.84, 0.85, 0.84, 0.85]
+    levers = {(v, "muon+sep", 20): runs(today) for v in ("batch", "layer", "group")}
+    levers |= {("batch", "muon+sep+pad2", 20): runs([a + 0.006 for a in today]),  # +0.6
+               ("layer", "muon+sep+pad2", 20): runs([a + 0.002 for a in today]),  # +0.2
+               ("batch", "muon+sep+ls0.2", 20): runs(today)}  # one variant only: not a choice
+    text = report.recipe_choice_section(levers)
+    assert row(text, "| (nothing) |") == \
+        "| (nothing) | 84.50 (4 seeds) | 84.50 (4 seeds) | 84.50 (4 seeds) | - |"
+    assert row(text, "| pad2 |") == ("| pad2 | 85.10: +0.60 [+0.60, +0.60] (4 seeds) | "
+                                     "84.70: +0.20 [+0.20, +0.20] (4 seeds) | not run | BatchNorm |")
+    assert "ls0.2" not in text
+    levers[("group", "muon+sep+pad2", 20)] = levers[("batch", "muon+sep+pad2", 20)]
+    levers[("layer", "muon+sep+pad2", 20)] = levers[("batch", "muon+sep+pad2", 20)]
+    assert row(report.recipe_choice_section(levers), "| pad2 |").endswith("| every variant |")
+    assert report.recipe_choice_section({("batch", "muon+sep", 20): runs(today)}) == \
+        "No change measured on more than one variant yet."
+
+
 def test_the_lever_grid_refuses_a_machine_whose_runs_would_not_pair_with_its_own(monkeypatch):
     started = []
     monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: started.append(runs))

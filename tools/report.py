@@ -694,6 +694,38 @@ def levers_section(levers, grid="levers"):
     return "\n".join(lines)
 
 
+def recipe_choice_section(levers):
+    """One recipe for all three variants or one per variant (issue 52): each change measured on
+    more than one variant, by variant, its validation mean and paired gain over today's recipe,
+    and the variants on which it clears the bar; a change joins one recipe for all only if it
+    clears the bar on every variant, else the README shows both comparisons."""
+    rows = {(r["variant"], r["config"]): r for r in lever_rows(levers)}
+    variants = [v for v in REGISTRY if (v, tune.TODAY, 20) in levers]
+    shared = [c for c in dict.fromkeys(config for _, config in rows)
+              if sum((v, c) in rows for v in variants) > 1]
+    if not shared:
+        return "No change measured on more than one variant yet."
+    lines = ["| today's recipe + | " + " | ".join(REGISTRY[v].title for v in variants)
+             + f" | +{LEVER_GAIN} with its interval above 0 on |",
+             "|---|" + "---|" * len(variants) + "---|",
+             "| (nothing) | " + " | ".join(
+                 f"{statistics.mean(_accs(levers[(v, tune.TODAY, 20)])):.2f} "
+                 f"({len(levers[(v, tune.TODAY, 20)])} seeds)" for v in variants) + " | - |"]
+    for config in sorted(shared, key=lambda c: (-sum((v, c) in rows for v in variants), c)):
+        mine = [rows.get((v, config)) for v in variants]
+        cells = ["not run" if r is None else
+                 f"{r['mean']:.2f}: {_delta(r['over_today'])} ({len(r['runs'])} seeds)"
+                 for r in mine]
+        met = [REGISTRY[v].title for v, r in zip(variants, mine)
+               if r is not None and clears_gain(r["over_today"])]
+        lines.append(f"| {lever_name(config)} | {' | '.join(cells)} | "
+                     f"{'every variant' if len(met) == len(variants) else ', '.join(met) or 'none'} |")
+    return "\n".join(lines + [
+        "", "Validation accuracy (%) after 20 epochs, the runs of the table above; each cell: "
+            "the change's mean, then its mean paired difference from today's recipe with the "
+            "95% interval (seeds shared with today's recipe)."])
+
+
 def arithmetic_section(tuning, reruns):
     """A baseline arm re-run, same seeds, in the arithmetic its changes ran in (results/
     arithmetic/): how far the arithmetic alone moves it, then each single change on it paired
@@ -780,6 +812,7 @@ SECTIONS = [
     ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
     ("levers", lambda f: levers_section(f["levers"])),
     ("levers-cpu", lambda f: levers_section(on_today(f["tuning"]), "levers-cpu")),
+    ("recipe-choice", lambda f: recipe_choice_section(on_today(f["tuning"]))),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
