@@ -110,12 +110,15 @@ def study_budget(study_dir=STUDY_DIR):
 
 
 def arithmetic(run):
-    """"AVX2, fp32": what decides a run's rounding beside its seed, the instruction set (or GPU)
-    and the precision; two runs of one seed agree only where this agrees."""
+    """"AVX2, 1 thread, fp32": what decides a run's rounding beside its seed, the instruction set
+    (or GPU), on a CPU the thread count (a reduction splits by thread), and the precision; two
+    runs of one seed agree only where this agrees."""
     hardware = run["hardware"]
     if hardware.get("device") == "cuda" and hardware.get("gpu"):
         return f"{hardware['gpu']}, {run['precision']}"
-    return f"{hardware.get('cpu_capability', hardware['cpu'])}, {run['precision']}"
+    threads = hardware.get("cpu_threads")
+    count = f", {threads} thread{'s' * (threads != 1)}" if threads else ""
+    return f"{hardware.get('cpu_capability', hardware['cpu'])}{count}, {run['precision']}"
 
 
 def threads(hardware):

@@ -246,3 +246,17 @@ def test_the_forest_plot_groups_by_variant_sorts_by_effect_and_marks_what_was_ad
     stars = [line for line in fig.axes[0].lines if line.get_marker() == "*"]
     assert len(stars) == 1 and stars[0].get_xdata()[0] == 1.0
     assert (tmp_path / "forest.png").exists()
+
+
+def test_a_seed_pairs_with_the_baseline_run_in_its_own_cpu_arithmetic_thread_count_included():
+    # a LayerNorm run repeated with 2 threads differed from its 1-thread original; with 1 it did not
+    def run(seed, threads, acc=0.8):
+        return {"seed": seed, "precision": "fp32", "final_test_acc": acc,
+                "hardware": {"device": "cpu", "cpu": "AMD EPYC", "cpu_capability": "AVX2",
+                             "cpu_threads": threads}}
+
+    change = [run(0, 1)]
+    first, again = [run(0, 2, acc=0.79)], [run(0, 1, acc=0.78)]
+    assert compare.arithmetic(change[0]) == "AVX2, 1 thread, fp32"
+    assert compare.arithmetic(first[0]) == "AVX2, 2 threads, fp32"
+    assert compare.alike_base(change, first, again) == again  # same threads, not the first arm

@@ -3,6 +3,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from model import build_model
@@ -38,6 +39,17 @@ def test_one_ulp_in_one_logged_value_is_a_difference_and_is_located(reference, t
     result = repeat.repeat(reference, tiny_data, epochs=2)
     assert not result["identical"]
     assert result["first_difference"] == (2, "test_loss")
+
+
+def test_the_repeat_runs_with_the_reference_runs_cpu_threads(reference, tiny_data):
+    # a LayerNorm run repeated with 2 threads differed from its 1-thread original; with 1 it did not
+    before = torch.get_num_threads()
+    reference["hardware"]["cpu_threads"] = 1 if before > 1 else 2
+    try:
+        repeat.repeat(reference, tiny_data, epochs=1)
+        assert torch.get_num_threads() == reference["hardware"]["cpu_threads"]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_runs_it_cannot_repeat_are_refused_with_the_reason(reference, tiny_data):

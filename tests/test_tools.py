@@ -629,8 +629,8 @@ def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own
               ("batch", "muon+sep+aflip", 20): [arithmetic_run(0.84, 0, "AVX2", "fp32")],
               ("batch", "aflip", 20): [arithmetic_run(0.70, 0, "AVX2", "fp32")]}
     text = report.arithmetic_section(tuning, {("batch", "muon", 20): again})
-    assert ("| batch | muon | 0, 1 | AVX512, bf16, 81.75 | AVX2, fp32, 81.00 | -1.00, -0.50 | "
-            "-0.75 [-3.93, +2.43] |") in text
+    assert ("| batch | muon | 0, 1 | AVX512, 1 thread, bf16, 81.75 | AVX2, 1 thread, fp32, 81.00 "
+            "| -1.00, -0.50 | -0.75 [-3.93, +2.43] |") in text
     # +0.30, +0.40 against the re-runs, -0.70, -0.10 against the first runs of other arithmetic
     assert "| batch | muon+aflip | 0, 1 | -0.40 [-4.21, +3.41] | +0.35 [-0.29, +0.99] |" in text
     assert "muon+skipinit" not in text  # its one seed ran in the first runs' arithmetic: no pair
@@ -726,8 +726,12 @@ def test_the_cpu_lever_grid_runs_only_in_the_arithmetic_of_the_runs_it_pairs_wit
     monkeypatch.setattr(tune.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with pytest.raises(SystemExit, match="AVX2 kernels without --precision fp32"):
         tune.main(["--grid", "levers-cpu", "--precision", "bf16"])
+    monkeypatch.setattr(tune.os, "cpu_count", lambda: 4)
+    with pytest.raises(SystemExit, match="--jobs 2 gives each run 2 threads on this 4-core "
+                                         "machine: pass --jobs 4"):
+        tune.main(["--grid", "levers-cpu", "--jobs", "2", "--precision", "fp32"])
     assert not started
-    tune.main(["--grid", "levers-cpu", "--precision", "fp32"])
+    tune.main(["--grid", "levers-cpu", "--jobs", "4", "--precision", "fp32"])
     names = [name for name, *_ in started[0]]
     # levers' arms, and today's recipe only on seeds the learning-per-epoch study lacks:
     # a repeat of one of its runs would pair a lever with a second baseline

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -57,7 +59,8 @@ def reference_data(reference, source=None):
 
 
 def repeat(reference, data, epochs, device="cpu"):
-    """Re-train the reference's first `epochs` epochs on `data`; return the comparison:
+    """Re-train the reference's first `epochs` epochs on `data`, on a CPU with the reference's
+    thread count; return the comparison:
     {"identical": bool, "first_difference": (epoch, field) or None, "epochs": [...]}."""
     if epochs > len(reference["history"]["epoch"]):
         raise RepeatError(f"the run logged {len(reference['history']['epoch'])} epochs; "
@@ -66,6 +69,9 @@ def repeat(reference, data, epochs, device="cpu"):
     if precision not in PRECISIONS or precision == "auto":  # "auto" is resolved before a run
         raise RepeatError(f"the run's precision is {precision!r}, not one precision throughout; "
                           f"pick a run that never changed machines")
+    threads = reference.get("hardware", {}).get("cpu_threads")
+    if device == "cpu" and threads:  # reductions split by thread: the count is arithmetic
+        torch.set_num_threads(threads)  # kept after the call, so that hardware_info records it
     model_config, train_config = with_defaults(reference["model_config"],
                                                reference["train_config"])
     config = TrainConfig(**{**train_config, "precision": precision})

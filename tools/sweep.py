@@ -25,6 +25,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -107,6 +109,12 @@ def main(argv=None):
             args.images_dir, train_args, args.jobs, args.log_dir)
 
 
+def threads_per_run(jobs):
+    """The CPU threads each of `jobs` runs at a time gets: the cores shared out, or with one
+    job torch's own count (OMP_NUM_THREADS, else every core)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else torch.get_num_threads()
+
+
 def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs"):
     """Run train.py for each (name, arguments[, its own out_dir]) of `runs`, `jobs` at a time,
     skipping those whose results file exists and resuming from their checkpoints; exit non-zero
@@ -122,7 +130,7 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
 
     env = dict(os.environ)
     if jobs > 1:  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        env["OMP_NUM_THREADS"] = str(threads_per_run(jobs))
         Path(log_dir).mkdir(parents=True, exist_ok=True)
 
     def run(job):

@@ -26,6 +26,7 @@ study's runs (docs/learning-per-epoch.md, "Same seeds, other arithmetic") before
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from results import ResultsFileError, finished, run_name  # noqa: E402
-from sweep import run_all  # noqa: E402
+from sweep import run_all, threads_per_run  # noqa: E402
 from train import flag_name  # noqa: E402
 from utils import FIRST_DEFAULTS  # noqa: E402
 from variants import DEFAULT, canonical_norm, course_variants, get_variant  # noqa: E402
@@ -269,9 +270,10 @@ GRID_AVX2 = {"levers-cpu"}
 AVX2_CAPS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
 
 
-def check_grid_device(grid, train_args=()):
+def check_grid_device(grid, train_args=(), jobs=1):
     """Fail in one line, before any run starts, where this machine's runs would not share the
-    arithmetic of the grid's runs so far (a CPU run paired with an H200 run measures both)."""
+    arithmetic of the grid's runs so far (a CPU run paired with an H200 run measures both; a
+    CPU run with 2 threads, one with 1: normalization's reductions split by thread)."""
     need = GRID_GPUS.get(grid)
     have = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
     if need and need not in have:
@@ -289,6 +291,11 @@ def check_grid_device(grid, train_args=()):
                              f"{'' if fp32 else ' without --precision fp32'}: run it on a "
                              f"CPU-only machine as {AVX2_CAPS} tools/tune.py --grid {grid} "
                              f"--jobs 2 --precision fp32")
+        threads = threads_per_run(jobs)
+        if threads != 1:
+            raise SystemExit(f"error: the {grid} grid's runs pair only with 1-thread runs, and "
+                             f"--jobs {jobs} gives each run {threads} threads on this "
+                             f"{os.cpu_count()}-core machine: pass --jobs {os.cpu_count()}")
 
 
 def grid_plan(grid):
@@ -331,7 +338,7 @@ def main(argv=None):
             return
         if args.jobs < 1:
             p.error("--jobs must be at least 1")
-        check_grid_device(args.grid, train_args)
+        check_grid_device(args.grid, train_args, args.jobs)
         run_all(runs, args.out_dir, args.images_dir, train_args, args.jobs,
                 log_dir="runs/logs/tuning")
         return
