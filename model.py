@@ -99,7 +99,7 @@ class ModelConfig:
     group_size: int = 0       # GroupNorm only: groups of this many channels instead; 0: off
     widths: tuple = (32, 64, 88)  # channels at 32x32, 16x16 and 8x8
     dropout: float = 0.0      # Dropout2d rate after each 3x3 block; 0: off
-    activation: str = "relu"  # after each norm: relu, gelu, silu or celu
+    activation: str = "silu"  # after each norm: relu, gelu, silu or celu
     num_classes: int = 10     # logits
     identity_init: str = "off"  # residual branches start as identity: off, skipinit (a gain
                                 # from 0 on each branch) or dirac (3x3 convs plus identity)

@@ -82,9 +82,10 @@ def plot_misclassified(mistakes, classes, path=None, title="", ncols=5, show=Fal
     return finish_figure(fig, path, show, source)
 
 
-def plot_data_preview(data, path=None, per_class=5, seed=0, pad=4, flip=True, show=False):
+def plot_data_preview(data, path=None, *, pad, flip, per_class=5, seed=0, show=False):
     """A row per class: `per_class` training images as stored, then the same images as the
-    training loader augments them (crop from the `pad`-pixel reflect-padded image, flip).
+    training loader augments them (crop from the `pad`-pixel reflect-padded image, flip): pass
+    the run's TrainConfig.pad and .flip, so the preview shows what the run trains on.
     Returns the figure and the indices of the images shown (one row per class, in class order)."""
     keep = stratified_indices(data.train_y, per_class, seed)
     rows = [keep[data.train_y[keep] == c] for c in range(len(data.classes))]

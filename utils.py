@@ -41,7 +41,7 @@ class TrainConfig:
     seed: int = 0                 # model init, data order, augmentation, dropout
     eval_batch_size: int = 1000   # images per evaluation forward pass
     ema_decay: float = 0.0        # evaluate an EMA of the weights with this decay per step; 0: off
-    pad: int = 4                  # random-crop padding in pixels (reflect); 0: no crop
+    pad: int = 2                  # random-crop padding in pixels (reflect); 0: no crop
     flip: bool = True             # random horizontal flips while training
     precision: str = "auto"       # auto, fp32, bf16 or fp16; auto picks by device (precision.py)
     compile: bool = False         # torch.compile the model; its compile time outweighs its gain here
@@ -242,8 +242,10 @@ def recipe(config):
 
 # The first default of every setting whose default has changed (recipe v1, tools/tune.py's
 # starting point): a file from before a setting existed ran its first default (SGD before
-# 2026-11-24, full 3x3 convs before 2026-12-01); widths, recorded by every file, only for tune.py.
-FIRST_DEFAULTS = {"optimizer": "sgd", "conv": "full", "widths": (16, 28, 32)}
+# 2026-11-24, full 3x3 convs before 2026-12-01, 4-pixel padding and ReLU before 2026-12-06);
+# widths, recorded by every file, only for tune.py.
+FIRST_DEFAULTS = {"optimizer": "sgd", "conv": "full", "widths": (16, 28, 32), "pad": 4,
+                  "activation": "relu"}
 
 
 def with_defaults(model_config, train_config):

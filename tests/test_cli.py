@@ -7,6 +7,7 @@ from PIL import Image as PILImage
 from conftest import ROOT, make_archive
 from model import ModelConfig
 from results import run_name
+from utils import TrainConfig
 
 
 def run_train(*args, cwd, env_cache):
@@ -70,10 +71,10 @@ def test_run_names_differ_whenever_the_settings_do():
     assert run_name("group", 1, lr=0.2, num_groups=8) == "group_seed1_lr0.2_g8"
     assert run_name("layer", 0, num_groups=8) == "layer_seed0"  # only GroupNorm reads --groups
     assert run_name("batch", 0, epochs=20, batch_size=128) == "batch_seed0"  # defaults: no tag
-    assert run_name("batch", 0, widths=[24, 32, 28], activation="gelu", pad=2, flip=False,
-                    validation=500) == "batch_seed0_w24-32-28_gelu_pad2_flip0_val500"
-    assert run_name("batch", 0, widths=ModelConfig.widths, activation="relu", flip=True) == \
-        "batch_seed0"
+    assert run_name("batch", 0, widths=[24, 32, 28], activation="gelu", pad=4, flip=False,
+                    validation=500) == "batch_seed0_w24-32-28_gelu_pad4_flip0_val500"
+    assert run_name("batch", 0, widths=ModelConfig.widths, activation=ModelConfig.activation,
+                    pad=TrainConfig.pad, flip=True) == "batch_seed0"
 
 
 def test_a_short_run_never_touches_a_full_runs_checkpoint_or_results(image_tree, tmp_path):

@@ -639,7 +639,7 @@ def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own
     assert report.arithmetic_section(tuning, {}).startswith("No re-runs yet")
 
 
-def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_point_bar():
+def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point_bar():
     def runs(acc, seeds=(0, 1, 2, 3)):
         return [{**fake_tuning_run(a, s, epochs=20),
                  "data": {"train_images": 45000, "test_images": 5000,
@@ -653,25 +653,25 @@ def test_levers_section_pairs_each_lever_with_todays_recipe_and_reads_the_half_p
     text = report.levers_section(levers)
     lines = text.splitlines()
     assert [line.split(" | ")[1] for line in lines if line.startswith("| batch")] == [
-        "(today's recipe)", "silu", "mdw", "dil2"]  # largest mean gain first
+        "(recipe v3)", "silu", "mdw", "dil2"]  # largest mean gain first
     assert row(text, "| batch | silu |").endswith("| wins | yes |")
     assert row(text, "| batch | mdw |").endswith("| no decision | no |")  # mean +0.5, straddles
     assert "| -1.00 [-1.00, -1.00] | loses | no |" in row(text, "| batch | dil2 |")
     assert "- BatchNorm: met by silu" in text
-    # the greedy step: a stack on the winner is judged against the winner, not today's recipe
+    # the greedy step: a stack on the winner is judged against the winner, not recipe v3
     levers[("batch", "muon+sep+silu+mdw", 20)] = runs([0.846, 0.856, 0.845, 0.856])
     stack = row(report.levers_section(levers), "| batch | silu+mdw |")
     assert "| silu | +0.00, +0.00, +0.00, +0.00 |" in stack
-    # ... while the bar is read over today's recipe: the stack keeps silu's +0.57
+    # ... while the bar is read over recipe v3: the stack keeps silu's +0.57
     assert stack.endswith("| yes (+0.57 [+0.50, +0.65]) |")
     del levers[("batch", "muon+sep+silu+mdw", 20)]
     del levers[("batch", "muon+sep+silu", 20)]
     assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
-           "mean gain over today's recipe is mdw, +0.50" in report.levers_section(levers)
+           "mean gain over recipe v3 is mdw, +0.50" in report.levers_section(levers)
     assert "No lever runs yet: `tools/tune.py --grid levers`" in report.levers_section({})
-    # the CPU part: today's recipe and the changes on it, out of the learning-per-epoch study
+    # the CPU part: recipe v3 and the changes on it, out of the learning-per-epoch study
     tuning = {**levers, ("batch", "muon", 20): runs([0.83] * 4)}
-    assert list(report.on_today(tuning)) == list(levers)
+    assert list(report.on_lever_base(tuning)) == list(levers)
     assert "No lever runs yet: `tools/tune.py --grid levers-cpu`" in report.levers_section(
         {("batch", "muon+sep", 20): levers[("batch", "muon+sep", 20)]}, "levers-cpu")
 
@@ -733,11 +733,11 @@ def test_the_cpu_lever_grid_runs_only_in_the_arithmetic_of_the_runs_it_pairs_wit
     assert not started
     tune.main(["--grid", "levers-cpu", "--jobs", "4", "--precision", "fp32"])
     names = [name for name, *_ in started[0]]
-    # levers' arms, and today's recipe only on seeds the learning-per-epoch study lacks:
+    # levers' arms, and recipe v3 only on seeds the learning-per-epoch study lacks:
     # a repeat of one of its runs would pair a lever with a second baseline
     study = {name for name, *_ in tune.grid_plan(tune.per_epoch_grid())}
     assert names[0] == "batch_muon+sep+pad2+silu_e20_seed0" and not study & set(names)
-    assert {int(n.rsplit("seed", 1)[1]) for n in names if n.split("_")[1] == tune.TODAY} \
+    assert {int(n.rsplit("seed", 1)[1]) for n in names if n.split("_")[1] == tune.LEVER_BASE} \
         == set(tune.EXTRA_SEEDS)
     assert {folder for *_, folder in started[0]} == {tune.OUT_DIR}
 

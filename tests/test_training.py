@@ -281,7 +281,8 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
 
 
 def test_data_preview_shows_a_row_per_class_and_the_augmented_copies(tiny_data, tmp_path):
-    fig, shown = plot_data_preview(tiny_data, tmp_path / "preview.png", per_class=3)
+    fig, shown = plot_data_preview(tiny_data, tmp_path / "preview.png", pad=2, flip=True,
+                                    per_class=3)
     assert (tmp_path / "preview.png").stat().st_size > 0
     assert shown.shape == (10, 3)
     assert [set(tiny_data.train_y[row].tolist()) for row in shown] == [{c} for c in range(10)]

@@ -113,7 +113,8 @@ def notebook(norm):
         new_code_cell("plot_norm_axes(show=True);"),
         new_markdown_cell("## The data\n\nA row per class: training images as stored, then "
                           "the same images as the training loader augments them."),
-        new_code_cell("plot_data_preview(data, IMAGES_DIR / \"data_preview.png\", show=True);"),
+        new_code_cell("plot_data_preview(data, IMAGES_DIR / \"data_preview.png\", pad=TrainConfig.pad,\n"
+                      "                  flip=TrainConfig.flip, show=True);"),
         new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(data.classes)"),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"

@@ -59,12 +59,13 @@ EPOCHS_FIGURE = IMAGES / "equivalent_epochs.png"
 FOREST_FIGURE = IMAGES / "technique_forest.png"
 LEVERS_DIR = tune.LEVERS_DIR
 LEVER_FIGURE = IMAGES / "lever_forest.png"
-LEVER_GAIN = 0.5  # issue 52's bar: a lever +0.5 over today's recipe, its interval above zero
+LEVER_GAIN = 0.5  # issue 52's bar: a lever +0.5 over recipe v3, its interval above zero
 # Earlier recipes' final runs, kept beside today's for a before/after comparison, oldest first:
 # (folder under results/, the label of their rows).
 ARCHIVES = [("before-study", "before the study"),  # published before the recipe study
             ("recipe-v1", "recipe v1"),            # the recipe study's, before learning per epoch
-            ("recipe-v2", "recipe v2")]            # Muon, before separable blocks
+            ("recipe-v2", "recipe v2"),            # Muon, before separable blocks
+            ("recipe-v3", "recipe v3")]            # separable blocks, before pad2 + SiLU
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
 GPU_DIR = ROOT / "results" / "gpu"  # tools/gpu_check.py's outputs, one folder per GPU
@@ -588,30 +589,30 @@ def per_epoch_section(tuning, ceiling, reruns=None):
     return "\n".join(lines)
 
 
-def on_today(groups):
-    """The groups of `groups` ({(variant, configuration, epochs): runs}) that are today's recipe
+def on_lever_base(groups):
+    """The groups of `groups` ({(variant, configuration, epochs): runs}) that are recipe v3
     or a change on top of it: the lever study's share of the learning-per-epoch study's runs."""
     return {key: runs for key, runs in groups.items()
-            if key[1] == tune.TODAY or key[1].startswith(f"{tune.TODAY}+")}
+            if key[1] == tune.LEVER_BASE or key[1].startswith(f"{tune.LEVER_BASE}+")}
 
 
 def lever_rows(levers):
-    """Each lever of the lever study (results/levers-h200/) against today's recipe run in the
+    """Each lever of the lever study (results/levers-h200/) against recipe v3 run in the
     same folder, same variant and seeds, or a stack of levers against the one it stacks on
     (greedy_reference): technique_rows()' keys, by variant, largest gain first, and
-    "over_today", its paired difference with today's recipe (the bar's)."""
+    "over_base", its paired difference with recipe v3 (the bar's)."""
     rows = []
     for (variant, config, epochs), runs in levers.items():
-        if config == tune.TODAY or epochs != 20 or (variant, tune.TODAY, 20) not in levers:
+        if config == tune.LEVER_BASE or epochs != 20 or (variant, tune.LEVER_BASE, 20) not in levers:
             continue
-        reference = greedy_reference(levers, variant, config, tune.TODAY)
+        reference = greedy_reference(levers, variant, config, tune.LEVER_BASE)
         diff = compare.paired_difference(runs, levers[(variant, reference, 20)])
         rows.append({"variant": variant, "config": config, "runs": runs,
                      "mean": statistics.mean(_accs(runs)),
-                     "against": "today's recipe" if reference == tune.TODAY else
+                     "against": "recipe v3" if reference == tune.LEVER_BASE else
                      lever_name(reference), "diff": diff, "decision": decision(diff),
-                     "over_today": diff if reference == tune.TODAY else
-                     compare.paired_difference(runs, levers[(variant, tune.TODAY, 20)]),
+                     "over_base": diff if reference == tune.LEVER_BASE else
+                     compare.paired_difference(runs, levers[(variant, tune.LEVER_BASE, 20)]),
                      "adopted": False})
     # unpaired rows (no shared seed: no mean) after the paired ones
     return sorted(rows, key=lambda r: (tuple(REGISTRY).index(r["variant"]),
@@ -619,8 +620,8 @@ def lever_rows(levers):
 
 
 def lever_name(config):
-    """"silu" for "muon+sep+silu": a lever by what it adds to today's recipe."""
-    return config.removeprefix(f"{tune.TODAY}+")
+    """"silu" for "muon+sep+silu": a lever by what it adds to recipe v3."""
+    return config.removeprefix(f"{tune.LEVER_BASE}+")
 
 
 def clears_gain(diff):
@@ -630,48 +631,48 @@ def clears_gain(diff):
 
 
 def levers_section(levers, grid="levers"):
-    """The lever study's table: today's recipe, then each lever on it, paired by seed; a line
-    per variant saying whether any lever (a stack: over today's recipe) clears +LEVER_GAIN with
+    """The lever study's table: recipe v3, then each lever on it, paired by seed; a line
+    per variant saying whether any lever (a stack: over recipe v3) clears +LEVER_GAIN with
     its interval above zero. `grid`: tools/tune.py's grid that runs them."""
     if not any(lever_rows(levers)):
         return f"No lever runs yet: `tools/tune.py --grid {grid}`."
-    lines = ["| variant | lever on today's recipe | flags | params | seeds | val. acc. mean "
+    lines = ["| variant | lever on recipe v3 | flags | params | seeds | val. acc. mean "
              "(min–max) | compared with | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
-             f"+{LEVER_GAIN} over today's recipe, interval above 0 |",
+             f"+{LEVER_GAIN} over recipe v3, interval above 0 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows, verdicts = lever_rows(levers), []
     for variant in REGISTRY:
-        base = levers.get((variant, tune.TODAY, 20))
+        base = levers.get((variant, tune.LEVER_BASE, 20))
         if not base:
             continue
         accs = _accs(base)
-        lines.append(f"| {variant} | (today's recipe) | `{' '.join(tune.change_flags(tune.TODAY))}` "
+        lines.append(f"| {variant} | (recipe v3) | `{' '.join(tune.change_flags(tune.LEVER_BASE))}` "
                      f"| {base[0]['num_params']:,} | {_seeds(base)} | {statistics.mean(accs):.2f} "
                      f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - | - |")
         mine = [r for r in rows if r["variant"] == variant]
         for row in mine:
             accs = _accs(row["runs"])
-            flags = " ".join(tune.change_flags(row["config"])[len(tune.change_flags(tune.TODAY)):])
+            flags = " ".join(tune.change_flags(row["config"])[len(tune.change_flags(tune.LEVER_BASE)):])
             lines.append(
                 f"| {variant} | {lever_name(row['config'])} | `{flags}` | "
                 f"{row['runs'][0]['num_params']:,} | {_seeds(row['runs'])} | "
                 f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {row['against']} | "
                 f"{', '.join(f'{d:+.2f}' for d in row['diff']['diffs']) or '-'} | "
                 f"{_delta(row['diff'], row['runs'])} | {row['decision']} | "
-                f"{'yes' if clears_gain(row['over_today']) else 'no'}"
-                f"{'' if row['over_today'] is row['diff'] else ' (' + _delta(row['over_today']) + ')'} |")
-        paired = [r for r in mine if r["over_today"]["low"] is not None]
+                f"{'yes' if clears_gain(row['over_base']) else 'no'}"
+                f"{'' if row['over_base'] is row['diff'] else ' (' + _delta(row['over_base']) + ')'} |")
+        paired = [r for r in mine if r["over_base"]["low"] is not None]
         if paired:
-            best = max(paired, key=lambda r: r["over_today"]["mean"])
-            above = [f"{lever_name(r['config'])} ({_delta(r['over_today'])})" for r in paired
-                     if r["over_today"]["low"] > 0]
-            met = [r for r in paired if clears_gain(r["over_today"])]
+            best = max(paired, key=lambda r: r["over_base"]["mean"])
+            above = [f"{lever_name(r['config'])} ({_delta(r['over_base'])})" for r in paired
+                     if r["over_base"]["low"] > 0]
+            met = [r for r in paired if clears_gain(r["over_base"])]
             verdicts.append(
                 f"{REGISTRY[variant].title}: "
                 + (f"met by {', '.join(lever_name(r['config']) for r in met)}"
                    if met else f"missed: no lever gains +{LEVER_GAIN} with its interval above "
-                               f"zero; the largest mean gain over today's recipe is {lever_name(best['config'])}, "
-                               f"{_delta(best['over_today'])}")
+                               f"zero; the largest mean gain over recipe v3 is {lever_name(best['config'])}, "
+                               f"{_delta(best['over_base'])}")
                 + (f"; interval above zero: {', '.join(above)}" if above else
                    "; no interval lies above zero") + ".")
     every = [r for runs in levers.values() for r in runs]
@@ -686,7 +687,7 @@ def levers_section(levers, grid="levers"):
                   f"single-view validation accuracy (%) after the last epoch; "
                   f"{'; '.join(hardware)}; {' to '.join(sorted({dates[0], dates[-1]}))}. Each "
                   f"lever is paired with the run of the same seed of what it is compared with "
-                  f"(today's recipe, or the winning lever a stack builds on), in the same "
+                  f"(recipe v3, or the winning lever a stack builds on), in the same "
                   f"folder (same initialization, data order and arithmetic); verdicts as in "
                   f"the learning-per-epoch study (4 paired seeds, then 8).",
               "", f"The bar (+{LEVER_GAIN} points with the interval above zero), per variant:",
@@ -696,34 +697,34 @@ def levers_section(levers, grid="levers"):
 
 def recipe_choice_section(levers):
     """One recipe for all three variants or one per variant (issue 52): each change measured on
-    more than one variant, by variant, its validation mean and paired gain over today's recipe,
+    more than one variant, by variant, its validation mean and paired gain over recipe v3,
     and the variants on which it clears the bar; a change joins one recipe for all only if it
     clears the bar on every variant, else the README shows both comparisons."""
     rows = {(r["variant"], r["config"]): r for r in lever_rows(levers)}
-    variants = [v for v in REGISTRY if (v, tune.TODAY, 20) in levers]
+    variants = [v for v in REGISTRY if (v, tune.LEVER_BASE, 20) in levers]
     shared = [c for c in dict.fromkeys(config for _, config in rows)
               if sum((v, c) in rows for v in variants) > 1]
     if not shared:
         return "No change measured on more than one variant yet."
-    lines = ["| today's recipe + | " + " | ".join(REGISTRY[v].title for v in variants)
+    lines = ["| recipe v3 + | " + " | ".join(REGISTRY[v].title for v in variants)
              + f" | +{LEVER_GAIN} with its interval above 0 on |",
              "|---|" + "---|" * len(variants) + "---|",
              "| (nothing) | " + " | ".join(
-                 f"{statistics.mean(_accs(levers[(v, tune.TODAY, 20)])):.2f} "
-                 f"({len(levers[(v, tune.TODAY, 20)])} seeds)" for v in variants) + " | - |"]
+                 f"{statistics.mean(_accs(levers[(v, tune.LEVER_BASE, 20)])):.2f} "
+                 f"({len(levers[(v, tune.LEVER_BASE, 20)])} seeds)" for v in variants) + " | - |"]
     for config in sorted(shared, key=lambda c: (-sum((v, c) in rows for v in variants), c)):
         mine = [rows.get((v, config)) for v in variants]
         cells = ["not run" if r is None else
-                 f"{r['mean']:.2f}: {_delta(r['over_today'])} ({len(r['runs'])} seeds)"
+                 f"{r['mean']:.2f}: {_delta(r['over_base'])} ({len(r['runs'])} seeds)"
                  for r in mine]
         met = [REGISTRY[v].title for v, r in zip(variants, mine)
-               if r is not None and clears_gain(r["over_today"])]
+               if r is not None and clears_gain(r["over_base"])]
         lines.append(f"| {lever_name(config)} | {' | '.join(cells)} | "
                      f"{'every variant' if len(met) == len(variants) else ', '.join(met) or 'none'} |")
     return "\n".join(lines + [
         "", "Validation accuracy (%) after 20 epochs, the runs of the table above; each cell: "
-            "the change's mean, then its mean paired difference from today's recipe with the "
-            "95% interval (seeds shared with today's recipe)."])
+            "the change's mean, then its mean paired difference from recipe v3 with the "
+            "95% interval (seeds shared with recipe v3)."])
 
 
 def arithmetic_section(tuning, reruns):
@@ -811,8 +812,8 @@ SECTIONS = [
     ("per-epoch", lambda f: per_epoch_section(f["tuning"], f["ceiling"], f["arithmetic"])),
     ("arithmetic", lambda f: arithmetic_section(f["tuning"], f["arithmetic"])),
     ("levers", lambda f: levers_section(f["levers"])),
-    ("levers-cpu", lambda f: levers_section(on_today(f["tuning"]), "levers-cpu")),
-    ("recipe-choice", lambda f: recipe_choice_section(on_today(f["tuning"]))),
+    ("levers-cpu", lambda f: levers_section(on_lever_base(f["tuning"]), "levers-cpu")),
+    ("recipe-choice", lambda f: recipe_choice_section(on_lever_base(f["tuning"]))),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
@@ -999,7 +1000,7 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=N
             if r["diff"]["low"] is not None]
     if rows:
         compare.plot_technique_forest(rows, LEVER_FIGURE, title=(
-            "Each lever on today's recipe at 20 epochs (GPU, paired seeds)\n"
+            "Each lever on recipe v3 at 20 epochs (GPU, paired seeds)\n"
             "filled: interval above zero (wins)"))
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)

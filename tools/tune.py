@@ -11,7 +11,7 @@
     python tools/tune.py --grid --jobs 8
     # the lever study's grid (issue 52), on a GPU, many runs at a time
     python tools/tune.py --grid levers --jobs 14
-    # its part on the CPU, paired with results/tuning/'s runs of today's recipe (AVX2 fp32)
+    # its part on the CPU, paired with results/tuning/'s runs of recipe v3 (AVX2 fp32)
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python tools/tune.py --grid levers-cpu --jobs 2 --precision fp32
 
@@ -174,8 +174,8 @@ def plan(configs, seeds, epochs, norm=DEFAULT):
 def per_epoch_grid():
     """The learning-per-epoch study (README), as [(variant, configurations, epochs, seeds,
     folder)] in the order worth running: each winner on every variant first (the recipe
-    changes only when it holds on all three), then the next candidates on top of today's
-    recipe (Muon + separable blocks), the candidates measured on top of Muon alone, the ceiling
+    changes only when it holds on all three), then the next candidates on top of recipe
+    v3 (Muon + separable blocks), the candidates measured on top of Muon alone, the ceiling
     scale, and the single changes for the ablation table. A pair whose interval still straddles
     zero after its first 4 seeds joins the grid with EXTRA_SEEDS for both arms."""
     every, seeds = course_variants(), PROTOCOL_SEEDS
@@ -218,8 +218,8 @@ def per_epoch_grid():
 # The lever study (issue 52) ran on a lent GPU: its pairs share that GPU's arithmetic (bf16),
 # so its runs live apart from results/tuning's CPU fp32 ones and are paired only among themselves
 LEVERS_DIR = ROOT / "results" / "levers-h200"
-TODAY = "muon+sep"  # today's recipe (recipe v3) in CONFIGS' terms
-# Each lever alone on top of today's recipe, in the order of the effect expected: the recipe
+LEVER_BASE = "muon+sep"  # the lever study's baseline: recipe v3, the defaults until 2026-12-06
+# Each lever alone on top of recipe v3, in the order of the effect expected: the recipe
 # study's 2-seed hint (GELU), then the separable blocks' untuned parts, then the rates
 LEVERS = ["gelu", "mdw", "dw5", "se4", "ema0.998", "dil2", "lr0.2", "silu", "wd1e-3",
           "warmup0.1", "dwlr4", "w24-52-96", "lr0.05", "wd2e-4", "bs64"]
@@ -227,39 +227,39 @@ LEVERS = ["gelu", "mdw", "dw5", "se4", "ema0.998", "dil2", "lr0.2", "silu", "wd1
 
 def lever_grid():
     """The lever study (docs/levers.md) as a grid, in the order worth running: every lever alone
-    on BatchNorm, paired with today's recipe on PROTOCOL_SEEDS (the screen); its leaders with
+    on BatchNorm, paired with recipe v3 on PROTOCOL_SEEDS (the screen); its leaders with
     EXTRA_SEEDS for both arms, the greedy stack on the winner, the leaders on LayerNorm and
     GroupNorm; then the screen's last levers."""
-    on_today = [TODAY, *(f"{TODAY}+{lever}" for lever in LEVERS)]
+    on_base = [LEVER_BASE, *(f"{LEVER_BASE}+{lever}" for lever in LEVERS)]
     # the screen's positive means (docs/levers.md): SiLU won at 4 seeds; the others straddled
-    leaders = [f"{TODAY}+{lever}" for lever in ("silu", "mdw", "gelu", "warmup0.1")]
-    return [(DEFAULT, on_today[:-2], 20, PROTOCOL_SEEDS, LEVERS_DIR),  # run 2026-12-04
-            (DEFAULT, [TODAY, *leaders[1:]], 20, EXTRA_SEEDS, LEVERS_DIR),
-            (DEFAULT, [f"{TODAY}+silu+mdw"], 20, PROTOCOL_SEEDS, LEVERS_DIR),
-            *[(v, [TODAY, *leaders], 20, PROTOCOL_SEEDS, LEVERS_DIR) for v in course_variants()
+    leaders = [f"{LEVER_BASE}+{lever}" for lever in ("silu", "mdw", "gelu", "warmup0.1")]
+    return [(DEFAULT, on_base[:-2], 20, PROTOCOL_SEEDS, LEVERS_DIR),  # run 2026-12-04
+            (DEFAULT, [LEVER_BASE, *leaders[1:]], 20, EXTRA_SEEDS, LEVERS_DIR),
+            (DEFAULT, [f"{LEVER_BASE}+silu+mdw"], 20, PROTOCOL_SEEDS, LEVERS_DIR),
+            *[(v, [LEVER_BASE, *leaders], 20, PROTOCOL_SEEDS, LEVERS_DIR) for v in course_variants()
               if v != DEFAULT],
-            (DEFAULT, on_today[-2:], 20, PROTOCOL_SEEDS, LEVERS_DIR)]
+            (DEFAULT, on_base[-2:], 20, PROTOCOL_SEEDS, LEVERS_DIR)]
 
 
 def cpu_lever_grid():
-    """The lever study's part on the CPU (issue 52), for days without a GPU: levers on today's
-    recipe, each paired with the learning-per-epoch study's own runs of today's recipe in
+    """The lever study's part on the CPU (issue 52), for days without a GPU: levers on
+    recipe v3, each paired with the learning-per-epoch study's own runs of recipe v3 in
     results/tuning/ (fp32, AVX2 arithmetic, seeds 0 to 7 on BatchNorm and GroupNorm, 0 to 3 on
     LayerNorm), so that only the lever's arm runs. In order: SiLU stacked on 2-pixel padding on
     BatchNorm (the greedy step on padding, which won here; with SiLU, the GPU screen's one win,
     the likeliest to clear +0.5); SiLU on LayerNorm and GroupNorm, which the GPU has not
     reached; the same stack on LayerNorm, the greedy step there too, as padding won on it, and
     on GroupNorm, where it would make padding and SiLU one recipe for all three; then seeds 4
-    to 7 of both arms of SiLU alone on LayerNorm (undecided at 4; today's recipe has only 0 to 3
+    to 7 of both arms of SiLU alone on LayerNorm (undecided at 4; recipe v3 has only 0 to 3
     there); then Muon for the depthwise filters, the GPU screen's largest mean, on LayerNorm and
     GroupNorm. The BatchNorm stack runs 8 seeds at once, as 4 left its greedy step undecided."""
     others = [v for v in course_variants() if v != DEFAULT]
     without_groups = [v for v in others if not get_variant(v).uses_groups]
-    return [(DEFAULT, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS + EXTRA_SEEDS, OUT_DIR),
-            *[(v, [f"{TODAY}+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
-            *[(v, [f"{TODAY}+pad2+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
-            *[(v, [TODAY, f"{TODAY}+silu"], 20, EXTRA_SEEDS, OUT_DIR) for v in without_groups],
-            *[(v, [f"{TODAY}+mdw"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others]]
+    return [(DEFAULT, [f"{LEVER_BASE}+pad2+silu"], 20, PROTOCOL_SEEDS + EXTRA_SEEDS, OUT_DIR),
+            *[(v, [f"{LEVER_BASE}+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
+            *[(v, [f"{LEVER_BASE}+pad2+silu"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others],
+            *[(v, [LEVER_BASE, f"{LEVER_BASE}+silu"], 20, EXTRA_SEEDS, OUT_DIR) for v in without_groups],
+            *[(v, [f"{LEVER_BASE}+mdw"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others]]
 
 
 GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid, "levers-cpu": cpu_lever_grid}
