@@ -46,8 +46,8 @@ OUT_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = ROOT / "results" / "ceiling"  # recipe v1 beyond 20 epochs: a scale
 
 # Every configuration is a change from the recipe the studies started from (recipe v1: today's
-# defaults at their first values: SGD, full 3x3 convs of 16, 28 and 32 channels), so a name
-# keeps its meaning now that Muon and separable blocks are the defaults.
+# defaults at their first values: SGD, full 3x3 convs of 16, 28 and 32 channels, 4-pixel
+# padding, ReLU), so a name keeps its meaning as the defaults move on.
 RECIPE_V1 = [arg for field, value in FIRST_DEFAULTS.items()
              for arg in (flag_name(field),
                          *map(str, value if isinstance(value, tuple) else [value]))]
