@@ -397,8 +397,10 @@ def test_tuning_combinations_join_the_flags_of_their_parts():
 def test_tuning_base_trains_the_recipe_v1_that_files_from_before_muon_record():
     model, config = train.configs_from(train.parse_args(tune.config_flags("base")))
     assert (model.conv, model.widths) == ("full", (16, 28, 32))  # the defaults until 2026-12-01
+    assert (model.activation, config.pad) == ("relu", 4)  # the defaults until 2026-12-06
     assert config.optimizer == "sgd" != TrainConfig().optimizer
-    old_file = {k: v for k, v in recipe(TrainConfig()).items() if k != "optimizer"}
+    # a file from before Muon: recorded every field but the optimizer, with 4-pixel padding
+    old_file = {k: v for k, v in recipe(TrainConfig(pad=4)).items() if k != "optimizer"}
     assert recipe(config) == with_defaults({}, old_file)[1]
     _, muon = train.configs_from(train.parse_args(tune.config_flags("muon")))
     assert muon.optimizer == "muon"
