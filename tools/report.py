@@ -609,7 +609,7 @@ def lever_rows(levers):
         diff = compare.paired_difference(runs, levers[(variant, reference, 20)])
         rows.append({"variant": variant, "config": config, "runs": runs,
                      "mean": statistics.mean(_accs(runs)),
-                     "against": "recipe v3" if reference == tune.LEVER_BASE else
+                     "against": tune.LEVER_BASE_LABEL if reference == tune.LEVER_BASE else
                      lever_name(reference), "diff": diff, "decision": decision(diff),
                      "over_base": diff if reference == tune.LEVER_BASE else
                      compare.paired_difference(runs, levers[(variant, tune.LEVER_BASE, 20)]),
@@ -636,9 +636,9 @@ def levers_section(levers, grid="levers"):
     its interval above zero. `grid`: tools/tune.py's grid that runs them."""
     if not any(lever_rows(levers)):
         return f"No lever runs yet: `tools/tune.py --grid {grid}`."
-    lines = ["| variant | lever on recipe v3 | flags | params | seeds | val. acc. mean "
+    lines = [f"| variant | lever on {tune.LEVER_BASE_LABEL} | flags | params | seeds | val. acc. mean "
              "(min–max) | compared with | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
-             f"+{LEVER_GAIN} over recipe v3, interval above 0 |",
+             f"+{LEVER_GAIN} over {tune.LEVER_BASE_LABEL}, interval above 0 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows, verdicts = lever_rows(levers), []
     for variant in REGISTRY:
@@ -646,7 +646,7 @@ def levers_section(levers, grid="levers"):
         if not base:
             continue
         accs = _accs(base)
-        lines.append(f"| {variant} | (recipe v3) | `{' '.join(tune.change_flags(tune.LEVER_BASE))}` "
+        lines.append(f"| {variant} | ({tune.LEVER_BASE_LABEL}) | `{' '.join(tune.change_flags(tune.LEVER_BASE))}` "
                      f"| {base[0]['num_params']:,} | {_seeds(base)} | {statistics.mean(accs):.2f} "
                      f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - | - |")
         mine = [r for r in rows if r["variant"] == variant]
@@ -671,7 +671,7 @@ def levers_section(levers, grid="levers"):
                 f"{REGISTRY[variant].title}: "
                 + (f"met by {', '.join(lever_name(r['config']) for r in met)}"
                    if met else f"missed: no lever gains +{LEVER_GAIN} with its interval above "
-                               f"zero; the largest mean gain over recipe v3 is {lever_name(best['config'])}, "
+                               f"zero; the largest mean gain over {tune.LEVER_BASE_LABEL} is {lever_name(best['config'])}, "
                                f"{_delta(best['over_base'])}")
                 + (f"; interval above zero: {', '.join(above)}" if above else
                    "; no interval lies above zero") + ".")
@@ -687,7 +687,7 @@ def levers_section(levers, grid="levers"):
                   f"single-view validation accuracy (%) after the last epoch; "
                   f"{'; '.join(hardware)}; {' to '.join(sorted({dates[0], dates[-1]}))}. Each "
                   f"lever is paired with the run of the same seed of what it is compared with "
-                  f"(recipe v3, or the winning lever a stack builds on), in the same "
+                  f"({tune.LEVER_BASE_LABEL}, or the winning lever a stack builds on), in the same "
                   f"folder (same initialization, data order and arithmetic); verdicts as in "
                   f"the learning-per-epoch study (4 paired seeds, then 8).",
               "", f"The bar (+{LEVER_GAIN} points with the interval above zero), per variant:",
@@ -706,7 +706,7 @@ def recipe_choice_section(levers):
               if sum((v, c) in rows for v in variants) > 1]
     if not shared:
         return "No change measured on more than one variant yet."
-    lines = ["| recipe v3 + | " + " | ".join(REGISTRY[v].title for v in variants)
+    lines = [f"| {tune.LEVER_BASE_LABEL} + | " + " | ".join(REGISTRY[v].title for v in variants)
              + f" | +{LEVER_GAIN} with its interval above 0 on |",
              "|---|" + "---|" * len(variants) + "---|",
              "| (nothing) | " + " | ".join(
@@ -723,8 +723,8 @@ def recipe_choice_section(levers):
                      f"{'every variant' if len(met) == len(variants) else ', '.join(met) or 'none'} |")
     return "\n".join(lines + [
         "", "Validation accuracy (%) after 20 epochs, the runs of the table above; each cell: "
-            "the change's mean, then its mean paired difference from recipe v3 with the "
-            "95% interval (seeds shared with recipe v3)."])
+            f"the change's mean, then its mean paired difference from {tune.LEVER_BASE_LABEL} with the "
+            f"95% interval (seeds shared with {tune.LEVER_BASE_LABEL})."])
 
 
 def arithmetic_section(tuning, reruns):
@@ -1000,7 +1000,7 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=N
             if r["diff"]["low"] is not None]
     if rows:
         compare.plot_technique_forest(rows, LEVER_FIGURE, title=(
-            "Each lever on recipe v3 at 20 epochs (GPU, paired seeds)\n"
+            f"Each lever on {tune.LEVER_BASE_LABEL} at 20 epochs (GPU, paired seeds)\n"
             "filled: interval above zero (wins)"))
     if lr_study:
         compare.plot_lr_study(lr_study, LR_FIGURE)
