@@ -700,6 +700,28 @@ def test_the_recipe_choice_table_shows_each_shared_change_on_every_variant_and_w
         "No change measured on more than one variant yet."
 
 
+def test_the_front_pages_lever_table_gives_each_lever_over_recipe_v3_per_variant_and_arithmetic():
+    def runs(acc, gpu=None):
+        made = [fake_tuning_run(a, s, epochs=20) for s, a in enumerate(acc)]
+        return [{**r, "hardware": {**r["hardware"], "gpu": gpu}} for r in made]
+
+    today = [0.84, 0.85, 0.84, 0.85]
+    cpu = {("batch", "muon+sep", 20): runs(today), ("layer", "muon+sep", 20): runs(today),
+           ("batch", "muon+sep+pad2", 20): runs([a + 0.006 for a in today]),  # +0.6: the bar
+           ("layer", "muon+sep+pad2", 20): runs([a + 0.002 for a in today])}  # +0.2
+    gpu = {("batch", "muon+sep", 20): runs(today, "NVIDIA H200"),
+           ("batch", "muon+sep+dil2", 20): runs([a - 0.01 for a in today], "NVIDIA H200")}
+    text = report.lever_summary_section(gpu, cpu)
+    assert text.splitlines()[0] == "| lever on recipe v3 | flags | runs on | BatchNorm | LayerNorm |"
+    assert row(text, "| pad2 |") == ("| pad2 | `--pad 2` | CPU, bf16 | **+0.60 [+0.60, +0.60] (4)** | "
+                                     "+0.20 [+0.20, +0.20] (4) |")
+    # paired only within its own arithmetic, a variant it skipped said so; largest gain first
+    assert row(text, "| dil2 |") == ("| dil2 | `--depthwise-dilation 2` | NVIDIA H200, bf16 | "
+                                     "-1.00 [-1.00, -1.00] (4) | not run |")
+    assert text.index("| pad2 |") < text.index("| dil2 |")
+    assert report.lever_summary_section({}, {}).startswith("No lever runs yet")
+
+
 def test_the_lever_grid_refuses_a_machine_whose_runs_would_not_pair_with_its_own(monkeypatch):
     started = []
     monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: started.append(runs))

@@ -695,6 +695,44 @@ def levers_section(levers, grid="levers"):
     return "\n".join(lines)
 
 
+def lever_summary_section(gpu_levers, cpu_levers):
+    """The front page's view of the lever study: every lever measured on recipe v3, per
+    variant its mean paired difference from recipe v3 with the 95% interval, one row per lever
+    and arithmetic (the GPU screen's runs pair only with each other, the CPU's likewise); bold
+    where it clears the bar (+LEVER_GAIN, interval above zero)."""
+    cells = {}  # (lever, where) -> {variant: row}
+    for groups in (cpu_levers, gpu_levers):
+        for row in lever_rows(groups):
+            first = row["runs"][0]
+            where = f"{first['hardware'].get('gpu') or 'CPU'}, {first['precision']}"
+            cells.setdefault((lever_name(row["config"]), where), {})[row["variant"]] = row
+    if not cells:
+        return "No lever runs yet: `tools/tune.py --grid levers` or `--grid levers-cpu`."
+
+    def cell(row):
+        if row is None:
+            return "not run"
+        text = f"{_delta(row['over_base'])} ({len(row['over_base']['seeds'])})"
+        return f"**{text}**" if clears_gain(row["over_base"]) else text
+
+    variants = [v for v in REGISTRY if any(v in by_variant for by_variant in cells.values())]
+    best = lambda key: max(r["over_base"]["mean"] if r["over_base"]["mean"] is not None  # noqa: E731
+                           else float("-inf") for r in cells[key].values())
+    lines = [f"| lever on {tune.LEVER_BASE_LABEL} | flags | runs on | "
+             + " | ".join(REGISTRY[v].title for v in variants) + " |",
+             "|---|---|---|" + "---|" * len(variants)]
+    base_flags = len(tune.change_flags(tune.LEVER_BASE))
+    for key in sorted(cells, key=lambda k: (-best(k), k)):
+        flags = " ".join(tune.change_flags(f"{tune.LEVER_BASE}+{key[0]}")[base_flags:])
+        lines.append(f"| {key[0]} | `{flags}` | {key[1]} | "
+                     + " | ".join(cell(cells[key].get(v)) for v in variants) + " |")
+    return "\n".join(lines + [
+        "", f"Validation split, 20 epochs: each cell is the lever's mean paired difference from "
+            f"{tune.LEVER_BASE_LABEL} run in the same arithmetic, in points, with its 95% interval "
+            f"and (the number of paired seeds); bold: +{LEVER_GAIN} with the interval above zero. "
+            f"Tables, verdicts and the greedy steps: [the lever study](docs/levers.md)."])
+
+
 def recipe_choice_section(levers):
     """One recipe for all three variants or one per variant (issue 52): each change measured on
     more than one variant, by variant, its validation mean and paired gain over recipe v3,
@@ -814,6 +852,7 @@ SECTIONS = [
     ("levers", lambda f: levers_section(f["levers"])),
     ("levers-cpu", lambda f: levers_section(on_lever_base(f["tuning"]), "levers-cpu")),
     ("recipe-choice", lambda f: recipe_choice_section(on_lever_base(f["tuning"]))),
+    ("levers-summary", lambda f: lever_summary_section(f["levers"], on_lever_base(f["tuning"]))),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
