@@ -780,3 +780,56 @@ def test_front_page_table_says_how_far_each_mean_is_from_both_targets_and_whethe
         "| ≥ 83: mean met (+0.00); the interval does not clear it | ≥ 86: missed by 3.00 |")
     assert row(text, "| GroupNorm |").endswith("| - | 0 | 46,610 | 20 | ≥ 83: missed by 0.01 | "
                                                "≥ 86: missed by 3.01 |")
+
+
+def test_the_finals_prose_says_which_seeds_are_missing_and_pairs_each_variant_with_the_last_recipe():
+    def finals(accs, variant, seeds=range(5)):
+        return [fake_run(variant, s, a) for s, a in zip(seeds, accs)]
+
+    v3 = {"batch": finals([0.851, 0.855, 0.849, 0.852, 0.853], "batch"),
+          "layer": finals([0.837, 0.835, 0.838, 0.836, 0.839], "layer"),
+          "group": finals([0.838, 0.836, 0.840, 0.836, 0.838], "group")}
+    archives = [("recipe v3", "recipe-v3", v3)]
+    adopted = f"{tune.LEVER_BASE}+{tune.ADOPTED_LEVER}"
+    levers = {key: [fake_tuning_run(a + step, s, epochs=20) for s, a in enumerate([0.84, 0.85, 0.84, 0.85])]
+              for v in ("batch", "layer", "group")
+              for key, step in (((v, tune.LEVER_BASE, 20), 0), ((v, adopted, 20), 0.007))}
+    # each variant +0.5 on seeds 0 to 2, BatchNorm's seed 2 +1.5; seeds 3 and 4 not run yet
+    partial = {v: finals([a + 0.005 + 0.01 * (v == "batch" and s == 2) for s, a in
+                          enumerate(final_accs(v3[v]))][:3], v) for v in v3}
+    text = report.finals_section(partial, archives, levers)
+    assert ("**Its final runs are not complete**: 9 of 15 have run (BatchNorm seeds 0 to 2; "
+            "LayerNorm seeds 0 to 2; GroupNorm seeds 0 to 2); the rest (BatchNorm seeds 3 and 4; "
+            "LayerNorm seeds 3 and 4; GroupNorm seeds 3 and 4) run next") in text
+    assert "+0.70 [+0.70, +0.70] (BatchNorm)" in text and "each clearing the bar of +0.5" in text
+    assert "is +0.83 [-0.60, +2.27] (BatchNorm, 3 seeds), +0.50 [+0.50, +0.50] (LayerNorm, " \
+           "3 seeds)" in text
+    assert "the interval lies above zero for LayerNorm and GroupNorm" in text
+    assert "The next targets (87 / 86 / 86) are missed so far by" in text
+    assert "In today's recipe every BatchNorm run is above every LayerNorm and GroupNorm run, " \
+           "as in recipe v3" in text
+
+    complete = {v: finals([a + 0.005 for a in final_accs(v3[v])], v) for v in v3}
+    text = report.finals_section(complete, archives, levers)
+    assert "Its final runs are complete: 15 runs, seeds 0 to 4 of every variant." in text
+    assert "not complete" not in text and " so far" not in text
+    answer = report.finals_answer(complete, archives)
+    assert "today's recipe (5 seeds each) scores BatchNorm 85.70 ± 0.22% (95% interval " \
+           "[85.42, 85.98]; ≥ 85: mean met (+0.70), the interval clears it; ≥ 87: missed by " \
+           "1.30)" in answer
+    detail = report.finals_section(complete, archives, levers, per_seed=True)
+    assert "BatchNorm 85.60, 86.00, 85.40, 85.70, 85.80% (+0.50, +0.50, +0.50, +0.50, +0.50)" \
+        in detail
+
+
+def final_accs(runs):
+    return [r["final_test_acc"] for r in runs]
+
+
+def test_the_lever_the_front_page_credits_for_todays_recipe_is_todays_defaults():
+    def configs(*flags):
+        return train.configs_from(train.parse_args(["--norm", "batch", *flags]))
+
+    adopted = tune.config_flags(f"{tune.LEVER_BASE}+{tune.ADOPTED_LEVER}")
+    assert configs(*adopted) == configs()
+    assert configs(*tune.config_flags(tune.LEVER_BASE)) != configs()

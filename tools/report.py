@@ -32,7 +32,7 @@ import train  # noqa: E402
 import tune  # noqa: E402
 from compare import load_runs, load_study, study_budget  # noqa: E402
 from results import ResultsFileError, load_results  # noqa: E402
-from variants import DEFAULT, REGISTRY  # noqa: E402
+from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"  # one page per study, their tables generated here too
@@ -765,6 +765,207 @@ def recipe_choice_section(levers):
             f"95% interval (seeds shared with {tune.LEVER_BASE_LABEL})."])
 
 
+FINAL_SEEDS = (0, 1, 2, 3, 4)  # issue 52: five seeds per variant in every recipe's final runs
+
+
+def seed_phrase(seeds):
+    """"seeds 0 to 2", "seeds 0 and 1", "seed 3", "seeds 0, 2 and 4": seeds for prose."""
+    seeds = sorted(seeds)
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]} to {seeds[-1]}"
+    return f"seeds {', '.join(map(str, seeds[:-1]))} and {seeds[-1]}"
+
+
+def _listed(items):
+    """"a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _spread(values):
+    """"1.69 to 2.47": the range of `values`, for prose."""
+    return f"{min(values):.2f} to {max(values):.2f}"
+
+
+def _mean_std(runs):
+    """"85.11 ± 0.38%": the mean test accuracy of `runs` with its sample std."""
+    accs = _accs(runs)
+    return f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}%" if len(accs) > 1 else \
+        f"{accs[0]:.2f}% (1 seed)"
+
+
+def leader(runs):
+    """(best, others, ahead, diff) of `runs` ({variant: runs}): the variant with the best mean,
+    the others, whether every run of the best lies above every run of the others, and the
+    others' paired difference (compare.paired_difference) where there are two; None with fewer
+    than two variants."""
+    variants = [v for v in course_variants() if runs.get(v)]
+    if len(variants) < 2:
+        return None
+    best = max(variants, key=lambda v: statistics.mean(_accs(runs[v])))
+    others = [v for v in variants if v != best]
+    ahead = min(_accs(runs[best])) > max(a for v in others for a in _accs(runs[v]))
+    diff = compare.paired_difference(runs[others[0]], runs[others[1]]) if len(others) == 2 else None
+    return best, others, ahead, diff
+
+
+def leader_sentence(runs, previous, label):
+    """"In today's recipe every BatchNorm run is above every LayerNorm and GroupNorm run, as in
+    recipe v3; LayerNorm − GroupNorm, paired by seed: ..., not separated (recipe v3: ...)" and the like."""
+    now, before = leader(runs), leader(previous)
+    if now is None:
+        return ""
+    best, others, ahead, diff = now
+    names = " and ".join(REGISTRY[v].title for v in others)
+    sentence = (f"In today's recipe every {REGISTRY[best].title} run is above every {names} run"
+                if ahead else f"In today's recipe {REGISTRY[best].title} leads in the mean, "
+                              f"but not every run is above every {names} run")
+    if before and before[:3] == now[:3]:
+        sentence += f", as in {label}"
+
+    def apart(d):
+        return f"{_delta(d)}, {'separated' if d['low'] > 0 or d['high'] < 0 else 'not separated'}"
+    if diff and diff["low"] is not None:
+        sentence += (f"; {REGISTRY[others[0]].title} − {REGISTRY[others[1]].title}, paired by "
+                     f"seed: {apart(diff)}")
+        if before and before[1] == others and before[3]["low"] is not None:
+            sentence += f" ({label}: {apart(before[3])})"
+    return sentence + "."
+
+
+def finals_section(runs, archives, levers, per_seed=False):
+    """Today's recipe's final runs in words, every number from the results files: whether all
+    FINAL_SEEDS have run, each variant's paired difference from the previous recipe's runs of
+    the same seeds (archives[-1]) on the test set beside the adopted lever's on the validation
+    split (`levers`: the lever study's CPU runs), train accuracy and the train-test gap, the
+    next targets and which variant leads. `per_seed`: docs/results.md's version, each seed's
+    accuracy and difference listed."""
+    variants = [v for v in course_variants() if runs.get(v)]
+    if not variants:
+        return ("No final runs of today's recipe yet: `python tools/sweep.py --norms batch layer "
+                f"group --seeds {' '.join(map(str, FINAL_SEEDS))} --out-dir results`.")
+    label, _, previous = archives[-1] if archives else ("the previous recipe", None, {})
+    title = {v: REGISTRY[v].title for v in variants}
+    by_seed = {v: sorted(runs[v], key=lambda r: r["seed"]) for v in variants}
+    missing = {v: [s for s in FINAL_SEEDS if s not in {r["seed"] for r in runs.get(v, [])}]
+               for v in course_variants()}
+    complete = not any(missing.values())
+    adopted = {r["variant"]: r["over_base"] for r in lever_rows(levers)
+               if r["config"] == f"{tune.LEVER_BASE}+{tune.ADOPTED_LEVER}"}
+    tested = {v: compare.paired_difference(by_seed[v], previous.get(v, [])) for v in variants}
+    parts = []
+
+    if adopted and not per_seed:
+        gains = _listed(f"{_delta(adopted[v])} ({title[v]})" for v in variants if v in adopted)
+        bar = f", each clearing the bar of +{LEVER_GAIN}" if all(map(clears_gain, adopted.values())) else ""
+        parts.append(f"The lever study chose it on the validation split before any of these "
+                     f"test-set runs existed: {gains} points over {tune.LEVER_BASE_LABEL}, with "
+                     f"their paired 95% intervals{bar}.")
+    done = sum(map(len, by_seed.values()))
+    if complete:
+        parts.append(f"Its final runs are complete: {done} runs, {seed_phrase(FINAL_SEEDS)} of "
+                     f"every variant.")
+    else:
+        have = "; ".join(f"{title[v]} {seed_phrase([r['seed'] for r in by_seed[v]])}" for v in variants)
+        rest = "; ".join(f"{REGISTRY[v].title} {seed_phrase(s)}" for v, s in missing.items() if s)
+        parts.append(f"**Its final runs are not complete**: {done} of "
+                     f"{len(FINAL_SEEDS) * len(course_variants())} have run ({have}); the rest "
+                     f"({rest}) run next, and until then the intervals are wide and the verdicts "
+                     f"provisional.")
+
+    if per_seed:
+        hardware = sorted({f"{compare.threads(r['hardware'])}, {recorded_precision(r)}"
+                           for rs in by_seed.values() for r in rs})
+        listed = []
+        for v in variants:
+            base = {r["seed"]: 100 * r["final_test_acc"] for r in previous.get(v, [])}
+            diffs = [f"{100 * r['final_test_acc'] - base[r['seed']]:+.2f}" if r["seed"] in base
+                     else "-" for r in by_seed[v]]
+            listed.append(f"{title[v]} {', '.join(f'{a:.2f}' for a in _accs(by_seed[v]))}% "
+                          f"({', '.join(diffs)})")
+        parts.append(f"On the test set ({'; '.join(hardware)}), seed by seed, each with its "
+                     f"difference from {label}'s run of the same seed: {'; '.join(listed)}.")
+
+    paired = [v for v in variants if tested[v]["mean"] is not None]
+    if paired:
+        diffs = _listed(f"{_delta(tested[v])} ({title[v]}, {len(tested[v]['seeds'])} seeds)"
+                        for v in paired)
+        validation = _listed(f"{adopted[v]['mean']:+.2f}" for v in paired if v in adopted)
+        above = [title[v] for v in paired if tested[v]["low"] is not None and tested[v]["low"] > 0]
+        if above:
+            verdict = f"the interval lies above zero for {_listed(above)}"
+        elif complete:
+            verdict = ("no interval lies above zero: the test set does not confirm the gain at "
+                       "95%; the decision stays the validation split's, as the protocol takes it")
+        else:
+            verdict = "no interval lies above zero so far"
+        parts.append(f"Against {label}'s runs of the same seeds, the mean paired difference on "
+                     f"the test set is {diffs} points"
+                     f"{f' (validation: {validation})' if validation else ''}; {verdict}.")
+        rise = [_train_acc(r) - _train_acc(b) for v in paired for r in by_seed[v]
+                for b in previous[v] if b["seed"] == r["seed"]]
+        moved = (f"rose by {_spread(rise)} points on every paired run" if min(rise) > 0 else
+                 f"moved by {min(rise):+.2f} to {max(rise):+.2f} points")
+        gaps = [_train_acc(r) - 100 * r["final_test_acc"] for v in variants for r in by_seed[v]]
+        old_gaps = [_train_acc(r) - 100 * r["final_test_acc"] for v in variants
+                    for r in previous.get(v, [])]
+        parts.append(f"Train accuracy, on the augmented batches, {moved}, and ends "
+                     f"{_spread(gaps)} points above test accuracy ({label}: {_spread(old_gaps)}).")
+
+    if not per_seed:
+        nexts = [v for v in variants if REGISTRY[v].next_target is not None]
+        short = [v for v in nexts if statistics.mean(_accs(by_seed[v])) < REGISTRY[v].next_target]
+        if short:
+            misses = _listed(f"{REGISTRY[v].next_target - statistics.mean(_accs(by_seed[v])):.2f} "
+                             f"({title[v]})" for v in short)
+            uppers = {v: compare.t_interval(_accs(by_seed[v]))[1] for v in short}
+            uppers = {v: u for v, u in uppers.items() if u is not None}
+            reach = [title[v] for v, u in uppers.items() if u >= REGISTRY[v].next_target]
+            ends = (f"; the upper ends of their 95% intervals "
+                    f"({_listed(f'{title[v]} {u:.2f}' for v, u in uppers.items())}) "
+                    f"{'reach the target for ' + _listed(reach) if reach else 'fall short too'}"
+                    if uppers else "")
+            parts.append(f"The next targets ({' / '.join(f'{REGISTRY[v].next_target:.0f}' for v in nexts)}) "
+                         f"are missed{'' if complete else ' so far'} by {misses} points in the "
+                         f"mean{ends}.")
+        if previous:
+            finals = _listed(f"{title[v]} {_mean_std(previous[v])}" for v in variants if previous.get(v))
+            sizes = "/".join(sorted({str(len(rs)) for rs in previous.values()}))
+            parts.append(f"{label[0].upper()}{label[1:]}'s final runs: {finals} ({sizes} seeds "
+                         f"each).")
+        parts.append(leader_sentence(by_seed, previous, label))
+    return " ".join(p for p in parts if p)
+
+
+def finals_answer(runs, archives):
+    """docs/results.md's answer: each variant's mean test accuracy with its 95% interval against
+    the target and the next one, how many of the final runs have run, the previous recipe's
+    final means, and which variant leads."""
+    variants = [v for v in course_variants() if runs.get(v)]
+    if not variants:
+        return "**Answer:** no final runs of today's recipe yet."
+    label, _, previous = archives[-1] if archives else ("the previous recipe", None, {})
+    done, planned = sum(len(runs[v]) for v in variants), len(FINAL_SEEDS) * len(course_variants())
+    scores = []
+    for v in variants:
+        accs = _accs(runs[v])
+        low, high = compare.t_interval(accs)
+        interval = "one seed" if low is None else f"95% interval [{low:.2f}, {high:.2f}]"
+        verdicts = "; ".join(target_verdict(accs, t).replace("; ", ", ") for t in
+                             (REGISTRY[v].target, REGISTRY[v].next_target) if t is not None)
+        scores.append(f"{REGISTRY[v].title} {_mean_std(runs[v])} ({interval}; {verdicts})")
+    status = (f"{len(FINAL_SEEDS)} seeds each" if done == planned else
+              f"{done} of its {planned} final runs so far")
+    before = _listed(f"{REGISTRY[v].title} {_mean_std(previous[v])}" for v in variants
+                     if previous.get(v))
+    return (f"**Answer:** on the JPEG copy's test set, today's recipe ({status}) scores "
+            f"{_listed(scores)}." + (f" {label[0].upper()}{label[1:]}'s final runs: {before}."
+                                     if before else "")
+            + f" {leader_sentence(runs, previous, label)}").rstrip()
+
+
 def arithmetic_section(tuning, reruns):
     """A baseline arm re-run, same seeds, in the arithmetic its changes ran in (results/
     arithmetic/): how far the arithmetic alone moves it, then each single change on it paired
@@ -843,7 +1044,10 @@ def replace_between(text, start, end, body):
 # The README's generated sections, in README order: (marker, renderer of the loaded files).
 SECTIONS = [
     ("summary", lambda f: summary_table(f["runs"])),
+    ("finals", lambda f: finals_section(f["runs"], f["archives"], on_lever_base(f["tuning"]))),
     ("results", lambda f: table(f["runs"], f["archives"], gpu_archives(f["gpu_checks"]))),
+    ("finals-answer", lambda f: finals_answer(f["runs"], f["archives"])),
+    ("finals-per-seed", lambda f: finals_section(f["runs"], f["archives"], on_lever_base(f["tuning"]), per_seed=True)),
     ("batch-size", lambda f: study_section(f["study"], f["budget"], f["runs"])),
     ("precision", lambda f: precision_section(f["checks"], f["runs"], f["archives"])),
     ("tuning", lambda f: tuning_section(f["tuning"])),

@@ -220,6 +220,7 @@ def per_epoch_grid():
 LEVERS_DIR = ROOT / "results" / "levers-h200"
 LEVER_BASE = "muon+sep"  # the lever study's baseline: recipe v3, the defaults until 2026-12-06
 LEVER_BASE_LABEL = "recipe v3"  # its name in the lever study's tables
+ADOPTED_LEVER = "pad2+silu"  # what recipe v4, today's defaults, adds to recipe v3
 # Each lever alone on top of recipe v3, in the order of the effect expected: the recipe
 # study's 2-seed hint (GELU), then the separable blocks' untuned parts, then the rates
 LEVERS = ["gelu", "mdw", "dw5", "se4", "ema0.998", "dil2", "lr0.2", "silu", "wd1e-3",
