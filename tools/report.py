@@ -880,9 +880,9 @@ def finals_section(runs, archives, levers, per_seed=False):
                            for rs in by_seed.values() for r in rs})
         listed = []
         for v in variants:
-            base = {r["seed"]: 100 * r["final_test_acc"] for r in previous.get(v, [])}
-            diffs = [f"{100 * r['final_test_acc'] - base[r['seed']]:+.2f}" if r["seed"] in base
-                     else "-" for r in by_seed[v]]
+            paired_by_seed = dict(zip(tested[v]["seeds"], tested[v]["diffs"]))
+            diffs = [f"{paired_by_seed[r['seed']]:+.2f}" if r["seed"] in paired_by_seed else "-"
+                     for r in by_seed[v]]
             listed.append(f"{title[v]} {', '.join(f'{a:.2f}' for a in _accs(by_seed[v]))}% "
                           f"({', '.join(diffs)})")
         parts.append(f"On the test set ({'; '.join(hardware)}), seed by seed, each with its "
