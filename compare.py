@@ -189,7 +189,8 @@ def verdict(paired, min_seeds=2):
     return "wins" if paired["low"] > 0 else "loses" if paired["high"] < 0 else "no decision"
 
 
-def _mean_std(values):
+def mean_std(values):
+    """"85.11 ± 0.38": the mean of `values` with its sample std ("–" for none)."""
     if len(values) > 1:
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
     return f"{values[0]:.2f}" if values else "–"
@@ -209,7 +210,7 @@ def study_table(study):
     for b in batch_sizes:
         counts = sorted({len(study[v][b]) for v in columns if study[v].get(b)})
         seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
-        lines.append(f"| {b} | " + " | ".join(_mean_std(study[v].get(b, [])) for v in columns)
+        lines.append(f"| {b} | " + " | ".join(mean_std(study[v].get(b, [])) for v in columns)
                      + f" | {seeds} |")
     return "\n".join(lines)
 

@@ -792,8 +792,12 @@ def _spread(values):
 def _mean_std(runs):
     """"85.11 ± 0.38%": the mean test accuracy of `runs` with its sample std."""
     accs = _accs(runs)
-    return f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}%" if len(accs) > 1 else \
-        f"{accs[0]:.2f}% (1 seed)"
+    return f"{compare.mean_std(accs)}%" + (" (1 seed)" if len(accs) == 1 else "")
+
+
+def _capitalized(label):
+    """"Recipe v3" from "recipe v3": a label at the start of a sentence."""
+    return label[:1].upper() + label[1:]
 
 
 def leader(runs):
@@ -933,7 +937,7 @@ def finals_section(runs, archives, levers, per_seed=False):
         if previous:
             finals = _listed(f"{title[v]} {_mean_std(previous[v])}" for v in variants if previous.get(v))
             sizes = "/".join(sorted({str(len(rs)) for rs in previous.values()}))
-            parts.append(f"{label[0].upper()}{label[1:]}'s final runs: {finals} ({sizes} seeds "
+            parts.append(f"{_capitalized(label)}'s final runs: {finals} ({sizes} seeds "
                          f"each).")
         parts.append(leader_sentence(by_seed, previous, label))
     return " ".join(p for p in parts if p)
@@ -961,7 +965,7 @@ def finals_answer(runs, archives):
     before = _listed(f"{REGISTRY[v].title} {_mean_std(previous[v])}" for v in variants
                      if previous.get(v))
     return (f"**Answer:** on the JPEG copy's test set, today's recipe ({status}) scores "
-            f"{_listed(scores)}." + (f" {label[0].upper()}{label[1:]}'s final runs: {before}."
+            f"{_listed(scores)}." + (f" {_capitalized(label)}'s final runs: {before}."
                                      if before else "")
             + f" {leader_sentence(runs, previous, label)}").rstrip()
 
