@@ -795,6 +795,18 @@ def _mean_std(runs):
     return f"{compare.mean_std(accs)}%" + (" (1 seed)" if len(accs) == 1 else "")
 
 
+def missing_finals(runs):
+    """{variant: the FINAL_SEEDS it has no run of} over every course variant."""
+    return {v: [s for s in FINAL_SEEDS if s not in {r["seed"] for r in runs.get(v, [])}]
+            for v in course_variants()}
+
+
+def _previous_recipe(archives):
+    """(label, runs) of the recipe before today's: the newest archive."""
+    label, _, previous = archives[-1] if archives else ("the previous recipe", None, {})
+    return label, previous
+
+
 def _capitalized(label):
     """"Recipe v3" from "recipe v3": a label at the start of a sentence."""
     return label[:1].upper() + label[1:]
@@ -850,11 +862,10 @@ def finals_section(runs, archives, levers, per_seed=False):
     if not variants:
         return ("No final runs of today's recipe yet: `python tools/sweep.py --norms batch layer "
                 f"group --seeds {' '.join(map(str, FINAL_SEEDS))} --out-dir results`.")
-    label, _, previous = archives[-1] if archives else ("the previous recipe", None, {})
+    label, previous = _previous_recipe(archives)
     title = {v: REGISTRY[v].title for v in variants}
     by_seed = {v: sorted(runs[v], key=lambda r: r["seed"]) for v in variants}
-    missing = {v: [s for s in FINAL_SEEDS if s not in {r["seed"] for r in runs.get(v, [])}]
-               for v in course_variants()}
+    missing = missing_finals(runs)
     complete = not any(missing.values())
     adopted = {r["variant"]: r["over_base"] for r in lever_rows(levers)
                if r["config"] == f"{tune.LEVER_BASE}+{tune.ADOPTED_LEVER}"}
@@ -950,8 +961,7 @@ def finals_answer(runs, archives):
     variants = [v for v in course_variants() if runs.get(v)]
     if not variants:
         return "**Answer:** no final runs of today's recipe yet."
-    label, _, previous = archives[-1] if archives else ("the previous recipe", None, {})
-    done, planned = sum(len(runs[v]) for v in variants), len(FINAL_SEEDS) * len(course_variants())
+    label, previous = _previous_recipe(archives)
     scores = []
     for v in variants:
         accs = _accs(runs[v])
@@ -960,7 +970,8 @@ def finals_answer(runs, archives):
         verdicts = "; ".join(target_verdict(accs, t).replace("; ", ", ") for t in
                              (REGISTRY[v].target, REGISTRY[v].next_target) if t is not None)
         scores.append(f"{REGISTRY[v].title} {_mean_std(runs[v])} ({interval}; {verdicts})")
-    status = (f"{len(FINAL_SEEDS)} seeds each" if done == planned else
+    done, planned = sum(len(runs[v]) for v in variants), len(FINAL_SEEDS) * len(course_variants())
+    status = (f"{len(FINAL_SEEDS)} seeds each" if not any(missing_finals(runs).values()) else
               f"{done} of its {planned} final runs so far")
     before = _listed(f"{REGISTRY[v].title} {_mean_std(previous[v])}" for v in variants
                      if previous.get(v))
