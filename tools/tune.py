@@ -111,6 +111,16 @@ CONFIGS = {
     "dil2": ["--depthwise-dilation", "2"],       # 3x3 taps spread over 5x5, no parameters
     "se4": ["--se-hidden", "4"],                 # squeeze-and-excitation (+1,668 parameters)
     "w24-52-96": ["--widths", "24", "52", "96"],  # channels moved to 8x8 (46,114 parameters)
+    # Round 2 (issue 67), on recipe v4: more steps per epoch, with both rates kept or both scaled
+    # by the linear rule (rate proportional to the batch, as scaled_lr); the schedule is in steps
+    "bs64-keep": ["--batch-size", "64"],
+    "bs64-lin": ["--batch-size", "64", "--lr", "0.05", "--muon-lr", "0.025"],
+    "bs32-keep": ["--batch-size", "32"],
+    "bs32-lin": ["--batch-size", "32", "--lr", "0.025", "--muon-lr", "0.0125"],
+    "ls0.05": ["--label-smoothing", "0.05"],
+    # the 3,390 parameters left under 50,000 on the separable network, added (not moved)
+    "w32-64-92": ["--widths", "32", "64", "92"],  # 8x8 wider: 49,198
+    "w32-72-88": ["--widths", "32", "72", "88"],  # 16x16 wider: 49,922
 }
 GROUP_ONLY = {"g2", "gs4", "gs2"}
 # Every arm's first seeds in the learning-per-epoch study; no verdict with fewer
@@ -120,7 +130,8 @@ EXTRA_SEEDS = [4, 5, 6, 7]
 # Refinements of other changes, meaningful only on top of them: {configuration: what it refines,
 # names joined with "+"}
 REFINES = {"mlr0.1": "muon", "mlr0.025": "muon", "wstd-pw": "sep", "mdw": "muon+sep", "dwlr4": "sep",
-           "dw5": "sep", "dil2": "sep", "se4": "sep", "w24-52-96": "sep"}
+           "dw5": "sep", "dil2": "sep", "se4": "sep", "w24-52-96": "sep",
+           "bs64-lin": "muon", "bs32-lin": "muon", "w32-64-92": "sep", "w32-72-88": "sep"}
 
 
 def missing_bases(config):
@@ -264,11 +275,30 @@ def cpu_lever_grid():
             *[(v, [f"{LEVER_BASE}+mdw"], 20, PROTOCOL_SEEDS, OUT_DIR) for v in others]]
 
 
-GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid, "levers-cpu": cpu_lever_grid}
+ROUND2_BASE = f"{LEVER_BASE}+{ADOPTED_LEVER}"  # recipe v4, the baseline of round 2
+# Round 2's levers on recipe v4 (issue 67), in the issue's order: smaller batches; the stack of
+# the near-winners of round 1 (Muon for the depthwise filters, Muon at 0.1, alternating flips)
+# and the stack with each removed once; the parameters left under 50,000; label smoothing
+ROUND2_LEVERS = ["bs64-keep", "bs64-lin", "bs32-keep", "bs32-lin", "mdw+mlr0.1",
+                 "mdw+mlr0.1+aflip", "mlr0.1+aflip", "mdw+aflip", "w32-64-92", "w32-72-88",
+                 "ls0.05", "ls0"]
+
+
+def round2_cpu_grid():
+    """Round 2 of the lever study (issue 67) on the CPU: each lever on recipe v4, BatchNorm first,
+    paired with the validation runs of recipe v4 in results/tuning/ that chose it (fp32, AVX2
+    arithmetic, 1 thread; seeds 0 to 7 on BatchNorm, 0 to 3 on LayerNorm and GroupNorm), so that
+    only the lever's arm runs."""
+    return [(DEFAULT, [f"{ROUND2_BASE}+{lever}" for lever in ROUND2_LEVERS], 20, PROTOCOL_SEEDS,
+             OUT_DIR)]
+
+
+GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid, "levers-cpu": cpu_lever_grid,
+         "round2-cpu": round2_cpu_grid}
 # The grids whose runs pair only with runs of one GPU kind (their arithmetic): {grid: GPU name}
 GRID_GPUS = {"levers": "H200"}
 # The grids whose runs pair only with fp32 CPU runs in the AVX2 EPYC's arithmetic
-GRID_AVX2 = {"levers-cpu"}
+GRID_AVX2 = {"levers-cpu", "round2-cpu"}
 AVX2_CAPS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
 
 
@@ -323,8 +353,8 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="print the configurations and stop")
     p.add_argument("--grid", nargs="?", const="per-epoch", default=None, choices=GRIDS,
                    help="run a study's whole grid instead of --configs/--seeds/--epochs/--norm: "
-                        "per-epoch (the default; per_epoch_grid), levers (lever_grid) or "
-                        "levers-cpu (cpu_lever_grid); with "
+                        "per-epoch (the default; per_epoch_grid), levers (lever_grid), "
+                        "levers-cpu (cpu_lever_grid) or round2-cpu (round2_cpu_grid); with "
                         "--list: each run, done or not")
     args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
     if args.grid:
