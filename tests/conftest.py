@@ -1,4 +1,3 @@
-import sys
 import tarfile
 from pathlib import Path
 
@@ -7,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset import CIFAR10_CLASSES, CIFAR10Data, channel_stats
+from model import build_model
+from utils import fit, load_checkpoint
 
-from dataset import CIFAR10_CLASSES, CIFAR10Data, channel_stats  # noqa: E402
-from model import build_model  # noqa: E402
-from utils import fit, load_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NORMS = ("batch", "group", "layer")
 FULL_NET = {"conv": "full", "widths": (16, 28, 32)}  # recipes v1 and v2: full 3x3 convs

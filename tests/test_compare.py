@@ -1,5 +1,4 @@
 import json
-import sys
 
 import matplotlib
 import numpy as np
@@ -7,13 +6,10 @@ import pytest
 
 matplotlib.use("Agg")
 
-import compare  # noqa: E402
-from conftest import ROOT  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from utils import TrainConfig  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "tools"))
-import report  # noqa: E402
+from lab import compare, report  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]

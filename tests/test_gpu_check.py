@@ -12,7 +12,7 @@ import pytest
 from conftest import make_archive, write_image_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "tools" / "gpu_check.py"
+CHECK = ["-m", "lab.gpu_check"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def small_archive(tmp_path_factory):
 def test_the_gpu_check_runs_every_step_in_smoke_mode_and_keeps_what_it_measured(
         small_archive, tmp_path):
     out = tmp_path / "check"
-    done = subprocess.run([sys.executable, CHECK, "--device", "cpu", "--smoke", "--data",
+    done = subprocess.run([sys.executable, *CHECK, "--device", "cpu", "--smoke", "--data",
                            small_archive, "--out", out, "--jobs", "2"], cwd=ROOT,
                           capture_output=True, text=True, env={
                               **__import__("os").environ, "S8_CACHE_DIR": str(tmp_path / "c")})
@@ -48,7 +48,7 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode_and_keeps_what_it_measured(
 
 
 def test_the_gpu_check_refuses_to_write_a_smoke_run_into_results():
-    done = subprocess.run([sys.executable, CHECK, "--device", "cpu", "--smoke", "--out",
+    done = subprocess.run([sys.executable, *CHECK, "--device", "cpu", "--smoke", "--out",
                            ROOT / "results" / "gpu" / "smoke"], cwd=ROOT, capture_output=True,
                           text=True)
     assert done.returncode != 0

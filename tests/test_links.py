@@ -2,13 +2,11 @@
 file of the repository and, where it names one, to a heading of that file."""
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import make_notebooks  # noqa: E402
+from lab import make_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -17,7 +17,6 @@ import torch
 
 matplotlib.use("Agg")
 
-import compare  # noqa: E402
 import plots  # noqa: E402
 import precision  # noqa: E402
 from conftest import ROOT, make_archive, write_image_tree  # noqa: E402
@@ -29,11 +28,9 @@ from results import (ResultsFileError, RunLock, RunLockedError, check_publishabl
 from utils import (NonFiniteLossError, TrainConfig, fit, load_checkpoint,  # noqa: E402
                    save_checkpoint)
 
-sys.path.insert(0, str(ROOT / "tools"))
-import make_notebooks  # noqa: E402
-import report  # noqa: E402
-import sweep  # noqa: E402
 import train  # noqa: E402
+
+from lab import compare, make_notebooks, report, sweep  # noqa: E402
 
 
 def run_train(*args, cwd, env=None):

@@ -1,17 +1,14 @@
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
 from model import build_model
 from results import make_results
 from utils import TrainConfig, fit
 
-sys.path.insert(0, str(ROOT / "tools"))
-import repeat  # noqa: E402
+from lab import repeat
 
 CONFIG = TrainConfig(epochs=2, batch_size=50, precision="fp32", seed=1)
 

@@ -1,49 +1,61 @@
-"""The repository's shape: no import circles, one registry of the variants that every consumer
-reads, one builder of run names."""
+"""The repository's shape: the course at the top never imports the lab, no import circles, one
+registry of the variants that every consumer reads, one builder of run names."""
 
 import ast
+import json
 import re
-import sys
 
 import pytest
 import torch.nn as nn
 
+import train
+import variants
 from conftest import ROOT
+from lab import make_notebooks, report, sweep
+from test_tools import fake_run
 
-sys.path.insert(0, str(ROOT / "tools"))
-
-import make_notebooks  # noqa: E402
-import report  # noqa: E402
-import sweep  # noqa: E402
-import train  # noqa: E402
-import variants  # noqa: E402
-from test_tools import fake_run  # noqa: E402
-
-MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
-TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py"))
+COURSE = sorted(p.stem for p in ROOT.glob("*.py"))
+LAB = sorted(f"lab.{p.stem}" for p in (ROOT / "lab").glob("*.py") if p.stem != "__init__")
 TESTS = sorted(p.stem for p in (ROOT / "tests").glob("*.py"))
+TRAINING_NOTEBOOKS = [f"S8_{variants.REGISTRY[v].title}.ipynb" for v in variants.course_variants()]
+
+
+def source_path(module):
+    """The file of a module named as it is imported ("model", "lab.report") or of a test."""
+    if module in TESTS:
+        return ROOT / "tests" / f"{module}.py"
+    return ROOT / (module.replace(".", "/") + ".py")
+
+
+def imported_names(tree_or_node):
+    """[(dotted name, node)] of every import in an AST: "lab.report" for `from lab import
+    report`, "lab.compare" for `from lab.compare import x`, "model" for `import model`."""
+    found = []
+    for node in ast.walk(tree_or_node):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, node))
+            found += [(f"{node.module}.{a.name}", node) for a in node.names]
+    return found
 
 
 def local_imports(path, known):
-    """{module: inside a function?} of the repository's own modules that `path` imports."""
+    """{module: inside a function?} of the repository's own modules (`known`) that `path`
+    imports."""
     found = {}
     tree = ast.parse(path.read_text())
     functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     nested = {id(n) for f in functions for n in ast.walk(f)}
-    for node in ast.walk(tree):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        for name in names:
-            top = name.split(".")[0]
-            if top in known:
-                found[top] = found.get(top, False) or id(node) in nested
+    for name, node in imported_names(tree):
+        if name in known:
+            found[name] = found.get(name, False) or id(node) in nested
     return found
 
 
 def test_no_module_imports_one_that_imports_it_back():
-    known = set(MODULES) | set(TOOLS)
-    graph = {m: set(local_imports(ROOT / f"{m}.py", known)) for m in MODULES}
-    graph |= {m: set(local_imports(ROOT / "tools" / f"{m}.py", known)) for m in TOOLS}
+    known = set(COURSE) | set(LAB)
+    graph = {m: set(local_imports(source_path(m), known)) for m in known}
 
     def cycle_from(start):
         stack = [(start, [start])]
@@ -60,18 +72,43 @@ def test_no_module_imports_one_that_imports_it_back():
     assert not cycles, f"import circle: {' -> '.join(cycles[0])}"
 
 
-@pytest.mark.parametrize("module", MODULES + [f"tools/{t}" for t in TOOLS] +
-                         [f"tests/{t}" for t in TESTS])
+@pytest.mark.parametrize("module", COURSE + LAB + TESTS)
 def test_no_module_hides_an_import_of_the_repository_inside_a_function(module):
-    known = set(MODULES) | set(TOOLS) | set(TESTS)
-    hidden = [m for m, inside in local_imports(ROOT / f"{module}.py", known).items() if inside]
-    assert not hidden, f"{module}.py imports {hidden} inside a function"
+    known = set(COURSE) | set(LAB) | set(TESTS)
+    hidden = [m for m, inside in local_imports(source_path(module), known).items() if inside]
+    assert not hidden, f"{source_path(module).relative_to(ROOT)} imports {hidden} inside a function"
+
+
+@pytest.mark.parametrize("module", COURSE)
+def test_the_course_never_imports_the_lab(module):
+    """The lab extends the course; a course module that imported it would pull the studies'
+    switches back into what a student reads."""
+    names = [name for name, _ in imported_names(ast.parse(source_path(module).read_text()))]
+    assert not [n for n in names if n == "lab" or n.startswith("lab.")], \
+        f"{module}.py imports the lab"
+
+
+@pytest.mark.parametrize("name", TRAINING_NOTEBOOKS)
+def test_the_training_notebooks_import_only_the_course(name):
+    cells = json.loads((ROOT / name).read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", code, flags=re.M)
+    assert imports and not [m for m in imports if m.split(".")[0] == "lab"], imports
+
+
+def test_the_tools_run_as_modules_without_editing_sys_path():
+    """`python -m lab.<tool>` from the root finds the course; only the tests' conftest may
+    point the interpreter at it (pytest.ini's pythonpath does)."""
+    edits = [str(p.relative_to(ROOT)) for p in [*ROOT.glob("*.py"), *ROOT.glob("lab/*.py"),
+                                                *ROOT.glob("tests/*.py")]
+             if "sys.path.insert" in p.read_text() and p.name != "test_structure.py"]
+    assert len(edits) <= 2, edits
 
 
 def test_variant_names_are_spelled_out_only_in_the_registry():
     names = [n for n in variants.REGISTRY]
     pattern = re.compile("|".join(f'"{n}"' for n in names))  # the code's string literals
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py")]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in [*ROOT.glob("*.py"), *ROOT.glob("lab/*.py")]
                  if p.name != "variants.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, f"variant names as literals outside variants.py: {offenders}"
@@ -108,7 +145,7 @@ def test_a_variant_added_to_the_registry_reaches_every_consumer(dummy_variant):
 def test_every_tool_names_runs_through_the_one_builder():
     """Run names are built by results.run_name only: no tool formats `_seed{...}` itself."""
     builders = [f"{p.relative_to(ROOT)}:{i}"
-                for p in [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py")] if p.name != "results.py"
+                for p in [*ROOT.glob("*.py"), *ROOT.glob("lab/*.py")] if p.name != "results.py"
                 for i, line in enumerate(p.read_text().splitlines(), 1)
                 if re.search(r"_seed\{", line)]
     assert not builders, f"run names built by hand: {builders}"

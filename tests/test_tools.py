@@ -6,19 +6,14 @@ import nbformat
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
-import compare
+import train
 from conftest import ROOT
 from model import ModelConfig, Net
 from utils import TrainConfig, recipe, with_defaults
 from variants import DEFAULT, course_variants
 
-sys.path.insert(0, str(ROOT / "tools"))
-import make_notebooks  # noqa: E402
-import report  # noqa: E402
-import sweep  # noqa: E402
-import train  # noqa: E402
-import tune  # noqa: E402
-from make_notebooks import clean  # noqa: E402
+from lab import compare, make_notebooks, report, sweep, tune
+from lab.make_notebooks import clean
 
 def fake_run(variant, seed, acc, epochs=3, flip_acc=None, precision=None, **changes):
     """A results file's fields, today's recipe unless `changes` overrides a config field."""
@@ -169,9 +164,9 @@ def test_notebook_cleaner_keeps_what_a_notebook_displays(tmp_path):
 
 def test_sweep_skips_runs_whose_results_exist(tmp_path):
     (tmp_path / "batch_seed0.json").write_text("{}")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep.py"), "--norms", "bn",
+    out = subprocess.run([sys.executable, "-m", "lab.sweep", "--norms", "bn",
                           "--seeds", "0", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     assert "skip" in out.stdout and "batch_seed0.json" in out.stdout
     assert "train.py" not in out.stdout
 
@@ -209,12 +204,12 @@ def test_sweep_plans_the_batch_size_study_with_linearly_scaled_learning_rates():
 def test_sweep_skips_finished_study_runs_and_refuses_batch_size_one(tmp_path):
     for norm in ("batch", "group"):
         (tmp_path / f"{norm}_bs4_seed0.json").write_text("{}")
-    cmd = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--norms", "bn", "gn", "--seeds",
+    cmd = [sys.executable, "-m", "lab.sweep", "--norms", "bn", "gn", "--seeds",
            "0", "--batch-sizes", "4", "--out-dir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.count(": already done") == 2 and "train.py" not in out.stdout
     out = subprocess.run(cmd[:-3] + ["1", "--out-dir", str(tmp_path)], capture_output=True,
-                         text=True)
+                         text=True, cwd=ROOT)
     assert out.returncode == 2 and "at least 2" in out.stderr
 
 
@@ -264,15 +259,22 @@ def test_readme_commands_run_as_written_from_a_fresh_clone():
             assert "-m venv" in command, f"runs outside the venv: {command}"
             continue
         script = words[words.index(python) + 1]
-        if script == "-m":
-            continue
-        assert (ROOT / script).is_file(), f"no such script {script}: {command}"
+        if script == "-m":  # a module: a lab tool, or pytest (whose flags are not ours)
+            script = words[words.index(python) + 2]
+            if not script.startswith("lab."):
+                continue
+            assert (ROOT / (script.replace(".", "/") + ".py")).is_file(), \
+                f"no such module {script}: {command}"
+            run = ["-m", script]
+        else:
+            assert (ROOT / script).is_file(), f"no such script {script}: {command}"
+            run = [str(ROOT / script)]
         if script not in helps:
-            helps[script] = subprocess.run([sys.executable, str(ROOT / script), "--help"],
+            helps[script] = subprocess.run([sys.executable, *run, "--help"],
                                            capture_output=True, text=True, cwd=ROOT).stdout
         for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", command):
             assert flag in helps[script], f"{script} has no {flag}: {command}"
-        if script in ("train.py", "bench.py", "tools/sweep.py"):
+        if script in ("train.py", "lab.bench", "lab.sweep"):
             assert "CIFAR10_DATA=" in command or "--data" in command or block in exported, \
                 f"needs the data's location (CIFAR10_DATA or --data): {command}"
 

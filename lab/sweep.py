@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from results import ResultsFileError, finished, run_name
+from utils import TrainConfig
+from variants import canonical_norm, course_variants
 
-from results import ResultsFileError, finished, run_name  # noqa: E402
-from utils import TrainConfig  # noqa: E402
-from variants import canonical_norm, course_variants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.batch_size):

@@ -20,19 +20,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import norm_stats
+import normalizations
+from results import ResultsFileError, load_results
+import train
+from variants import DEFAULT, REGISTRY, course_variants
+
+from lab import compare, tune
+from lab.compare import load_runs, load_study, study_budget
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "tools"))
-
-import compare  # noqa: E402
-import normalizations  # noqa: E402
-import norm_stats  # noqa: E402
-import train  # noqa: E402
-import tune  # noqa: E402
-from compare import load_runs, load_study, study_budget  # noqa: E402
-from results import ResultsFileError, load_results  # noqa: E402
-from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"  # one page per study, their tables generated here too
@@ -1277,7 +1274,7 @@ def execute_compare_notebook():
     subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                     "--inplace", "--ExecutePreprocessor.timeout=-1", str(notebook)],
                    cwd=ROOT, check=True)
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_notebooks.py"), "--clean",
+    subprocess.run([sys.executable, "-m", "lab.make_notebooks", "--clean",
                     str(notebook)], cwd=ROOT, check=True)
 
 

@@ -43,8 +43,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 NEEDS = ("nbclient", "nbformat", "ipykernel", "jupyter_client", "torchsummary", "matplotlib",
          "pytest")
@@ -56,10 +54,11 @@ if MISSING and __name__ == "__main__":  # before the imports that would fail on 
 import nbformat  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 
-from make_notebooks import clean  # noqa: E402
 from precision import get_device, hardware_info, resolve_precision  # noqa: E402
 from results import run_name  # noqa: E402
 from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
+
+from lab.make_notebooks import clean  # noqa: E402
 
 T4_PRECISION = "fp16"  # what auto picks on Colab's free GPU (compute capability 7.5)
 EPOCHS = 20
@@ -199,7 +198,7 @@ class Check:
         size = ["--steps", "3", "--warmup", "1", "--reps", "1", "--subset", "20"] \
             if self.args.smoke else \
             ["--steps", "200", "--warmup", "20", "--reps", "1"]
-        command = [sys.executable, "bench.py", "--device", self.device.type, *size,
+        command = [sys.executable, "-m", "lab.bench", "--device", self.device.type, *size,
                    "--variants", *variants] + (["--data", self.args.data] if self.args.data else [])
         entry = self.run("bench", command)
         log = self.out / entry.get("log", "-")
@@ -230,7 +229,7 @@ class Check:
             stem = Path(source).stem + ("" if precision == "auto" else f"_{precision}")
             dest = self.out / "notebooks" / f"{stem}.ipynb"
             work.append((f"notebook_{stem}", [
-                sys.executable, Path(__file__).resolve(), "--notebook", ROOT / source, dest,
+                sys.executable, "-m", "lab.gpu_check", "--notebook", ROOT / source, dest,
                 precision, self.out / "notebooks" / stem], {"precision": precision}))
         # without pytest.ini's nbval options: a GPU machine may have no nbval
         work.append(("tests_cuda", [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "cuda",

@@ -21,7 +21,7 @@ from results import load_results
 from utils import TrainConfig, recipe, with_defaults
 from variants import REGISTRY, in_order
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
 LR_STUDY_DIR = RESULTS_DIR / "lr_study"
 CEILING_DIR = RESULTS_DIR / "ceiling"  # recipe v1 beyond 20 epochs (validation split)

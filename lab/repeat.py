@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset import DatasetError, load_cifar10
+from model import build_model
+from precision import PRECISIONS, hardware_info
+from results import load_results, provenance, save_json_atomic
+from utils import TrainConfig, fit, with_defaults
 
-from dataset import DatasetError, load_cifar10  # noqa: E402
-from model import build_model  # noqa: E402
-from precision import PRECISIONS, hardware_info  # noqa: E402
-from results import load_results, provenance, save_json_atomic  # noqa: E402
-from utils import TrainConfig, fit, with_defaults  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # What an epoch logs that rounding moves: losses first (the most digits), then accuracies
 COMPARED = ("train_loss", "train_acc", "test_loss", "test_acc")

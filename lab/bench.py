@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -48,6 +49,8 @@ from precision import (compile_model, get_device, hardware_info, make_grad_scale
 from optimizers import make_optimizer
 from utils import TrainConfig, evaluate, make_loaders, train_one_epoch
 from variants import DEFAULT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_IMAGES = 50_000
 PRECISION_OPTIONS = ("fp32", "bf16", "fp16")
@@ -249,7 +252,7 @@ def main():
           f"batch {args.batch_size}, {args.steps} timed steps, "
           f"median of {args.reps}")
     runs = {name: [] for name in ["usual", "repo", *args.variants]}
-    base = [sys.executable, __file__, "--device", str(args.device or ""), "--norm", args.norm,
+    base = [sys.executable, "-m", "lab.bench", "--device", str(args.device or ""), "--norm", args.norm,
             "--conv", args.conv, "--widths", *map(str, args.widths),
             "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
             "--steps", str(args.steps), "--warmup",
@@ -258,7 +261,8 @@ def main():
         (["--data", args.data] if args.data else [])
     for rep in range(args.reps):
         for pipeline in runs:
-            out = subprocess.run(base + ["--worker", pipeline], capture_output=True, text=True)
+            out = subprocess.run(base + ["--worker", pipeline], capture_output=True, text=True,
+                                 cwd=ROOT)
             lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if out.returncode or not lines:
                 sys.exit(f"{pipeline} run failed:\n{out.stdout}\n{out.stderr}")

@@ -13,16 +13,14 @@ reads the committed results files through compare.py and trains nothing.
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from variants import REGISTRY, course_variants
 
-from variants import REGISTRY, course_variants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Where the repository is published; the Colab badge and setup cell use it. Until it is set,
 # the Colab setup cell stops at once and says what to do (docs/publishing.md).
@@ -182,12 +180,12 @@ def compare_notebook():
             "also record the test accuracy with *batch* statistics (train-mode normalization, "
             "batches of the training size) next to the usual running statistics.\n\n"
             "All accuracies were measured on the JPEG re-encoding of CIFAR-10 (see the README)."),
-        colab_setup_cell("compare.py"),
+        colab_setup_cell("lab/compare.py"),
         new_code_cell(
-            "from compare import (LR_STUDY_DIR, RESULTS_DIR, STUDY_DIR, load_lr_study, load_runs,\n"
-            "                     load_study, lr_table, most_confused_lines, norm_statistics_runs,\n"
-            "                     per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"
-            "                     plot_lr_study, plot_variant_curves, study_findings, study_table)\n"
+            "from lab.compare import (LR_STUDY_DIR, RESULTS_DIR, STUDY_DIR, load_lr_study, load_runs,\n"
+            "                         load_study, lr_table, most_confused_lines, norm_statistics_runs,\n"
+            "                         per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"
+            "                         plot_lr_study, plot_variant_curves, study_findings, study_table)\n"
             "from normalizations import check_against_torch, plot_norm_axes\n"
             "from norm_stats import plot_layer_probe, plot_norm_statistics, statistics_table\n\n"
             "runs = load_runs(RESULTS_DIR)    # {variant: [20-epoch runs]}\n"

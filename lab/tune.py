@@ -32,15 +32,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from results import ResultsFileError, finished, run_name
+from train import flag_name
+from utils import FIRST_DEFAULTS
+from variants import DEFAULT, canonical_norm, course_variants, get_variant
 
-from results import ResultsFileError, finished, run_name  # noqa: E402
-from sweep import run_all, threads_per_run  # noqa: E402
-from train import flag_name  # noqa: E402
-from utils import FIRST_DEFAULTS  # noqa: E402
-from variants import DEFAULT, canonical_norm, course_variants, get_variant  # noqa: E402
+from lab.sweep import run_all, threads_per_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT_DIR = ROOT / "results" / "tuning"
 CEILING_DIR = ROOT / "results" / "ceiling"  # recipe v1 beyond 20 epochs: a scale
