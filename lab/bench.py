@@ -1,10 +1,10 @@
 """Training and evaluation throughput: the usual DataLoader pipeline vs this repository's path.
 
-    python bench.py                       # CPU (or the best device), BatchNorm model, 3 repetitions
-    python bench.py --device cuda --steps 200 --variants repo+compile repo+graphs
-    python bench.py --profile             # where the time of this repository's training step goes
-    python bench.py --variants repo+fp32 repo+bf16 repo+compile repo+nchw   # what else was tried
-    python bench.py --conv separable --widths 32 64 88   # the network of `tune.py`'s sep
+    python -m lab.bench                       # CPU (or the best device), BatchNorm model, 3 repetitions
+    python -m lab.bench --device cuda --steps 200 --variants repo+compile repo+graphs
+    python -m lab.bench --profile             # where the time of this repository's training step goes
+    python -m lab.bench --variants repo+fp32 repo+bf16 repo+compile repo+nchw   # what else was tried
+    python -m lab.bench --conv separable --widths 32 64 88   # the network of `tune.py`'s sep
 
 "usual": PIL images -> RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize in a
          DataLoader (batch 128, shuffle, num_workers=2), NCHW model, fp32, plain training step.

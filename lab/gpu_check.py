@@ -1,8 +1,8 @@
 """The GPU check: one command that runs everything the Colab GPU path relies on and keeps what it
 measured, under results/gpu/<gpu>/.
 
-    python tools/gpu_check.py --data cifar10-jpeg.tar.gz      # on a CUDA GPU: the whole check
-    python tools/gpu_check.py --device cpu --smoke --data D --out DIR   # shrunk, for the tests
+    python -m lab.gpu_check --data cifar10-jpeg.tar.gz      # on a CUDA GPU: the whole check
+    python -m lab.gpu_check --device cpu --smoke --data D --out DIR   # shrunk, for the tests
 
 Steps, most needed first (each a subprocess; its log kept; a step that fails is recorded and
 the check goes on; steps that would start after --deadline are recorded as skipped):
@@ -12,7 +12,7 @@ the check goes on; steps that would start after --deadline are recorded as skipp
   2. the three notebooks at the default precision and S8_BatchNorm.ipynb again with
      PRECISION = "fp16" (Colab's T4 path), executed start to finish with nbclient as Colab's
      "Run all" does, beside the tests marked `cuda` (pytest -m cuda); --jobs at a time
-  3. bench.py: the default path, fp32, fp16, bf16 (where supported) and CUDA graphs, alone
+  3. lab/bench.py: the default path, fp32, fp16, bf16 (where supported) and CUDA graphs, alone
   4. the same 20-epoch run with CUDA graphs, then at each other precision candidate (those this
      device supports), one at a time
 
@@ -206,14 +206,14 @@ class Check:
             (self.out / "bench.txt").write_text(self.bench_header(command) + log.read_text())
 
     def bench_header(self, command):
-        """The "# key: value" lines tools/report.py reads above a bench.py output."""
+        """The "# key: value" lines lab/report.py reads above a lab/bench.py output."""
         hw = hardware_info(self.device)
         data = Path(self.args.data) if self.args.data else None
         digest = hashlib.sha256(data.read_bytes()).hexdigest() if data and data.is_file() else "-"
         kind = hw.get("gpu", hw["cpu"]) + (f" (compute capability {hw['gpu_capability']})"
                                            if "gpu_capability" in hw else "")
         return (f"# command: {' '.join(map(str, command))}\n"
-                f"# date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, in tools/gpu_check.py, "
+                f"# date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, in lab/gpu_check.py, "
                 f"alone on the machine\n"
                 f"# data: {data.name if data else '-'}, sha256 {digest}\n"
                 f"# machine kind: {kind}; today's network, {os.cpu_count()} CPU cores\n")

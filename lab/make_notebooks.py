@@ -1,14 +1,14 @@
 """Write the S8 notebooks from templates (outputs empty; run them to fill them).
 
-    python tools/make_notebooks.py                      # the four notebooks, unless executed
-    python tools/make_notebooks.py S8_Compare.ipynb     # one of them
-    python tools/make_notebooks.py --force ...          # also overwrite executed notebooks
-    python tools/make_notebooks.py --clean S8_BatchNorm.ipynb   # tidy an executed notebook
-    python tools/make_notebooks.py --sources            # new cell sources, outputs kept
+    python -m lab.make_notebooks                      # the four notebooks, unless executed
+    python -m lab.make_notebooks S8_Compare.ipynb     # one of them
+    python -m lab.make_notebooks --force ...          # also overwrite executed notebooks
+    python -m lab.make_notebooks --clean S8_BatchNorm.ipynb   # tidy an executed notebook
+    python -m lab.make_notebooks --sources            # new cell sources, outputs kept
 
 The training notebooks only configure and call into dataset.py, model.py and utils.py, so they
 differ in their title and NORM alone; generating them keeps the three in step. S8_Compare.ipynb
-reads the committed results files through compare.py and trains nothing.
+reads the committed results files through lab/compare.py and trains nothing.
 """
 
 import argparse
@@ -35,12 +35,12 @@ def colab_setup_cell(entry_module, extra_install=""):
         "# Setup. In Colab: fetch the repository" + (" and the one package Colab lacks" if
                                                      extra_install else "") + ". Locally: nothing.\n"
         "import os, sys\n"
-        f"REPO = \"{REPO}\"  # set in tools/make_notebooks.py, then regenerate the notebooks\n"
+        f"REPO = \"{REPO}\"  # set in lab/make_notebooks.py, then regenerate the notebooks\n"
         f"if \"google.colab\" in sys.modules and not os.path.exists(\"{entry_module}\"):\n"
         f"    if REPO.startswith(\"{PLACEHOLDER_OWNER}/\"):\n"
         "        raise RuntimeError(\n"
         "            f\"REPO is still the placeholder {REPO!r}, so there is nothing to clone. Set REPO \"\n"
-        "            \"in tools/make_notebooks.py to the GitHub repository you published, regenerate \"\n"
+        "            \"in lab/make_notebooks.py to the GitHub repository you published, regenerate \"\n"
         "            \"the notebooks (docs/publishing.md), or set REPO in this cell to it.\")\n"
         "    !git clone -q https://github.com/{REPO}.git\n"
         "    %cd {REPO.split('/')[1]}"

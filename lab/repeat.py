@@ -2,7 +2,7 @@
 file's run (its configuration, seed, data split and precision) and compares every logged loss
 and accuracy with the file's history, to the last digit.
 
-    CIFAR10_DATA=../shared/data/cifar10-jpeg.tar.gz .venv/bin/python tools/repeat.py \\
+    CIFAR10_DATA=../shared/data/cifar10-jpeg.tar.gz .venv/bin/python -m lab.repeat \\
         results/tuning/batch_muon+sep_e20_seed3.json --epochs 2
 
 Two runs of one seed pair cleanly only where they share arithmetic (docs/learning-per-epoch.md, "Same seeds, other

@@ -1,11 +1,11 @@
 """Regenerate README.md's results tables and the figures in images/ from the results files.
 
-    python tools/report.py            # rewrite the README tables, the figures, S8_Compare.ipynb
-    python tools/report.py --check    # exit 1 if a README table is out of date (for CI)
+    python -m lab.report            # rewrite the README tables, the figures, S8_Compare.ipynb
+    python -m lab.report --check    # exit 1 if a README table is out of date (for CI)
 
 Writes the results table (results/*.json), the batch-size study section
 (results/batch_size/*.json), the precision check (results/precision/*.json against the fp32
-runs), the speed tables (results/bench/*.txt, bench.py's outputs), images/compare_variants.png,
+runs), the speed tables (results/bench/*.txt, lab/bench.py's outputs), images/compare_variants.png,
 images/confusion_matrices.png and images/batch_size_study.png. No number is typed by hand:
 every cell comes from a results file.
 
@@ -65,7 +65,7 @@ ARCHIVES = [("before-study", "before the study"),  # published before the recipe
             ("recipe-v3", "recipe v3")]            # separable blocks, before pad2 + SiLU
 PRECISION_DIR = ROOT / "results" / "precision"
 BENCH_DIR = ROOT / "results" / "bench"
-GPU_DIR = ROOT / "results" / "gpu"  # tools/gpu_check.py's outputs, one folder per GPU
+GPU_DIR = ROOT / "results" / "gpu"  # lab/gpu_check.py's outputs, one folder per GPU
 
 
 def _train_acc(run):
@@ -100,7 +100,7 @@ def summary_table(runs):
     """The front page's table: today's runs per variant, the mean test accuracy with its 95%
     t-interval, and whether the mean, and the interval, clear the target and the next one."""
     if not runs:
-        return "No results yet: `python tools/sweep.py --norms batch layer group --seeds 0 1 2 --out-dir results`."
+        return "No results yet: `python -m lab.sweep --norms batch layer group --seeds 0 1 2 --out-dir results`."
     lines = ["| variant | test acc. mean ± std (%) | 95% interval of the mean (%) | seeds | "
              "params | epochs | target | next target |", "|---|---|---|---|---|---|---|---|"]
     for variant in tuple(REGISTRY):
@@ -124,7 +124,7 @@ def summary_table(runs):
 
 def gpu_note(gpu):
     """The table's sentence on its rows of GPU-check notebooks (gpu_archives())."""
-    return "".join(f"; rows marked ({label}) are the notebooks that `tools/gpu_check.py` ran "
+    return "".join(f"; rows marked ({label}) are the notebooks that `lab/gpu_check.py` ran "
                    f"there, kept in `results/{folder}/`" for label, folder, _ in gpu)
 
 
@@ -301,7 +301,7 @@ def precision_section(checks, runs, archives=()):
 
 
 def parse_bench(path):
-    """bench.py's output file: {"machine", "command", "date", "rows": [{pipeline, precision,
+    """lab/bench.py's output file: {"machine", "command", "date", "rows": [{pipeline, precision,
     train_ips, s_epoch, eval_ips, first_s}]}. Reads the older format (no precision and
     first-step columns, whose runs were fp32 unless named +bf16) too."""
     text = path.read_text()
@@ -350,7 +350,7 @@ def speed_section(bench_files):
 
 
 def config_names():
-    """{recipe change: tools/tune.py's configuration that makes it}, the study grid's names
+    """{recipe change: lab/tune.py's configuration that makes it}, the study grid's names
     first (those its files were run under), then single configurations and pairs, so that a
     run's configuration is read from its settings, not from its file name."""
     names = [config for grid in tune.GRIDS.values() for _, configs, *_ in grid()
@@ -422,7 +422,7 @@ def tuning_section(groups):
         try:
             change = " ".join(tune.change_flags(config)) or "(recipe v1)"
         except SystemExit:  # a configuration renamed since its runs: say so, do not guess
-            change = "(no longer defined in tools/tune.py)"
+            change = "(no longer defined in lab/tune.py)"
         lines.append(
             f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
             f"{_seeds(runs)} | "
@@ -568,7 +568,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
         try:
             flags = " ".join(tune.change_flags(row["config"]))
         except SystemExit:
-            flags = "(no longer defined in tools/tune.py)"
+            flags = "(no longer defined in lab/tune.py)"
         lines.append(f"| {row['variant']} | {row['config']} | `{flags}` | {_seeds(row['runs'])} | "
                      f"{row['mean']:.2f} | {row['against']} | {_delta(row['diff'], row['runs'])} | "
                      f"{row['decision']} | {worth} |")
@@ -630,9 +630,9 @@ def clears_gain(diff):
 def levers_section(levers, grid="levers"):
     """The lever study's table: recipe v3, then each lever on it, paired by seed; a line
     per variant saying whether any lever (a stack: over recipe v3) clears +LEVER_GAIN with
-    its interval above zero. `grid`: tools/tune.py's grid that runs them."""
+    its interval above zero. `grid`: lab/tune.py's grid that runs them."""
     if not any(lever_rows(levers)):
-        return f"No lever runs yet: `tools/tune.py --grid {grid}`."
+        return f"No lever runs yet: `python -m lab.tune --grid {grid}`."
     lines = [f"| variant | lever on {tune.LEVER_BASE_LABEL} | flags | params | seeds | val. acc. mean "
              "(min–max) | compared with | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
              f"+{LEVER_GAIN} over {tune.LEVER_BASE_LABEL}, interval above 0 |",
@@ -704,7 +704,7 @@ def lever_summary_section(gpu_levers, cpu_levers):
             where = f"{first['hardware'].get('gpu') or 'CPU'}, {first['precision']}"
             cells.setdefault((lever_name(row["config"]), where), {})[row["variant"]] = row
     if not cells:
-        return "No lever runs yet: `tools/tune.py --grid levers` or `--grid levers-cpu`."
+        return "No lever runs yet: `python -m lab.tune --grid levers` or `--grid levers-cpu`."
 
     def cell(row):
         if row is None:
@@ -857,7 +857,7 @@ def finals_section(runs, archives, levers, per_seed=False):
     accuracy and difference listed."""
     variants = [v for v in course_variants() if runs.get(v)]
     if not variants:
-        return ("No final runs of today's recipe yet: `python tools/sweep.py --norms batch layer "
+        return ("No final runs of today's recipe yet: `python -m lab.sweep --norms batch layer "
                 f"group --seeds {' '.join(map(str, FINAL_SEEDS))} --out-dir results`.")
     label, previous = _previous_recipe(archives)
     title = {v: REGISTRY[v].title for v in variants}
@@ -1142,7 +1142,7 @@ def bench_files(folder=BENCH_DIR, gpu_dir=GPU_DIR):
 
 def load_gpu_checks(gpu_dir=GPU_DIR):
     """[(summary, {"train": [runs], "notebooks": [runs]}, its folder under results/)] of each
-    tools/gpu_check.py output under results/gpu/, by GPU name; smoke runs never land there."""
+    lab/gpu_check.py output under results/gpu/, by GPU name; smoke runs never land there."""
     checks = []
     for path in sorted(gpu_dir.glob("*/summary.json")):
         summary = load_results(path)  # a JSON dict too: one line if unreadable
@@ -1177,7 +1177,7 @@ def gpu_section(checks):
     """Per GPU check: what ran, the accuracy and the epoch times of each 20-epoch run, and the
     speed target of a 20-epoch BatchNorm run (at most 30 s of epoch time; stretch 10 s)."""
     if not checks:
-        return "No GPU check yet (results/gpu/ is empty): run `python tools/gpu_check.py` on a GPU."
+        return "No GPU check yet (results/gpu/ is empty): run `python -m lab.gpu_check` on a GPU."
     parts = []
     for summary, runs, _ in checks:
         hw = summary["hardware"]
@@ -1309,7 +1309,7 @@ def main():
     if args.check:
         if stale:
             sys.exit(f"generated tables out of date in {', '.join(str(p.relative_to(ROOT)) for p in stale)}: "
-                     f"run python tools/report.py")
+                     f"run python -m lab.report")
         print(f"README.md and docs/*.md ({len(rendered) - 1} pages) are current")
         return
     for page in stale:

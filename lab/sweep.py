@@ -2,15 +2,15 @@
 results file exists.
 
     # the 20-epoch runs of the README's results table
-    python tools/sweep.py --norms batch layer group --seeds 0 1 2 --out-dir results
+    python -m lab.sweep --norms batch layer group --seeds 0 1 2 --out-dir results
 
     # the batch-size study: learning rate scaled linearly with the batch size (scaled_lr)
-    python tools/sweep.py --batch-sizes 2 4 8 16 32 64 128 --seeds 0 1 --jobs 2 \\
+    python -m lab.sweep --batch-sizes 2 4 8 16 32 64 128 --seeds 0 1 --jobs 2 \\
         --out-dir results/batch_size --epochs 6 --train-subset 1000
 
     # the learning-rate study: every peak rate for every normalization and none; a run whose
     # loss becomes NaN is recorded as diverged (train.py --record-divergence)
-    python tools/sweep.py --norms batch layer group none --lrs 0.0125 0.025 0.05 0.1 0.2 0.4 \\
+    python -m lab.sweep --norms batch layer group none --lrs 0.0125 0.025 0.05 0.1 0.2 0.4 \\
         0.8 1.6 --seeds 0 1 2 --out-dir results/lr_study --epochs 6 --train-subset 1000 --validation
 
 Each run is its own process, writes its results file when it finishes and resumes from its

@@ -1,27 +1,27 @@
 """The recipe study: settings screened on a validation split, never on the test set.
 
     # the screen: each lever alone from the current recipe, 2 seeds, a 5-epoch proxy budget
-    python tools/tune.py --epochs 5 --seeds 0 1 --jobs 2
+    python -m lab.tune --epochs 5 --seeds 0 1 --jobs 2
     # a combination of screened levers: names joined with "+"
-    python tools/tune.py --configs w24-32-28+lr0.2+ls0 --epochs 5 --seeds 0 1
+    python -m lab.tune --configs w24-32-28+lr0.2+ls0 --epochs 5 --seeds 0 1
     # the proxy check: some of the screen's configurations again at the full 20 epochs
-    python tools/tune.py --configs base lr0.2 ls0 --epochs 20 --seeds 0
-    python tools/tune.py --list          # the configurations and their train.py arguments
+    python -m lab.tune --configs base lr0.2 ls0 --epochs 20 --seeds 0
+    python -m lab.tune --list          # the configurations and their train.py arguments
     # the learning-per-epoch study's whole grid, in order; --list with it: what is done
-    python tools/tune.py --grid --jobs 8
+    python -m lab.tune --grid --jobs 8
     # the lever study's grid (issue 52), on a GPU, many runs at a time
-    python tools/tune.py --grid levers --jobs 14
+    python -m lab.tune --grid levers --jobs 14
     # its part on the CPU, paired with results/tuning/'s runs of recipe v3 (AVX2 fp32)
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
-        python tools/tune.py --grid levers-cpu --jobs 2 --precision fp32
+        python -m lab.tune --grid levers-cpu --jobs 2 --precision fp32
 
 Every run is `train.py --validation`: it trains on 45,000 training images and is scored on the
 5,000 held out (500 per class, a fixed split: dataset.CIFAR10Data.validation_split), with the
 one-cycle schedule compressed into --epochs. One results file per run,
 results/tuning/<norm>_<config>_e<epochs>_seed<seed>.json; finished runs are skipped and
 interrupted ones resume from their checkpoints, so the study can be stopped and restarted at
-will. `tools/report.py` turns the files into the README's ablation table. Paired seeds must
-share arithmetic: on another kind of CPU, check with `tools/repeat.py` that it repeats the
+will. `lab/report.py` turns the files into the README's ablation table. Paired seeds must
+share arithmetic: on another kind of CPU, check with `lab/repeat.py` that it repeats the
 study's runs (docs/learning-per-epoch.md, "Same seeds, other arithmetic") before adding to them.
 """
 
@@ -320,7 +320,7 @@ def check_grid_device(grid, train_args=(), jobs=1):
             raise SystemExit(f"error: the {grid} grid's runs pair only with fp32 CPU runs in the "
                              f"AVX2 EPYC's arithmetic, and these would run on {kernels}"
                              f"{'' if fp32 else ' without --precision fp32'}: run it on a "
-                             f"CPU-only machine as {AVX2_CAPS} tools/tune.py --grid {grid} "
+                             f"CPU-only machine as {AVX2_CAPS} lab/tune.py --grid {grid} "
                              f"--jobs 2 --precision fp32")
         threads = threads_per_run(jobs)
         if threads != 1:

@@ -1,4 +1,4 @@
-"""On a CUDA GPU only (skipped elsewhere; tools/gpu_check.py runs them): every precision trains,
+"""On a CUDA GPU only (skipped elsewhere; lab/gpu_check.py runs them): every precision trains,
 CUDA graphs compute what eager does, a resumed run ends where an uninterrupted one does, and the
 NaN guard holds under fp16.
 

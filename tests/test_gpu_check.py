@@ -1,4 +1,4 @@
-"""tools/gpu_check.py in its smoke mode on the CPU: every step it runs on a GPU runs here too,
+"""lab/gpu_check.py in its smoke mode on the CPU: every step it runs on a GPU runs here too,
 shrunk, so the command cannot rot between the days a GPU is lent."""
 
 import json

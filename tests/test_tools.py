@@ -175,7 +175,7 @@ def test_readme_results_tables_are_generated_from_the_committed_results():
     rendered = report.render_pages(report.load_files())
     assert {p.name for p in rendered} >= {"README.md", "results.md", "learning-per-epoch.md"}
     stale = [p.name for p, text in rendered.items() if text != p.read_text()]
-    assert not stale, f"generated tables stale in {stale}: run python tools/report.py"
+    assert not stale, f"generated tables stale in {stale}: run python -m lab.report"
 
 
 def test_learning_rate_scales_linearly_with_the_batch_size():
@@ -298,10 +298,10 @@ def test_colab_setup_cell_stops_at_once_while_the_repository_url_is_a_placeholde
         code = TransformerManager().transform_cell(source)
         exec(compile(code, name, "exec"), {"get_ipython": FakeShell})
 
-    monkeypatch.chdir(tmp_path)  # no model.py / compare.py here: a fresh Colab runtime
+    monkeypatch.chdir(tmp_path)  # no model.py / lab/compare.py here: a fresh Colab runtime
     monkeypatch.setitem(sys.modules, "google.colab", object())
     with pytest.raises(RuntimeError, match=r"REPO is still the placeholder .*Set REPO in "
-                                           r"tools/make_notebooks.py"):
+                                           r"lab/make_notebooks.py"):
         run(cell.source)
     assert shell_calls == []  # nothing cloned or installed before the message
     run(cell.source.replace("YOUR-GITHUB-USER/", "someone/", 1))
@@ -672,11 +672,11 @@ def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point
     del levers[("batch", "muon+sep+silu", 20)]
     assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
            "mean gain over recipe v3 is mdw, +0.50" in report.levers_section(levers)
-    assert "No lever runs yet: `tools/tune.py --grid levers`" in report.levers_section({})
+    assert "No lever runs yet: `python -m lab.tune --grid levers`" in report.levers_section({})
     # the CPU part: recipe v3 and the changes on it, out of the learning-per-epoch study
     tuning = {**levers, ("batch", "muon", 20): runs([0.83] * 4)}
     assert list(report.on_lever_base(tuning)) == list(levers)
-    assert "No lever runs yet: `tools/tune.py --grid levers-cpu`" in report.levers_section(
+    assert "No lever runs yet: `python -m lab.tune --grid levers-cpu`" in report.levers_section(
         {("batch", "muon+sep", 20): levers[("batch", "muon+sep", 20)]}, "levers-cpu")
 
 
