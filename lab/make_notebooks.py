@@ -327,7 +327,7 @@ def update_sources(path, template):
     kinds = lambda cells: [c.cell_type for c in cells]  # noqa: E731
     if kinds(nb.cells) != kinds(template.cells):
         raise SystemExit(f"{path.name}: its cells no longer match the template's; re-execute it "
-                         f"instead (README: The notebooks)")
+                         f"instead (docs/contributing.md: The notebooks)")
     for cell, new in zip(nb.cells, template.cells):
         cell.source = new.source
     nbformat.write(nb, path)

@@ -26,7 +26,7 @@ from results import ResultsFileError, load_results
 import train
 from variants import DEFAULT, REGISTRY, course_variants
 
-from lab import compare, tune
+from lab import compare, front_page, tune
 from lab.compare import load_runs, load_study, study_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -726,8 +726,8 @@ def lever_summary_section(gpu_levers, cpu_levers):
     return "\n".join(lines + [
         "", f"Validation split, 20 epochs: each cell is the lever's mean paired difference from "
             f"{tune.LEVER_BASE_LABEL} run in the same arithmetic, in points, with its 95% interval "
-            f"and (the number of paired seeds); bold: +{LEVER_GAIN} with the interval above zero. "
-            f"Tables, verdicts and the greedy steps: [the lever study](docs/levers.md)."])
+            f"and (the number of paired seeds); bold: +{LEVER_GAIN} with the interval above zero; "
+            f"each lever's runs, verdict and greedy step in the tables below."])
 
 
 def recipe_choice_section(levers):
@@ -1055,6 +1055,10 @@ def replace_between(text, start, end, body):
 
 # The README's generated sections, in README order: (marker, renderer of the loaded files).
 SECTIONS = [
+    ("front-run-time", lambda f: front_page.run_time(f["runs"], gpu_archives(f["gpu_checks"]))),
+    ("front-results", lambda f: front_page.results_table(f["runs"])),
+    ("front-batch-size", lambda f: front_page.batch_size_sentence(f["study"], f["budget"])),
+    ("front-notice", lambda f: front_page.notice(f["runs"])),
     ("summary", lambda f: summary_table(f["runs"])),
     ("finals", lambda f: finals_section(f["runs"], f["archives"], on_lever_base(f["tuning"]))),
     ("results", lambda f: table(f["runs"], f["archives"], gpu_archives(f["gpu_checks"]))),
