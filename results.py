@@ -12,7 +12,10 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -151,6 +154,37 @@ class RunLock:
             except OSError:  # a folder made read-only: the file stays, but no lock is held on it
                 pass
             entry[0].close()  # closing releases the lock
+
+
+SMOKE_IMAGES_PER_CLASS = 200  # a smoke run's stratified subset, in each split
+
+
+@dataclass
+class NotebookRun:
+    """Where a notebook's run reads and writes, and how long it trains."""
+    epochs: int
+    subset: Optional[int]      # images per class in each split; None: all of them
+    data: Optional[str]        # CIFAR10_DATA, an archive or folder; None downloads (Colab)
+    results_dir: Path
+    images_dir: Path
+    checkpoint_dir: Path       # in Colab, point it at Google Drive to survive a disconnect
+
+
+def notebook_run(norm, epochs, environ=os.environ):
+    """A training notebook's plumbing, from the environment, so its configuration cell holds only
+    what a student changes: S8_SMOKE=1 (or CI) trains 1 epoch on a small stratified subset into
+    runs/smoke_<norm>/, emptied first so smoke runs never pile up or reach results/;
+    S8_PUBLISH=1 writes the committed results/ and images/; otherwise runs/, as train.py does."""
+    smoke = bool(environ.get("S8_SMOKE") or environ.get("CI"))
+    out = Path("runs") / f"smoke_{get_variant(norm).name}" if smoke else Path(".")
+    if smoke:
+        shutil.rmtree(out, ignore_errors=True)
+    folder = "results" if environ.get("S8_PUBLISH") == "1" else "runs"
+    return NotebookRun(epochs=1 if smoke else epochs,
+                       subset=SMOKE_IMAGES_PER_CLASS if smoke else None,
+                       data=environ.get("CIFAR10_DATA"), results_dir=out / folder,
+                       images_dir=out / ("images" if folder == "results" else "runs"),
+                       checkpoint_dir=out / "checkpoints")
 
 
 def collect_misclassified(model, loader, limit=10, seed=0, logits=None, precision="fp32"):

@@ -18,6 +18,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from model import ModelConfig
+from utils import TrainConfig
 from variants import REGISTRY, course_variants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,46 +49,68 @@ def colab_setup_cell(entry_module, extra_install=""):
         + (f"\n    !pip install -q {extra_install}" if extra_install else ""))
 
 
+EXERCISES = (
+    "## Exercises\n\n"
+    "Each is one edit of the configuration cell; Run all, then compare with the run above.\n\n"
+    "1. **BatchNorm at batch size 4.** Set `BATCH_SIZE = 4` here and in `S8_GroupNorm.ipynb` "
+    "(the learning rate follows the batch size). Expect BatchNorm to fall behind GroupNorm: its "
+    "statistics over 4 images are noisy, and at test time it uses running averages that no "
+    "longer match them, while GroupNorm computes its statistics per image. The batch-size study "
+    "(`docs/batch-size.md`) measured this on a shorter budget. Batch 4 takes 32 times as many "
+    "steps: on a CPU, lower `EPOCHS` as well.\n"
+    "2. **GroupNorm with one group.** In `S8_GroupNorm.ipynb` set `NUM_GROUPS = 1`: one group "
+    "holds all the channels, so each image is normalized over all its channels and pixels, which "
+    "is LayerNorm. Expect the summary to show the same layers and parameter count as "
+    "`S8_LayerNorm.ipynb`'s, and on the same machine the same accuracy to the last digit (this "
+    "repository builds LayerNorm as `GroupNorm(1, C)`).\n"
+    "3. **No normalization.** Set `NORM = \"none\"`. Expect the summary to show a convolution "
+    "with a bias and SiLU in each block, and fewer parameters (a bias per channel instead of a "
+    "scale and a shift). Then raise `LR`: the learning-rate study (`docs/learning-rate.md`) "
+    "found the network without normalization the first to diverge, its loss turning into NaN, "
+    "which stops the run with an error that names the epoch.")
+
+
+def configuration_cell(norm):
+    """What a student changes, and one call for the plumbing (smoke and publish runs)."""
+    choices = ", ".join(f'"{v}"' for v in course_variants())
+    groups = (f"NUM_GROUPS = {ModelConfig.num_groups}          # groups of channels per layer; "
+              f"must divide {', '.join(map(str, ModelConfig.widths))}\n"
+              if REGISTRY[norm].uses_groups else "")
+    return new_code_cell(
+        "# Configuration: the settings to change, then Run all\n"
+        f"NORM = \"{norm}\"            # {choices}\n"
+        f"{groups}"
+        "SEED = 0                  # initial weights, data order and augmentation\n"
+        "EPOCHS = 20               # at most 20 in this course\n"
+        f"BATCH_SIZE = {TrainConfig.batch_size}          # images per training step\n"
+        f"LR = {TrainConfig.lr} * BATCH_SIZE / {TrainConfig.batch_size}  # SGD's peak learning rate, "
+        "scaled with the batch\n"
+        "PRECISION = \"auto\"        # bf16 where native, fp16 on a T4 GPU, else fp32\n"
+        "RESUME = True             # continue from the last checkpoint after a disconnect\n\n"
+        "from results import notebook_run\n"
+        "setup = notebook_run(NORM, EPOCHS)  # S8_SMOKE=1: 1 epoch on a subset (CI); "
+        "S8_PUBLISH=1: results/")
+
+
 def notebook(norm):
     title = REGISTRY[norm].title
     name = f"S8_{title}.ipynb"
-    choices = ", ".join(f'"{v}"' for v in course_variants())
+    model_args = "NORM, seed=SEED, num_groups=NUM_GROUPS" if REGISTRY[norm].uses_groups else \
+        "NORM, seed=SEED"
     cells = [
         new_markdown_cell(
             f"# S8 · {title} on CIFAR-10\n\n"
             f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
             f"(https://colab.research.google.com/github/{REPO}/blob/main/{name})\n\n"
-            f"{REGISTRY[norm].description} The network (`C1 C2 c3 P1 C4 C5 c6 P2 C7 C8 C9 GAP C10` with three "
-            f"skip adds, under 50,000 parameters) and the recipe are the same in all three "
-            f"notebooks; see the README for the results of every variant over several seeds.\n\n"
-            f"With `S8_SMOKE=1` (or `CI` set) the notebook trains 1 epoch on a small stratified "
-            f"subset and writes into `runs/smoke_<norm>/` (emptied by the next smoke run); otherwise it trains the full 20 epochs "
-            f"and writes its results file and figures into `runs/`, as `train.py` does, under a "
-            f"name that carries every setting you changed. Only `PUBLISH = True` (or `S8_PUBLISH=1`) "
-            f"writes into `results/` and `images/` (to regenerate the committed outputs)."),
+            f"{REGISTRY[norm].description} The network (`C1 C2 c3 P1 C4 C5 c6 P2 C7 C8 C9 GAP C10` "
+            f"with three skip adds, under 50,000 parameters) and its training are the same in "
+            f"all three notebooks; the README has the results of every variant over several "
+            f"seeds.\n\n"
+            f"Change the configuration cell, then Run all: a run of yours writes its results file "
+            f"and figures into `runs/`, under a name that carries every setting you changed. The "
+            f"outputs below are a real 20-epoch run (seed 0)."),
         colab_setup_cell("model.py", extra_install="torchsummary"),
-        new_code_cell(
-            "# Configuration\n"
-            "import os, shutil\n"
-            "from pathlib import Path\n\n"
-            f"NORM = \"{norm}\"                 # {choices}\n"
-            "SEED = 0\n"
-            "SMOKE = bool(os.environ.get(\"S8_SMOKE\") or os.environ.get(\"CI\"))\n"
-            "EPOCHS = 1 if SMOKE else 20       # the assignment allows at most 20\n"
-            "SUBSET = 200 if SMOKE else None   # images per class (stratified), train and test; None = all\n"
-            "DATA = os.environ.get(\"CIFAR10_DATA\")  # archive or folder; None downloads (Colab)\n"
-            "RESUME = True                     # continue from the checkpoint after a disconnect\n"
-            "PRECISION = \"auto\"                # auto: bf16 on A100/H100/L4 and bf16-capable CPUs, fp16 on T4\n"
-            "PUBLISH = os.environ.get(\"S8_PUBLISH\") == \"1\"  # True: write results/ and images/ (the committed runs)\n"
-            "# Yours go to runs/, as train.py's do; a smoke run to runs/smoke_<norm>/ (git ignores runs/),\n"
-            "# emptied when the next smoke run starts, so smoke runs never pile up or reach results/.\n"
-            "OUT = Path(\"runs\") / f\"smoke_{NORM}\" if SMOKE else Path(\".\")\n"
-            "if SMOKE:\n"
-            "    shutil.rmtree(OUT, ignore_errors=True)\n"
-            "RESULTS_DIR = OUT / (\"results\" if PUBLISH else \"runs\")\n"
-            "IMAGES_DIR = OUT / (\"images\" if PUBLISH else \"runs\")\n"
-            "# In Colab, point this at Google Drive to survive a disconnect (docs/reliability.md).\n"
-            "CHECKPOINT_DIR = OUT / \"checkpoints\""),
+        configuration_cell(norm),
         new_code_cell(
             "from dataset import load_cifar10\n"
             "from model import build_model, show_summary\n"
@@ -94,12 +118,12 @@ def notebook(norm):
             "from norm_stats import plot_layer_probe, plot_norm_statistics\n"
             "from plots import plot_data_preview, plot_history, plot_misclassified\n"
             "from precision import get_device\n"
-            "from results import (check_publishable, collect_misclassified, make_results, run_name,\n"
-            "                     save_json_atomic)\n"
+            "from results import (check_publishable, collect_misclassified, config_run_name,\n"
+            "                     make_results, save_json_atomic)\n"
             "from utils import TrainConfig, fit, make_loaders\n\n"
-            "data = load_cifar10(DATA)\n"
-            "if SUBSET:\n"
-            "    data = data.subset(SUBSET, SUBSET, seed=SEED)\n"
+            "data = load_cifar10(setup.data)\n"
+            "if setup.subset:\n"
+            "    data = data.subset(setup.subset, setup.subset, seed=SEED)\n"
             "device = get_device()\n"
             "print(\"device:\", device)"),
         new_markdown_cell(
@@ -110,33 +134,56 @@ def notebook(norm):
             "`normalizations.py` writes each one out in a few lines, checked against PyTorch."),
         new_code_cell("plot_norm_axes(show=True);"),
         new_markdown_cell("## The data\n\nA row per class: training images as stored, then "
-                          "the same images as the training loader augments them."),
-        new_code_cell("plot_data_preview(data, IMAGES_DIR / \"data_preview.png\", pad=TrainConfig.pad,\n"
+                          "the same images as the training loader augments them (a random "
+                          "crop of the padded image, and a horizontal flip half of the time)."),
+        new_code_cell("plot_data_preview(data, setup.images_dir / \"data_preview.png\", "
+                      "pad=TrainConfig.pad,\n"
                       "                  flip=TrainConfig.flip, show=True);"),
         new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(data.classes)"),
+        new_markdown_cell("## The model\n\nEach `C` block is a convolution, then the "
+                          "normalization, then SiLU; the summary lists every layer with its "
+                          "output shape and parameter count."),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"
-            "model = build_model(NORM, seed=SEED)\n"
+            f"model = build_model({model_args})\n"
             "print(f\"{model.config.norm}: {model.get_num_params():,} trainable parameters\")\n"
             "show_summary(model)"),
+        new_markdown_cell("## Training\n\nOne line per epoch: the loss and accuracy on the "
+                          "training batches as the model saw them, then on the test images."),
         new_code_cell(
-            "config = TrainConfig(epochs=EPOCHS, seed=SEED, precision=PRECISION)\n"
-            "run = run_name(NORM, SEED, epochs=EPOCHS, subset=SUBSET)  # e.g. batch_seed0_e5\n"
-            "check_publishable(RESULTS_DIR / f\"{run}.json\", model, config)  # never another run's files\n"
-            "history = fit(model, data, config, device, checkpoint_path=CHECKPOINT_DIR / f\"{run}.pt\",\n"
+            "config = TrainConfig(epochs=setup.epochs, seed=SEED, batch_size=BATCH_SIZE, lr=LR,\n"
+            "                     precision=PRECISION)\n"
+            "run = config_run_name(model.config, config, subset=setup.subset)  # e.g. batch_seed0_e5\n"
+            "check_publishable(setup.results_dir / f\"{run}.json\", model, config)  # never another run's files\n"
+            "history = fit(model, data, config, device, checkpoint_path=setup.checkpoint_dir / f\"{run}.pt\",\n"
             "              resume=RESUME)"),
         new_code_cell(
             "title = f\"{model.config.norm} norm, seed {SEED}\"\n"
-            "plot_history(history, IMAGES_DIR / f\"{run}_curves.png\", title=title, show=True);"),
+            "plot_history(history, setup.images_dir / f\"{run}_curves.png\", title=title, show=True);"),
+        new_markdown_cell(
+            "**What to notice.** The train loss ends above the test loss although the train "
+            "accuracy ends above the test accuracy: the train loss is measured on augmented "
+            "batches (crops and flips) with label smoothing (each target keeps "
+            f"{100 * (1 - TrainConfig.label_smoothing):.0f}% of its probability, the rest is "
+            "spread over all classes), which keeps it from falling towards zero; the test loss "
+            "sees neither. The gap between train and test accuracy at the end is how much the "
+            "network has fitted its training images beyond what generalizes. Both accuracies "
+            "still gain in the last epochs, as the learning rate falls to nearly zero: 20 "
+            "epochs is a short budget for this network."),
         new_code_cell(
             "_, test_loader = make_loaders(data, config, device)\n"
             "mistakes = collect_misclassified(model, test_loader, limit=10,\n"
             "                                 precision=history[\"precision\"][-1])\n"
-            "plot_misclassified(mistakes, data.classes, IMAGES_DIR / f\"{run}_misclassified.png\",\n"
+            "plot_misclassified(mistakes, data.classes, setup.images_dir / f\"{run}_misclassified.png\",\n"
             "                   title=title, show=True);"),
+        new_markdown_cell(
+            "**What to notice.** Most mistakes are between classes that look alike at 32 × 32 "
+            "pixels: cat and dog are each other's most frequent confusion for all three "
+            "normalizations (`S8_Compare.ipynb` counts them), then bird, deer and airplane, or "
+            "truck and automobile. Some of the true labels are arguable even for a person."),
         new_code_cell(
             "results = make_results(model, data, config, history, device)\n"
-            "save_json_atomic(RESULTS_DIR / f\"{run}.json\", results)\n"
+            "save_json_atomic(setup.results_dir / f\"{run}.json\", results)\n"
             "print(f\"{run}: final test accuracy {100 * results['final_test_acc']:.2f}% \"\n"
             "      f\"(flip-TTA {100 * results['final_test_acc_flip_tta']:.2f}%), train accuracy \"\n"
             "      f\"{100 * history['train_acc'][-1]:.2f}% after \"\n"
@@ -144,6 +191,10 @@ def notebook(norm):
             "      f\"{results['hardware'].get('gpu', results['hardware']['cpu'])} in \"\n"
             "      f\"{results['precision']}, \"\n"
             "      f\"data: {results['data']['source']}\")"),
+        new_markdown_cell(
+            "Flip-TTA (test-time augmentation) scores each test image by the average of the "
+            "model's outputs on the image and on its mirror image: a free gain, reported beside "
+            "the plain accuracy, never instead of it."),
         new_markdown_cell(
             "## Inside the trained network\n\n"
             "At every normalization layer, on a fixed batch of test images: how far its input and "
@@ -154,6 +205,7 @@ def notebook(norm):
         new_code_cell(
             "plot_norm_statistics({NORM: results[\"norm_statistics\"]}, show=True)\n"
             "plot_layer_probe({NORM: history}, results[\"norm_statistics\"][\"layers\"], show=True);"),
+        new_markdown_cell(EXERCISES),
     ]
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
@@ -183,9 +235,10 @@ def compare_notebook():
         colab_setup_cell("lab/compare.py"),
         new_code_cell(
             "from lab.compare import (LR_STUDY_DIR, RESULTS_DIR, STUDY_DIR, load_lr_study, load_runs,\n"
-            "                         load_study, lr_table, most_confused_lines, norm_statistics_runs,\n"
-            "                         per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"
-            "                         plot_lr_study, plot_variant_curves, study_findings, study_table)\n"
+            "                         load_study, lr_table, mean_std, most_confused_lines,\n"
+            "                         norm_statistics_runs, per_class_table, plot_batch_size_study,\n"
+            "                         plot_confusion_matrices, plot_lr_study, plot_variant_curves,\n"
+            "                         study_findings, study_table)\n"
             "from normalizations import check_against_torch, plot_norm_axes\n"
             "from norm_stats import plot_layer_probe, plot_norm_statistics, statistics_table\n\n"
             "runs = load_runs(RESULTS_DIR)    # {variant: [20-epoch runs]}\n"
@@ -213,12 +266,12 @@ def compare_notebook():
             "channels (GroupNorm's). A range of 1.00-1.00 means normalized along those axes."),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"
-            "statistics = norm_statistics_runs(runs)   # {variant: the run that measured them}\n"
-            "print(statistics_table({v: r[\"norm_statistics\"] for v, r in statistics.items()}))"),
-        new_code_cell("plot_norm_statistics({v: r[\"norm_statistics\"] for v, r in statistics.items()},\n"
+            "measured = norm_statistics_runs(runs)   # {variant: the run that measured them}\n"
+            "print(statistics_table({v: r[\"norm_statistics\"] for v, r in measured.items()}))"),
+        new_code_cell("plot_norm_statistics({v: r[\"norm_statistics\"] for v, r in measured.items()},\n"
                       "                     show=True);"),
-        new_code_cell("plot_layer_probe({v: r[\"history\"] for v, r in statistics.items()},\n"
-                      "                 next(iter(statistics.values()))[\"norm_statistics\"][\"layers\"],\n"
+        new_code_cell("plot_layer_probe({v: r[\"history\"] for v, r in measured.items()},\n"
+                      "                 next(iter(measured.values()))[\"norm_statistics\"][\"layers\"],\n"
                       "                 show=True);"),
         new_markdown_cell(
             "## Does normalization allow higher learning rates?\n\n"
@@ -253,11 +306,9 @@ def compare_notebook():
         new_code_cell("plot_variant_curves(runs, show=True);"),
         new_code_cell(
             "# NBVAL_CHECK_OUTPUT\n"
-            "import statistics\n"
             "for variant, rs in runs.items():\n"
             "    accs = [100 * r[\"final_test_acc\"] for r in rs]\n"
-            "    spread = f\" ± {statistics.stdev(accs):.2f}\" if len(accs) > 1 else \"\"\n"
-            "    print(f\"{variant}: {statistics.mean(accs):.2f}{spread}% over {len(accs)} seeds \"\n"
+            "    print(f\"{variant}: {mean_std(accs)}% over {len(accs)} seeds \"\n"
             "          f\"({rs[0]['epochs']} epochs, {rs[0]['num_params']:,} parameters)\")"),
     ]
     return name, nbformat.v4.new_notebook(cells=cells, metadata={
@@ -320,16 +371,22 @@ def clean(path):
 
 
 def update_sources(path, template):
-    """Give an executed notebook the template's cell sources and keep its outputs, for a change
-    that leaves what the cells compute as it was (an import moved, a comment); refuses when the
-    cells no longer line up, since then the outputs would belong to other code."""
+    """Give an executed notebook the template's cells and keep its code cells' outputs, for a
+    change that leaves what the code computes as it was (an import moved, a comment, a setting
+    passed at its default, a markdown cell added); refuses when the code cells no longer line
+    up one to one, since then the outputs would belong to other code."""
     nb = nbformat.read(path, as_version=4)
-    kinds = lambda cells: [c.cell_type for c in cells]  # noqa: E731
-    if kinds(nb.cells) != kinds(template.cells):
-        raise SystemExit(f"{path.name}: its cells no longer match the template's; re-execute it "
-                         f"instead (docs/contributing.md: The notebooks)")
-    for cell, new in zip(nb.cells, template.cells):
-        cell.source = new.source
+    ran = [c for c in nb.cells if c.cell_type == "code"]
+    code = [c for c in template.cells if c.cell_type == "code"]
+    if len(ran) != len(code):
+        raise SystemExit(f"{path.name}: its code cells no longer match the template's; "
+                         f"re-execute it instead (docs/contributing.md: The notebooks)")
+    for old, new in zip(ran, code):
+        old.source = new.source
+    by_code = iter(ran)
+    text = {c.source: c for c in nb.cells if c.cell_type == "markdown"}  # unchanged: same id
+    nb.cells = [next(by_code) if c.cell_type == "code" else text.get(c.source, c)
+                for c in template.cells]
     nbformat.write(nb, path)
 
 

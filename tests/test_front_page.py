@@ -1,14 +1,25 @@
-"""The front page is a lesson a student reads top to bottom: short, the idea before the numbers,
-every variant's figures, no lab vocabulary, and generated sentences that stay true of the files."""
+"""The course as a student meets it: a front page read top to bottom (short, the idea before the
+numbers, every variant's figures, no lab vocabulary, generated sentences that stay true of the
+files) and notebooks whose configuration is what a student changes, which say what to notice
+and end with exercises whose promises hold."""
 
+import ast
 import re
+from pathlib import Path
 
+import nbformat
 import pytest
+import torch
+from IPython.core.inputtransformer2 import TransformerManager
+from nbclient import NotebookClient
 
 from conftest import ROOT
-from lab import front_page
+from model import build_model
+from results import notebook_run
 from test_tools import fake_run
 from variants import REGISTRY, course_variants
+
+from lab import front_page
 
 README = (ROOT / "README.md").read_text()
 
@@ -79,3 +90,94 @@ def test_the_results_table_and_run_time_come_from_the_files():
     assert "took 30 to 50 minutes (3 runs, 2026-11-20 to 2026-11-22)" in \
         front_page.run_time(runs, [])
     assert front_page.results_table({}).startswith("No results yet")
+
+
+def code_cells(name):
+    return [c["source"] for c in nbformat.read(ROOT / name, as_version=4).cells
+            if c["cell_type"] == "code"]
+
+
+TRAINING = [f"S8_{REGISTRY[v].title}.ipynb" for v in course_variants()]
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_a_training_notebooks_configuration_is_what_a_student_changes(name):
+    config = next(c for c in code_cells(name) if c.startswith("# Configuration"))
+    lines = [line for line in config.splitlines() if line.strip()]
+    assert len(lines) <= 12, config
+    for setting in ("NORM =", "SEED =", "EPOCHS =", "LR =", "BATCH_SIZE ="):
+        assert any(line.startswith(setting) for line in lines), setting
+    assert ("NUM_GROUPS =" in config) == ("GroupNorm" in name)
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_a_training_notebook_says_what_to_notice_and_ends_with_exercises(name):
+    cells = nbformat.read(ROOT / name, as_version=4).cells
+    kinds = [(c.cell_type, c.source) for c in cells]
+    curves = next(i for i, (k, s) in enumerate(kinds) if k == "code" and "plot_history(" in s)
+    grid = next(i for i, (k, s) in enumerate(kinds) if k == "code" and "plot_misclassified(" in s)
+    for after in (curves, grid):
+        assert kinds[after + 1][0] == "markdown" and "What to notice" in kinds[after + 1][1]
+    exercises = cells[-1].source
+    assert exercises.startswith("## Exercises") and exercises.count("\n1. ") == 1
+    assert len(re.findall(r"^\d\. \*\*", exercises, flags=re.M)) == 3
+    assert "Flip-TTA" in "".join(s for k, s in kinds if k == "markdown")
+
+
+def test_the_exercise_groupnorm_with_one_group_is_layernorm_to_the_last_digit():
+    """Exercise 2's promise: the same seed gives the same weights and the same steps."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    losses = {}
+    for norm, groups in (("layer", 4), ("group", 1)):
+        model = build_model(norm, seed=0, num_groups=groups)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[norm] = []
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[norm].append(loss.item())
+        state = model.state_dict()
+        losses[f"{norm} state"] = state
+    assert losses["layer"] == losses["group"]
+    assert all(torch.equal(losses["layer state"][k], losses["group state"][k])
+               for k in losses["layer state"])
+
+
+def test_a_notebooks_plumbing_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "smoke_batch").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke_batch" / "old.json").write_text("{}")
+    smoke = notebook_run("bn", 20, environ={"S8_SMOKE": "1", "CIFAR10_DATA": "c.tar.gz"})
+    assert (smoke.epochs, smoke.subset, smoke.data) == (1, 200, "c.tar.gz")
+    assert smoke.results_dir == Path("runs/smoke_batch/runs")  # never results/
+    assert not (tmp_path / "runs" / "smoke_batch" / "old.json").exists()  # emptied first
+    mine = notebook_run("group", 5, environ={})
+    assert (mine.epochs, mine.subset, mine.results_dir, mine.images_dir) == \
+        (5, None, Path("runs"), Path("runs"))
+    published = notebook_run("layer", 20, environ={"S8_PUBLISH": "1"})
+    assert (published.results_dir, published.images_dir) == (Path("results"), Path("images"))
+
+
+def test_the_compare_notebook_assigns_no_name_it_imports():
+    """A name both imported and assigned breaks re-running an earlier cell after Run all."""
+    imported, assigned = set(), set()
+    for source in code_cells("S8_Compare.ipynb"):
+        tree = ast.parse(TransformerManager().transform_cell(source))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                assigned.add(node.id)
+    assert not imported & assigned, imported & assigned
+
+
+def test_the_compare_notebook_runs_again_after_run_all(tmp_path):
+    """Run all, then every cell once more in the same kernel, as a student re-running cells."""
+    nb = nbformat.read(ROOT / "S8_Compare.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and "google.colab" not in c.source]
+    nb.cells = [nbformat.v4.new_code_cell("import matplotlib; matplotlib.use('Agg')")] + \
+        [nbformat.v4.new_code_cell(c.source) for c in code * 2]
+    NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(ROOT)}}).execute()

@@ -24,7 +24,7 @@ from dataset import DatasetWarning, load_cifar10  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 import utils  # noqa: E402
 from results import (ResultsFileError, RunLock, RunLockedError, check_publishable,  # noqa: E402
-                     run_name, same_recipe)
+                     config_run_name, same_recipe)
 from utils import (NonFiniteLossError, TrainConfig, fit, load_checkpoint,  # noqa: E402
                    save_checkpoint)
 
@@ -151,7 +151,7 @@ def notebook_config(tmp_path, monkeypatch, **env):
         monkeypatch.setenv(key, value)
     _, nb = make_notebooks.notebook("batch")
     config_cell = next(c.source for c in nb.cells if c.source.startswith("# Configuration"))
-    run_cell = next(c.source for c in nb.cells if "run = run_name(" in c.source)
+    run_cell = next(c.source for c in nb.cells if "run = config_run_name(" in c.source)
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(config_cell, scope)
@@ -160,19 +160,23 @@ def notebook_config(tmp_path, monkeypatch, **env):
 
 def test_a_notebook_run_writes_into_runs_under_a_name_with_its_settings(tmp_path, monkeypatch):
     scope, run_cell = notebook_config(tmp_path, monkeypatch)
-    assert not scope["PUBLISH"] and scope["EPOCHS"] == 20
-    assert scope["RESULTS_DIR"].name == "runs" and scope["IMAGES_DIR"].name == "runs"
-    assert "run_name(NORM, SEED, epochs=EPOCHS, subset=SUBSET)" in run_cell
-    assert run_name("batch", 0, epochs=5, subset=None) == "batch_seed0_e5"
+    setup = scope["setup"]
+    assert setup.epochs == 20 and setup.subset is None
+    assert setup.results_dir == Path("runs") and setup.images_dir == Path("runs")
+    assert "config_run_name(model.config, config, subset=setup.subset)" in run_cell
+    model = build_model("batch")
+    assert config_run_name(model.config, TrainConfig(epochs=5)) == "batch_seed0_e5"
+    assert config_run_name(model.config, TrainConfig(batch_size=32, lr=0.025)) == \
+        "batch_seed0_bs32_lr0.025"  # the notebook's LR and BATCH_SIZE are in the name
 
 
 def test_only_s8_publish_1_makes_a_full_notebook_run_write_the_committed_files(tmp_path,
                                                                                monkeypatch):
     scope, _ = notebook_config(tmp_path, monkeypatch, S8_PUBLISH="1")
-    assert scope["PUBLISH"] and scope["RESULTS_DIR"] == Path("results")
-    assert scope["IMAGES_DIR"] == Path("images")
+    assert scope["setup"].results_dir == Path("results")
+    assert scope["setup"].images_dir == Path("images")
     smoke, _ = notebook_config(tmp_path, monkeypatch, S8_PUBLISH="1", S8_SMOKE="1")
-    assert smoke["RESULTS_DIR"].parent != Path(".")  # a smoke run never writes the repository
+    assert smoke["setup"].results_dir.parent != Path(".")  # a smoke run never writes the repository
 
 
 def test_publishing_never_replaces_another_configurations_results(tmp_path):
@@ -522,8 +526,8 @@ def test_a_smoke_notebook_run_keeps_its_files_in_runs_and_replaces_the_last_ones
     leftover.parent.mkdir(parents=True)
     leftover.write_text("{}")
     scope, _ = notebook_config(tmp_path, monkeypatch, S8_SMOKE="1")
-    assert scope["OUT"] == Path("runs") / "smoke_batch"  # under the checkout, ignored by git
-    assert scope["RESULTS_DIR"].is_relative_to(Path("runs"))
+    assert scope["setup"].results_dir == Path("runs") / "smoke_batch" / "runs"  # ignored by git
+    assert scope["setup"].checkpoint_dir.is_relative_to(Path("runs"))
     assert not leftover.exists()  # the last smoke run's files are gone, not piled up
     assert "tempfile" not in next(c.source for c in make_notebooks.notebook("batch")[1].cells
                                   if c.source.startswith("# Configuration"))
