@@ -12,11 +12,14 @@ schedule:
 Muon (Jordan et al., 2024) replaces a matrix's momentum by the nearest orthogonal matrix
 (Newton-Schulz iterations), so every direction of the update moves at the same rate; it takes
 2-D parameters only, hence the kernels' matrix views, which share the kernels' storage.
+BatchedMuon computes torch.optim.Muon's step for all the matrices in one stack (on CUDA).
 
 Any of them can be wrapped in Lookahead (`config.lookahead` steps; Zhang et al., 2019); the
 norms' shifts and the depthwise filters can learn at their own multiple of the rate
 (`config.norm_bias_lr`, `config.depthwise_lr`).
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -48,6 +51,71 @@ class KernelMatrix(nn.Parameter):
         grad = self.kernel.grad
         self.grad = None if grad is None else \
             grad.permute(self.order).reshape(self.kernel.shape[0], -1)
+
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's quintic, its 5 steps, its eps
+
+
+def newton_schulz(stack, coefficients=NS_COEFFICIENTS, steps=5, eps=1e-7):
+    """torch.optim.Muon's orthogonalization of each (rows <= cols) matrix of `stack`, (B, R, C),
+    in bf16: one batched matmul per product for all B matrices instead of one each."""
+    a, b, c = coefficients
+    x = stack.bfloat16()
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    """torch.optim.Muon for all its matrices at once: their updates zero-padded into one stack
+    (each turned wide, as Muon does), one batched Newton-Schulz, momentum, weight decay and the
+    update's scale as torch.optim.Muon computes them (the tests compare the two step by step).
+    torch's Muon loops over the matrices, about 25 operations each; this takes about 30 in all.
+    Its state is torch's, one momentum buffer per matrix, so checkpoints move between the two."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                  "nesterov": nesterov, "ns_coefficients": ns_coefficients,
+                                  "eps": eps, "ns_steps": ns_steps, "adjust_lr_fn": None})
+        shapes = [tuple(p.shape) for g in self.param_groups for p in g["params"] if p.ndim != 2]
+        if shapes:
+            raise ValueError(f"Muon takes 2-D parameters only, got {shapes}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step(group, params)
+
+    def _step(self, group, params):
+        lr, momentum = group["lr"], group["momentum"]
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        wide = [u.mT if u.size(0) > u.size(1) else u for u in updates]
+        stack = updates[0].new_zeros(len(wide), max(w.size(0) for w in wide),
+                                     max(w.size(1) for w in wide))
+        for i, w in enumerate(wide):
+            stack[i, :w.size(0), :w.size(1)].copy_(w)
+        ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        by_scale = {}  # torch's "original" adjustment: sqrt(max(1, rows / cols)) times the rate
+        for i, p in enumerate(params):
+            scale = math.sqrt(max(1, p.size(0) / p.size(1)))
+            block = ortho[i, :wide[i].size(0), :wide[i].size(1)]
+            by_scale.setdefault(scale, ([], []))
+            by_scale[scale][0].append(p)
+            by_scale[scale][1].append(block.mT if p.size(0) > p.size(1) else block)
+        for scale, (same, blocks) in by_scale.items():
+            torch._foreach_add_(same, blocks, alpha=-lr * scale)
 
 
 def check_optimizer_available(name):
@@ -177,6 +245,10 @@ def _base_optimizer(model, config, device):
                           fused=torch.device(device).type == "cuda" or None)
     if not muon:
         return sgd
-    return Chain(sgd, torch.optim.Muon([KernelMatrix(p) for p in muon], lr=config.muon_lr,
-                                       momentum=config.momentum, nesterov=True,
-                                       weight_decay=config.weight_decay))
+    # on CUDA one batched Newton-Schulz for every matrix, as the GPU waits on launches; on the
+    # CPU torch's own, whose arithmetic the CPU studies' runs share (the two part in the last
+    # digits within an epoch: docs/speed.md)
+    muon_class = BatchedMuon if torch.device(device).type == "cuda" else torch.optim.Muon
+    return Chain(sgd, muon_class([KernelMatrix(p) for p in muon], lr=config.muon_lr,
+                                 momentum=config.momentum, nesterov=True,
+                                 weight_decay=config.weight_decay))

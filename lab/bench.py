@@ -3,6 +3,7 @@
     python -m lab.bench                       # CPU (or the best device), BatchNorm model, 3 repetitions
     python -m lab.bench --device cuda --steps 200 --variants repo+compile repo+graphs
     python -m lab.bench --profile             # where the time of this repository's training step goes
+    python -m lab.bench --ops --precision fp16   # what one training step costs: ops, host syncs
     python -m lab.bench --variants repo+fp32 repo+bf16 repo+compile repo+nchw   # what else was tried
     python -m lab.bench --conv separable --widths 32 64 88   # the network of `tune.py`'s sep
 
@@ -47,7 +48,8 @@ from model import CONVS, ModelConfig, build_model
 from precision import (compile_model, get_device, hardware_info, make_grad_scaler,
                        resolve_precision)
 from optimizers import make_optimizer
-from utils import TrainConfig, evaluate, make_loaders, train_one_epoch
+from utils import (TrainConfig, evaluate, make_loaders, make_scheduler, train_one_epoch,
+                   training_step)
 from variants import DEFAULT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +212,70 @@ def profile(args):
           f"{total / (args.steps * args.batch_size) * TRAIN_IMAGES:.1f} s per 50,000 images")
 
 
+# Operations that launch no kernel: views, allocations and metadata (the --ops count leaves them out)
+NOT_KERNELS = {"aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::reshape",
+               "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::squeeze",
+               "aten::unsqueeze", "aten::select", "aten::slice", "aten::unbind", "aten::detach",
+               "aten::detach_", "aten::alias", "aten::lift_fresh", "aten::resolve_conj",
+               "aten::resolve_neg", "aten::empty", "aten::empty_like", "aten::empty_strided",
+               "aten::numpy_T", "aten::matrix_H", "aten::mT", "aten::flatten", "aten::split",
+               "aten::chunk", "aten::narrow", "aten::result_type",
+               "aten::_reshape_alias", "aten::set_", "aten::is_same_size", "aten::size",
+               "aten::stride", "aten::dim"}
+# Reads of a device value by the host: each is a sync on a GPU
+HOST_SYNCS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero",
+              "aten::equal", "aten::_assert_async"}
+
+
+def step_op_counts(events):
+    """{"total", "optimizer", "host_syncs"} of a profiled training step's `events`
+    (torch.profiler's events()): the kernel-like ops, i.e. the aten ops that are neither views,
+    allocations nor metadata and run inside no other such op (a matmul counts once, not its
+    helpers); "optimizer": those inside an optimizer's step; "host_syncs": reads of a device
+    value by the host."""
+    def ancestors(event):
+        parent = event.cpu_parent
+        while parent is not None:
+            yield parent
+            parent = parent.cpu_parent
+    counts = {"total": 0, "optimizer": 0, "host_syncs": 0}
+    for event in events:
+        if event.name in HOST_SYNCS:
+            counts["host_syncs"] += 1
+        if not event.name.startswith("aten::") or event.name in NOT_KERNELS:
+            continue
+        above = list(ancestors(event))
+        if any(a.name.startswith("aten::") and a.name not in NOT_KERNELS for a in above):
+            continue
+        counts["total"] += 1
+        counts["optimizer"] += any(a.name.startswith("Optimizer.step#") for a in above)
+    return counts
+
+
+def step_ops(data, precision, norm=DEFAULT):
+    """step_op_counts of one training step at batch 2 (the count does not depend on the batch)
+    on the CPU as it runs on CUDA (fused SGD): the next augmented batch, forward, loss, backward,
+    both optimizers and the schedule (the epoch's running sums aside), after one step that
+    creates the optimizers' state."""
+    config = TrainConfig(batch_size=2)
+    model = build_model(norm, seed=0).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config, "cuda")  # its fused SGD runs on CPU tensors too
+    loader = make_loaders(data, config, "cpu")[0]
+    scheduler = make_scheduler(optimizer, config, len(loader))
+    scaler = make_grad_scaler("cpu", precision)
+    batches = iter(loader)
+
+    def step():
+        x, y = next(batches)
+        training_step(model, x, y, optimizer, precision, scaler, config.label_smoothing)
+        scheduler.step()
+
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return step_op_counts(prof.events())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
@@ -233,12 +299,24 @@ def main():
                         "repo+graphs, repo+nchw, or combinations such as repo+bf16+compile")
     p.add_argument("--profile", action="store_true",
                    help="profile this repository's training steps instead (operator table)")
+    p.add_argument("--ops", action="store_true",
+                   help="count what one training step costs instead: kernel-like ops, those of "
+                        "the optimizers, host syncs (batch 2 on the CPU is enough)")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
+                   help="with --ops: the step's precision (default: bf16)")
     p.add_argument("--worker", dest="pipeline", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.pipeline:
         return worker(args)
     if args.profile:
         return profile(args)
+    if args.ops:
+        counts = step_ops(load_cifar10(args.data, verbose=False).subset(2, 2), args.precision,
+                          args.norm)
+        print(f"ops per training step: total {counts['total']}; optimizer "
+              f"{counts['optimizer']}; host syncs {counts['host_syncs']} ({args.precision}, "
+              f"{torch.__version__})")
+        return
 
     device = get_device(args.device)
     hw = hardware_info(device)
