@@ -372,9 +372,10 @@ def load_results(path):
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResultsFileError(
             f"results file {path} is unreadable ({type(err).__name__}: {err}): it was truncated, "
-            f"half-written or edited by hand; restore it (git checkout -- {path}) or delete it "
-            f"and rerun that run") from None
+            f"half-written or edited by hand; restore it (git checkout -- {path}, if git tracks "
+            f"it) or delete it and rerun that run") from None
     if not isinstance(results, dict):
         raise ResultsFileError(f"results file {path} holds a {type(results).__name__}, not a "
-                               f"run's results; restore it (git checkout -- {path}) or delete it")
+                               f"run's results; restore it (git checkout -- {path}, if git "
+                               f"tracks it) or delete it")
     return results

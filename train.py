@@ -34,7 +34,7 @@ from utils import (WHITEN_MODES, CheckpointError, NonFiniteLossError, TrainConfi
                    make_test_loader, predict, recipe, refuse_to_replace_checkpoint)
 from variants import norm_aliases
 
-RESULTS_DIR = Path("results")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the repository's, from any folder
 MAX_PARAMS, MAX_EPOCHS = 50_000, 20  # the assignment's limits
 # Flags whose names predate the derived ones; every other setting's flag is its field's name.
 FLAG_NAMES = {"num_groups": "--groups", "ema_decay": "--ema"}
@@ -148,10 +148,16 @@ def parse_args(argv=None):
 
 
 def configs_from(args):
-    """(ModelConfig, TrainConfig) of the parsed flags; each checks its own ranges."""
+    """(ModelConfig, TrainConfig) of the parsed flags; each checks its own ranges, and a range
+    error names the flag the user typed (--ema), not the field behind it (ema_decay)."""
     pick = lambda cls: {f.name: getattr(args, f.name) for f in fields(cls)  # noqa: E731
                         if f.name not in NOT_FLAGS}
-    return ModelConfig(**pick(ModelConfig)), TrainConfig(**pick(TrainConfig))
+    try:
+        return ModelConfig(**pick(ModelConfig)), TrainConfig(**pick(TrainConfig))
+    except ValueError as err:
+        field, _, rest = str(err).partition(" ")
+        known = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+        raise ValueError(f"{flag_name(field)} {rest}" if field in known else str(err)) from None
 
 
 def check_writable(folder):
@@ -239,9 +245,10 @@ def run(args):
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir
     if (args.subset or args.train_subset or args.validation) and \
-            out_dir.resolve() == RESULTS_DIR.resolve():
-        raise OutputError(f"{RESULTS_DIR}/ holds full runs scored on the test set only; drop "
-                          f"--subset/--train-subset/--validation or pick another --out-dir")
+            out_dir.resolve() == RESULTS_DIR:
+        raise OutputError(f"{out_dir}/ is the repository's results/, which holds full runs "
+                          f"scored on the test set only; drop --subset/--train-subset/--validation "
+                          f"or pick another --out-dir")
     device = get_device(args.device)
     model = build_model(model_config.norm, seed=config.seed, **{
         k: v for k, v in model_config.to_dict().items() if k != "norm"})

@@ -59,6 +59,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_range(self, epochs=(1, None), batch_size=(2, None), lr=(0, None, "open"),
+                    seed=(0, 2**32 - 1),  # what numpy's seeding takes
                     momentum=(0, 1, "half"), weight_decay=(0, None), label_smoothing=(0, 1, "half"),
                     pct_start=(0, 1, "half"), eval_batch_size=(1, None), ema_decay=(0, 1, "half"),
                     pad=(0, 31), norm_bias_lr=(0, None, "open"), muon_lr=(0, None, "open"),
@@ -391,7 +392,11 @@ def non_finite(train, test, model):
 
 
 def refuse_to_replace_checkpoint(path, resume, overwrite):
-    """A new run must not silently replace a checkpoint: it may hold hours of another run."""
+    """A new run must not silently replace a checkpoint: it may hold hours of another run; a
+    folder is no checkpoint file at all, whatever the flags (found before any work)."""
+    if path is not None and Path(path).is_dir():
+        raise CheckpointError(f"{path} is a folder; --checkpoint takes a file's path, such as "
+                              f"{Path(path) / 'run.pt'}")
     if path is not None and Path(path).exists() and not (resume or overwrite):
         raise CheckpointError(
             f"{path} already exists; refusing to replace it. Resume that run (--resume, or "

@@ -17,7 +17,7 @@ import numpy as np
 
 from model import ModelConfig
 from plots import finish_figure, integer_epochs
-from results import load_results
+from results import ResultsFileError, load_results, run_name
 from utils import TrainConfig, recipe, with_defaults
 from variants import REGISTRY, in_order
 
@@ -61,10 +61,38 @@ def data_file(run):
     return Path(run["data"]["source"].split(" ")[0]).name
 
 
+# What every table of final runs reads from a results file
+FINAL_FIELDS = ("variant", "seed", "epochs", "final_test_acc", "num_params", "history")
+
+
+def final_run(path):
+    """The run of a final results file (a 20-epoch run of the defaults on the test set, named
+    <norm>_seed<seed>.json), or ResultsFileError naming the file and what to do: a file that
+    does not belong to the finals (a subset, a validation run, other settings) never enters
+    their tables."""
+    run = load_results(path)
+    missing = [k for k in FINAL_FIELDS if k not in run]
+    if missing:
+        raise ResultsFileError(f"results file {path} lacks {', '.join(missing)}: it is not a "
+                               f"finished run's file; restore it or delete it")
+    if run["variant"] not in REGISTRY:
+        raise ResultsFileError(f"results file {path} is of an unknown variant "
+                               f"{run['variant']!r} (known: {', '.join(REGISTRY)}); restore it "
+                               f"or delete it")
+    final = run_name(run["variant"], run["seed"])
+    if Path(path).stem != final or run.get("eval_set", "test") != "test":
+        raise ResultsFileError(f"{path} is not a final run (a final run of its variant and seed "
+                               f"is {final}.json, scored on the test set): {Path(path).parent}/ "
+                               f"holds only final runs; move it to runs/")
+    return run
+
+
 def load_runs(results_dir=RESULTS_DIR):
-    """{variant: [run, ...]} of the files directly in `results_dir` (not its sub-studies)."""
+    """{variant: [run, ...]} of the final runs directly in `results_dir` (not its
+    sub-studies); a file that is not one is refused by name (final_run)."""
     runs = defaultdict(list)
-    for run in read_results(results_dir):
+    for path in sorted(Path(results_dir).glob("*.json")):
+        run = final_run(path)
         runs[run["variant"]].append(run)
     return {v: sorted(runs[v], key=lambda r: r["seed"])
             for v in in_order(runs)}

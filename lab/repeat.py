@@ -21,8 +21,8 @@ import torch
 
 from dataset import DatasetError, load_cifar10
 from model import build_model
-from precision import PRECISIONS, hardware_info
-from results import load_results, provenance, save_json_atomic
+from precision import PRECISIONS, get_device, hardware_info
+from results import ResultsFileError, load_results, provenance, save_json_atomic
 from utils import TrainConfig, fit, with_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,17 +57,30 @@ def reference_data(reference, source=None):
     return data
 
 
-def repeat(reference, data, epochs, device="cpu"):
-    """Re-train the reference's first `epochs` epochs on `data`, on a CPU with the reference's
-    thread count; return the comparison:
-    {"identical": bool, "first_difference": (epoch, field) or None, "epochs": [...]}."""
-    if epochs > len(reference["history"]["epoch"]):
-        raise RepeatError(f"the run logged {len(reference['history']['epoch'])} epochs; "
+def check_reference(reference, epochs):
+    """What repeating `reference` needs, before the data loads: its logged history, enough
+    epochs of it, one precision throughout, a configuration and a data record."""
+    history = reference.get("history")
+    missing = [k for k in ("epoch", *COMPARED) if not isinstance(history, dict) or k not in history]
+    missing += [k for k in ("model_config", "train_config", "data") if k not in reference]
+    if missing:
+        raise RepeatError(f"the results file lacks {', '.join(missing)}: it is not the file of a "
+                          f"finished train.py run; pick one that is")
+    if epochs > len(history["epoch"]):
+        raise RepeatError(f"the run logged {len(history['epoch'])} epochs; "
                           f"pass --epochs at most that")
     precision = reference.get("precision")
     if precision not in PRECISIONS or precision == "auto":  # "auto" is resolved before a run
         raise RepeatError(f"the run's precision is {precision!r}, not one precision throughout; "
                           f"pick a run that never changed machines")
+
+
+def repeat(reference, data, epochs, device="cpu"):
+    """Re-train the reference's first `epochs` epochs on `data`, on a CPU with the reference's
+    thread count; return the comparison:
+    {"identical": bool, "first_difference": (epoch, field) or None, "epochs": [...]}."""
+    check_reference(reference, epochs)
+    precision = reference["precision"]
     threads = reference.get("hardware", {}).get("cpu_threads")
     if device == "cpu" and threads:  # reductions split by thread: the count is arithmetic
         torch.set_num_threads(threads)  # kept after the call, so that hardware_info records it
@@ -118,10 +131,15 @@ def main(argv=None):
     if args.epochs < 1:
         raise SystemExit("--epochs must be at least 1")
     try:
+        get_device(args.device)  # before the data loads: a missing GPU is said in one line
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    try:
         reference = load_results(args.reference)
+        check_reference(reference, args.epochs)
         data = reference_data(reference, args.data)
         result = repeat(reference, data, args.epochs, args.device)
-    except (DatasetError, RepeatError, OSError) as err:
+    except (DatasetError, RepeatError, ResultsFileError, OSError) as err:
         raise SystemExit(f"error: {err}") from None
     model, config = result.pop("model"), result.pop("config")
     hardware = hardware_info(args.device)

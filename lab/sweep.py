@@ -20,9 +20,12 @@ not listed here go to train.py unchanged.
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,6 +134,7 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
     if jobs > 1:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(threads_per_run(jobs))
         Path(log_dir).mkdir(parents=True, exist_ok=True)
+    children = Children()
 
     def run(job):
         name, out, cmd = job
@@ -144,16 +148,58 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
             return name, 0
         print("+", " ".join(cmd), flush=True)
         if jobs == 1:
-            return name, subprocess.run(cmd, env=env).returncode
+            return name, children.run(cmd, env=env)
         with open(Path(log_dir) / f"{name}.log", "a") as log:
-            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            code = children.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         print(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {name}", flush=True)
         return name, code
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with children.stopped_by_sigterm(), ThreadPoolExecutor(max_workers=jobs) as pool:
         failed = [name for name, code in pool.map(run, todo) if code != 0]
     if failed:
         sys.exit(f"{len(failed)} of {len(todo)} planned runs failed: {', '.join(failed)}")
+
+
+class Children:
+    """The train.py processes a sweep runs: SIGTERM to the sweep stops them too (each saves its
+    checkpoint and exits, as train.py does on SIGTERM) and starts no other, so nothing is written
+    after the sweep has exited."""
+
+    def __init__(self):
+        self.running, self.stopping, self.lock = set(), False, threading.Lock()
+
+    def run(self, cmd, **kwargs):
+        with self.lock:
+            if self.stopping:
+                return 128 + signal.SIGTERM
+            child = subprocess.Popen(cmd, **kwargs)
+            self.running.add(child)
+        try:
+            return child.wait()
+        finally:
+            with self.lock:
+                self.running.discard(child)
+
+    def stop(self, signum, frame):
+        with self.lock:
+            self.stopping = True
+            children = list(self.running)
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait()
+        sys.exit(128 + signum)
+
+    @contextmanager
+    def stopped_by_sigterm(self):
+        """A context in which SIGTERM stops the children first (main thread only)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self.stop) if main else None
+        try:
+            yield
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -553,8 +553,15 @@ def test_every_grid_run_is_read_back_under_its_configurations_name(tmp_path, mon
 
 def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **k: commands.append(cmd) or
-                        type("Done", (), {"returncode": 0})())
+
+    class Finished:  # a train.py that ends at once
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Finished)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "done.json").write_text("{}")
     sweep.run_all([("done", [], tmp_path / "a"), ("new", [], tmp_path / "b"), ("plain", [])],

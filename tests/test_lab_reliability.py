@@ -1,0 +1,147 @@
+"""The lab's tools keep the training command's guarantees: one-line errors before any work, no
+orphans after a stop, and no stray run in the published tables."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from results import ResultsFileError
+from test_tools import fake_run
+
+from lab import compare
+
+
+def write_run(folder, name, **fields):
+    run = {**fake_run("batch", 0, 0.85, epochs=20), **fields}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(run))
+    return folder / f"{name}.json"
+
+
+def test_the_finals_take_a_final_run(tmp_path):
+    write_run(tmp_path, "batch_seed0")
+    assert [r["seed"] for r in compare.load_runs(tmp_path)["batch"]] == [0]
+
+
+def test_a_stray_subset_run_is_refused_by_name_not_put_into_the_finals(tmp_path):
+    write_run(tmp_path, "batch_seed0")
+    stray = write_run(tmp_path, "batch_seed0_e1_subset200", epochs=1)
+    with pytest.raises(ResultsFileError, match=f"{stray} is not a final run .*batch_seed0.json"
+                                               f".*move it to runs/"):
+        compare.load_runs(tmp_path)
+
+
+def test_a_validation_run_under_a_finals_name_is_refused(tmp_path):
+    path = write_run(tmp_path, "batch_seed0", eval_set="validation")
+    with pytest.raises(ResultsFileError, match=f"{path} is not a final run"):
+        compare.load_runs(tmp_path)
+
+
+def test_a_results_file_without_its_accuracy_is_named(tmp_path):
+    path = write_run(tmp_path, "batch_seed0")
+    run = json.loads(path.read_text())
+    del run["final_test_acc"]
+    path.write_text(json.dumps(run))
+    with pytest.raises(ResultsFileError, match=f"results file {path} lacks final_test_acc"):
+        compare.load_runs(tmp_path)
+
+
+def test_a_results_file_of_an_unknown_variant_is_named(tmp_path):
+    path = write_run(tmp_path, "weird_seed0", variant="weird")
+    with pytest.raises(ResultsFileError, match=f"results file {path} is of an unknown variant "
+                                               f"'weird'"):
+        compare.load_runs(tmp_path)
+
+
+def one_line(done):
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def run_repeat(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lab.repeat", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "CIFAR10_DATA": "nowhere"})
+
+
+def test_repeat_names_an_unreadable_results_file_in_one_line(tmp_path):
+    (tmp_path / "r.json").write_text("{trunc")
+    assert "is unreadable" in one_line(run_repeat(tmp_path / "r.json", cwd=ROOT))
+
+
+def test_repeat_refuses_a_file_without_a_history_before_the_data_loads(tmp_path):
+    path = write_run(tmp_path, "batch_seed0")
+    run = json.loads(path.read_text())
+    del run["history"]
+    path.write_text(json.dumps(run))
+    line = one_line(run_repeat(path, cwd=ROOT))  # CIFAR10_DATA=nowhere: it never got there
+    assert "lacks epoch, train_loss" in line and "finished train.py run" in line
+
+
+def test_repeat_refuses_a_missing_gpu_before_the_data_loads(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write_run(tmp_path, "batch_seed0")
+    assert "device 'cuda' is not available" in one_line(
+        run_repeat(path, "--device", "cuda", cwd=ROOT))
+
+
+FAKE_TRAIN = """import os, sys, time
+from pathlib import Path
+print(os.getpid(), flush=True)
+time.sleep(30)
+Path(sys.argv[sys.argv.index("--out-dir") + 1], "late.json").write_text("{}")
+"""
+
+
+def test_sigterm_to_a_sweep_stops_its_running_train_py(tmp_path):
+    (tmp_path / "train.py").write_text(FAKE_TRAIN)
+    sweep = ("import sys\nfrom pathlib import Path\nfrom lab import sweep\n"
+             "sweep.ROOT = Path(sys.argv[1])\n"
+             "sweep.main(['--norms', 'bn', '--seeds', '0', '1', '--out-dir', sys.argv[2]])\n")
+    run = subprocess.Popen([sys.executable, "-c", sweep, str(tmp_path), str(tmp_path / "out")],
+                           cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = next(int(line) for line in run.stdout if line.strip().isdigit())
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # stopped with the sweep, not orphaned
+    time.sleep(1)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def run_train(*args, cwd):
+    """train.py as a user runs it, pointed at no data: whatever it refuses, it refuses first."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True,
+                          env={**os.environ, "S8_CACHE_DIR": str(cwd / "cache"),
+                               "CIFAR10_DATA": str(cwd / "no-such-data.tar.gz")})
+
+
+def test_a_subset_run_into_the_repositorys_results_is_refused_from_any_folder(tmp_path):
+    line = one_line(run_train("--subset", "20", "--epochs", "1", "--out-dir", ROOT / "results",
+                              cwd=tmp_path))
+    assert "is the repository's results/" in line and "pick another --out-dir" in line
+
+
+def test_a_folder_as_checkpoint_is_refused_before_any_work_even_with_overwrite(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    line = one_line(run_train("--epochs", "1", "--subset", "2", "--checkpoint", tmp_path / "ckpt",
+                              "--overwrite", "--out-dir", tmp_path / "out", cwd=tmp_path))
+    assert f"{tmp_path / 'ckpt'} is a folder; --checkpoint takes a file's path" in line
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ema", "1.5"], "--ema must be at least 0 and below 1, got 1.5"),
+    (["--seed", "-1"], "--seed must be at least 0 and at most 4294967295, got -1")])
+def test_a_setting_out_of_range_is_named_by_its_flag_before_the_data_loads(flags, says,
+                                                                           tmp_path):
+    assert says in one_line(run_train(*flags, "--dry-run", cwd=tmp_path))
