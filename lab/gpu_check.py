@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ from nbclient import NotebookClient  # noqa: E402
 
 from precision import get_device, hardware_info, resolve_precision  # noqa: E402
 from results import run_name  # noqa: E402
+from train import OutputError, check_writable  # noqa: E402
 from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
 
 from lab.make_notebooks import clean  # noqa: E402
@@ -109,6 +111,29 @@ def execute_notebook(source, dest, precision, workdir, timeout):
             (dest.parent / f"{dest.stem}.{results.name}").write_text(results.read_text())
 
 
+def stop_group(child):
+    """Stop a step's whole process group and wait for the step."""
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+def shown(command):
+    """A command as a committed file records it: the interpreter as `python`, a path inside the
+    repository relative to it, any other path by its name (no machine's absolute paths)."""
+    words = []
+    for word in map(str, command):
+        path = Path(word)
+        if word == sys.executable:
+            word = "python"
+        elif path.is_absolute():
+            word = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+        words.append(word)
+    return " ".join(words)
+
+
 class Check:
     """Runs the steps, keeps their logs and durations, and writes the summary."""
 
@@ -117,6 +142,7 @@ class Check:
         self.out = Path(args.out)
         self.start = time.monotonic()
         self.steps, self.lock = [], threading.Lock()  # steps: appended by parallel jobs
+        self.children = set()  # the steps running now, each a process group
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
             "PYTHONUNBUFFERED": "1"}
@@ -126,12 +152,21 @@ class Check:
         if args.smoke:  # one thread a process: the smoke steps run side by side
             self.env.update(S8_SMOKE="1", OMP_NUM_THREADS="1")
 
+    def stop(self, signum, frame):
+        """SIGTERM: stop every running step's process group (notebook workers and their
+        kernels included), so nothing writes into the output folder after the check exits."""
+        with self.lock:
+            children = list(self.children)
+        for child in children:
+            stop_group(child)
+        sys.exit(128 + signum)
+
     def left(self):
         return self.args.deadline - (time.monotonic() - self.start)
 
     def run(self, name, command, **record):
         """Run one step (a command line) unless the deadline has passed; log and record it."""
-        entry = {"step": name, "command": " ".join(map(str, command)), **record}
+        entry = {"step": name, "command": shown(command), **record}
         if self.left() <= 0:
             entry["status"] = "skipped (deadline)"
             self.record(entry)
@@ -140,13 +175,20 @@ class Check:
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(log, "w") as f:
+            # its own process group, so that a stop reaches what it starts too (a kernel)
+            child = subprocess.Popen(list(map(str, command)), cwd=ROOT, env=self.env, stdout=f,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            with self.lock:
+                self.children.add(child)
             try:
-                rc = subprocess.run(list(map(str, command)), cwd=ROOT, env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT, timeout=max(1, self.left()) +
-                                    self.args.grace).returncode
+                rc = child.wait(timeout=max(1, self.left()) + self.args.grace)
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
+                stop_group(child)
                 status = "stopped (deadline)"
+            finally:
+                with self.lock:
+                    self.children.discard(child)
         entry.update(status=status, seconds=round(time.monotonic() - t0, 1), log=str(
             log.relative_to(self.out)))
         self.record(entry)
@@ -212,7 +254,7 @@ class Check:
         digest = hashlib.sha256(data.read_bytes()).hexdigest() if data and data.is_file() else "-"
         kind = hw.get("gpu", hw["cpu"]) + (f" (compute capability {hw['gpu_capability']})"
                                            if "gpu_capability" in hw else "")
-        return (f"# command: {' '.join(map(str, command))}\n"
+        return (f"# command: {shown(command)}\n"
                 f"# date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, in lab/gpu_check.py, "
                 f"alone on the machine\n"
                 f"# data: {data.name if data else '-'}, sha256 {digest}\n"
@@ -295,6 +337,13 @@ def main(argv=None):
         device = get_device(args.device)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit(f"error: the GPU check times 20-epoch runs on a CUDA GPU, and this "
+                         f"machine runs on {device.type}: run it on a GPU, or pass --smoke --out "
+                         f"DIR for its shrunk version on the CPU")
+    if args.data and not Path(args.data).exists():
+        raise SystemExit(f"error: --data {args.data} does not exist: point it at a copy of "
+                         f"CIFAR-10 (cifar10-jpeg.tar.gz), or leave it out to download one")
     if args.out is None:
         if args.smoke:
             raise SystemExit("error: --smoke needs --out (smoke runs never write into results/)")
@@ -302,11 +351,20 @@ def main(argv=None):
         args.out = ROOT / "results" / "gpu" / slug(hw.get("gpu") or hw["cpu"])
     elif args.smoke and Path(args.out).resolve().is_relative_to((ROOT / "results").resolve()):
         raise SystemExit("error: smoke runs never write into results/; pass another --out")
+    try:
+        check_writable(args.out)
+    except OutputError as err:
+        raise SystemExit(f"error: {err}") from None
     check = Check(args, device)
+    signal.signal(signal.SIGTERM, check.stop)
     check.out.mkdir(parents=True, exist_ok=True)
     print(f"GPU check on {device}; writing into {check.out}", flush=True)
-    check.run("data_cache", [sys.executable, "-c", "from dataset import load_cifar10; "
-                             "load_cifar10(__import__('os').environ.get('CIFAR10_DATA'))"])
+    data = check.run("data_cache", [sys.executable, "-c", "from dataset import load_cifar10; "
+                                    "load_cifar10(__import__('os').environ.get('CIFAR10_DATA'))"])
+    if data["status"] != "ok":  # every later step needs the data: stop with the reason
+        reason = (check.out / data["log"]).read_text().strip().splitlines() or ["no output"]
+        raise SystemExit(f"error: the data did not load ({reason[-1]}); pass --data with a "
+                         f"copy of CIFAR-10")
     check.train_runs(first_only=True)
     if args.smoke:  # nothing is timed: the rest in a lane beside the notebook
         check.notebooks_and_tests(also=[lambda: (check.bench(), check.train_runs(skip_first=True))])

@@ -57,7 +57,7 @@ def test_study_run_trains_on_a_subset_tests_on_everything_and_takes_its_name(ima
 
 def test_batch_of_one_is_refused_before_anything_runs(tmp_path):
     out = run_train("--batch-size", "1", cwd=tmp_path, env_cache=tmp_path / "cache")
-    assert out.returncode == 1 and out.stderr == "error: batch_size must be at least 2, got 1\n"
+    assert out.returncode == 1 and out.stderr == "error: --batch-size must be at least 2, got 1\n"
     assert not (tmp_path / "cache").exists()  # refused before the data loads
 
 

@@ -45,6 +45,8 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode_and_keeps_what_it_measured(
                for o in c.get("outputs", []))  # executed to its results line
     assert "widgets" not in nb.metadata
     assert (out / "summary.md").read_text().startswith("# GPU check on ")
+    recorded = (out / "summary.json").read_text() + (out / "bench.txt").read_text()
+    assert str(ROOT) not in recorded and sys.executable not in recorded  # no machine's paths
 
 
 def test_the_gpu_check_refuses_to_write_a_smoke_run_into_results():

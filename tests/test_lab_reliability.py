@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, make_archive, write_image_tree
 from results import ResultsFileError
 from test_tools import fake_run
 
@@ -145,3 +145,62 @@ def test_a_folder_as_checkpoint_is_refused_before_any_work_even_with_overwrite(t
 def test_a_setting_out_of_range_is_named_by_its_flag_before_the_data_loads(flags, says,
                                                                            tmp_path):
     assert says in one_line(run_train(*flags, "--dry-run", cwd=tmp_path))
+
+
+def run_gpu_check(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "lab.gpu_check", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def test_the_gpu_check_refuses_a_machine_without_a_gpu_unless_asked_for_its_smoke_version():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "run it on a GPU, or pass --smoke --out DIR" in one_line(run_gpu_check())
+
+
+def test_the_gpu_check_refuses_missing_data_and_an_unwritable_out_before_any_step(tmp_path):
+    line = one_line(run_gpu_check("--device", "cpu", "--smoke", "--out", tmp_path / "o",
+                                  "--data", tmp_path / "nope.tar.gz"))
+    assert f"--data {tmp_path / 'nope.tar.gz'} does not exist" in line
+    (tmp_path / "file").write_text("")
+    line = one_line(run_gpu_check("--device", "cpu", "--smoke", "--out", tmp_path / "file" / "o"))
+    assert "cannot write to" in line and not (tmp_path / "o").exists()
+
+
+def test_the_gpu_check_stops_at_data_that_does_not_load_and_says_why(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = run_gpu_check("--device", "cpu", "--smoke", "--out", tmp_path / "o",
+                         env={"CIFAR10_DATA": str(tmp_path / "empty"),
+                              "S8_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode != 0 and "error: the data did not load (" in done.stderr
+    steps = json.loads((tmp_path / "o" / "summary.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == ["data_cache"]  # nothing else ran
+
+
+def snapshot(folder):
+    return {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_sigterm_to_the_gpu_check_stops_its_notebook_and_kernel(tmp_path):
+    write_image_tree(tmp_path / "tree", per_class=(30, 30))
+    data = make_archive(tmp_path / "tree", tmp_path / "small.tar.gz")
+    out = tmp_path / "check"
+    run = subprocess.Popen([sys.executable, "-m", "lab.gpu_check", "--device", "cpu", "--smoke",
+                            "--data", str(data), "--out", str(out), "--jobs", "2"], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT),
+                                "S8_CACHE_DIR": str(tmp_path / "cache")})
+    notebook_log = out / "logs" / "notebook_S8_BatchNorm_fp32.log"
+    deadline = time.monotonic() + 240
+    while not notebook_log.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert notebook_log.exists(), run.communicate()[1]
+    time.sleep(3)  # the worker has started its kernel
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    after_exit = snapshot(out)
+    time.sleep(5)
+    assert snapshot(out) == after_exit  # nothing writes into the folder after the check exits
+    leftover = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert not leftover.strip(), leftover

@@ -83,7 +83,7 @@ def test_a_nan_at_the_end_of_an_epoch_keeps_the_last_clean_checkpoint(tiny_data,
 
 def test_a_nan_learning_rate_is_refused_before_the_data_loads(tmp_path):
     out = run_train("--lr", "nan", "--data", str(tmp_path / "absent.tar.gz"), cwd=tmp_path)
-    assert one_line_error(out) == "error: lr must be above 0, got nan"
+    assert one_line_error(out) == "error: --lr must be above 0, got nan"
 
 
 # 2. One process per run name.
@@ -231,9 +231,9 @@ def test_a_failed_write_after_training_is_one_line_and_resume_rebuilds_the_resul
     (["--widths", "0", "0", "0"], "widths needs 3 positive stage widths"),
     (["--widths", "-4", "8", "8"], "widths needs 3 positive stage widths"),
     (["--device", "cuda"], "device 'cuda' is not available on this machine"),
-    (["--label-smoothing", "2"], "label_smoothing must be at least 0 and below 1"),
-    (["--pad", "40"], "pad must be at least 0 and at most 31"),
-    (["--pct-start", "1.5"], "pct_start must be at least 0 and below 1"),
+    (["--label-smoothing", "2"], "--label-smoothing must be at least 0 and below 1"),
+    (["--pad", "40"], "--pad must be at least 0 and at most 31"),
+    (["--pct-start", "1.5"], "--pct-start must be at least 0 and below 1"),
 ])
 def test_settings_out_of_range_get_one_line_before_the_data_loads(tmp_path, flags, message):
     if "cuda" in flags and torch.cuda.is_available():
