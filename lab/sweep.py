@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from results import ResultsFileError, finished, run_name
+from results import NOT_NAMED, ResultsFileError, finished, run_name
+from train import configs_from, parse_args
 from utils import TrainConfig
-from variants import canonical_norm, course_variants
+from variants import DEFAULT, canonical_norm, course_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,10 +47,26 @@ def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.ba
     return base_lr * batch_size / base_batch_size
 
 
-def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
+def passed_settings(train_args):
+    """{setting: value} of what the flags passed through to every train.py change (`--epochs
+    3 --subset 200`), as run_name takes them, so that a run's name says them: a 3-epoch subset
+    run is not batch_seed0. Flags train.py does not know fail here, in one line."""
+    args = parse_args(["--norm", DEFAULT, *train_args])
+    model_config, config = configs_from(args)
+    settings = {k: v for k, v in {**model_config.to_dict(), **config.to_dict()}.items()
+                if k not in NOT_NAMED}
+    return {**settings, "subset": args.subset, "train_subset": args.train_subset,
+            "validation": args.validation}
+
+
+def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None, settings=None):
     """[(name, train.py arguments)] in the order to run them: seed by seed, so that a sweep cut
     short leaves whole seeds; within a seed the small (slow) batches first, to balance --jobs.
-    With `lrs`: every peak learning rate for every norm, each run recording a divergence."""
+    With `lrs`: every peak learning rate for every norm, each run recording a divergence.
+    `settings` (passed_settings): what every run also changes, tagged in the name of a plain
+    run (whose name would otherwise be a final run's); a study's runs are named by the study,
+    in a folder of their own, one budget each (docs/batch-size.md, docs/learning-rate.md)."""
+    settings = settings or {}
     if lrs:
         if batch_sizes:
             raise ValueError("sweep either batch sizes or learning rates, not both")
@@ -63,7 +80,7 @@ def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None):
             for norm in map(canonical_norm, norms):
                 args = ["--norm", norm, "--seed", str(seed)]
                 if batch_size is None:
-                    name = run_name(norm, seed, lr=base_lr)
+                    name = run_name(norm, seed, **{**settings, "lr": base_lr})
                     if base_lr != TrainConfig.lr:
                         args += ["--lr", repr(base_lr)]
                 else:
@@ -107,8 +124,12 @@ def main(argv=None):
     if any(lr <= 0 for lr in args.lrs or []):
         p.error("--lrs must be positive")
 
-    run_all(plan(args.norms, args.seeds, args.batch_sizes, args.lr, args.lrs), args.out_dir,
-            args.images_dir, train_args, args.jobs, args.log_dir)
+    try:
+        settings = passed_settings(train_args)
+    except ValueError as err:
+        p.error(str(err))
+    run_all(plan(args.norms, args.seeds, args.batch_sizes, args.lr, args.lrs, settings),
+            args.out_dir, args.images_dir, train_args, args.jobs, args.log_dir)
 
 
 def threads_per_run(jobs):

@@ -14,7 +14,7 @@ from conftest import ROOT, make_archive, write_image_tree
 from results import ResultsFileError
 from test_tools import fake_run
 
-from lab import compare
+from lab import compare, sweep
 
 
 def write_run(folder, name, **fields):
@@ -204,3 +204,12 @@ def test_sigterm_to_the_gpu_check_stops_its_notebook_and_kernel(tmp_path):
     assert snapshot(out) == after_exit  # nothing writes into the folder after the check exits
     leftover = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
     assert not leftover.strip(), leftover
+
+
+def test_a_sweep_names_a_plain_run_by_the_settings_passed_through_to_it():
+    """A 3-epoch subset run must not take the name of a final run (batch_seed0.json)."""
+    short = sweep.passed_settings(["--epochs", "3", "--subset", "200"])
+    assert [name for name, _ in sweep.plan(["bn"], [0], settings=short)] == \
+        ["batch_seed0_e3_subset200"]
+    how = sweep.passed_settings(["--precision", "fp32"])  # how it computes: not in the name
+    assert [name for name, _ in sweep.plan(["bn"], [0], settings=how)] == ["batch_seed0"]
