@@ -217,6 +217,17 @@ def verdict(paired, min_seeds=2):
     return "wins" if paired["low"] > 0 else "loses" if paired["high"] < 0 else "no decision"
 
 
+def accuracies(runs, key="final_test_acc"):
+    """Each run's accuracy `key` in %."""
+    return [100 * r[key] for r in runs]
+
+
+def listed(items):
+    """"a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def mean_std(values):
     """"85.11 ± 0.38": the mean of `values` with its sample std ("–" for none)."""
     if len(values) > 1:

@@ -14,15 +14,6 @@ NO_RUNS = ("No results yet: `python -m lab.sweep --norms batch layer group --see
            "--out-dir results`.")
 
 
-def _accs(runs):
-    return [100 * r["final_test_acc"] for r in runs]
-
-
-def _listed(items):
-    items = list(items)
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
 def results_table(runs):
     """| variant | test accuracy mean ± std | lowest – highest | seeds | parameters | epochs |,
     today's runs of every variant."""
@@ -34,7 +25,7 @@ def results_table(runs):
         rs = sorted(runs.get(variant, []), key=lambda r: r["seed"])
         if not rs:
             continue
-        accs = _accs(rs)
+        accs = compare.accuracies(rs)
         spread = compare.mean_std(accs)
         params = ", ".join(f"{p:,}" for p in sorted({r["num_params"] for r in rs}))
         epochs = ", ".join(map(str, sorted({r["epochs"] for r in rs})))
@@ -59,7 +50,7 @@ def run_time(runs, gpu_rows):
     dates = sorted({r["date"][:10] for r in every})
     when = f"on {dates[0]}" if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in every}))
-    sentence = (f"On a 2-core CPU ({_listed(cpus)}; {'/'.join(map(str, threads))} thread per run, "
+    sentence = (f"On a 2-core CPU ({compare.listed(cpus)}; {'/'.join(map(str, threads))} thread per run, "
                 f"fp32) one {epochs}-epoch run took {_minutes(min(walls))} to "
                 f"{_minutes(max(walls))} minutes ({len(every)} runs, {when})")
     for label, _, by_variant in gpu_rows:
@@ -78,11 +69,11 @@ def notice(runs):
         return NO_RUNS
     facts = []
     variants = [v for v in course_variants() if runs.get(v)]
-    means = {v: statistics.mean(_accs(runs[v])) for v in variants}
+    means = {v: statistics.mean(compare.accuracies(runs[v])) for v in variants}
     best = max(variants, key=means.get)
     others = [v for v in variants if v != best]
     if others:
-        ahead = min(_accs(runs[best])) > max(a for v in others for a in _accs(runs[v]))
+        ahead = min(compare.accuracies(runs[best])) > max(a for v in others for a in compare.accuracies(runs[v]))
         names = " and ".join(REGISTRY[v].title for v in others)
         facts.append(
             f"**{REGISTRY[best].title} leads.** " + (
@@ -132,7 +123,7 @@ def batch_size_sentence(study, budget):
             + f". BatchNorm drops from "
             f"{means[running][large]:.2f}% at batch {large} to {means[running][small]:.2f}% at "
             f"batch {small}, while "
-            + _listed([f"{REGISTRY[v].title} goes from {means[v][large]:.2f}% to "
+            + compare.listed([f"{REGISTRY[v].title} goes from {means[v][large]:.2f}% to "
                        f"{means[v][small]:.2f}%" for v in others])
             + ": they compute their statistics per image, so they never depend on the batch.")
 

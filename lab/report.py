@@ -382,10 +382,6 @@ def load_tuning(folder=TUNING_DIR):
     return groups
 
 
-def _accs(runs, key="final_test_acc"):
-    return [100 * r[key] for r in runs]
-
-
 def spearman(xs, ys):
     """Rank correlation of two equally long lists (no ties expected among accuracy means)."""
     rank = lambda v: {x: i for i, x in enumerate(sorted(v))}  # noqa: E731
@@ -408,7 +404,7 @@ def tuning_section(groups):
                                              order.index(k[1]) if k[1] in order else 99, k[1])):
         norm, config, epochs = key
         runs, base = groups[key], groups.get((norm, "base", epochs), [])
-        accs = _accs(runs)
+        accs = compare.accuracies(runs)
         mean = statistics.mean(accs)
         if base and config != "base":
             # Same seed, same initialization and data order: the difference the lever made.
@@ -427,7 +423,7 @@ def tuning_section(groups):
             f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
             f"{_seeds(runs)} | "
             f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {paired} | {delta_cell} | {verdict} | "
-            f"{statistics.mean(_accs(runs, 'final_test_acc_flip_tta')):.2f} |")
+            f"{statistics.mean(compare.accuracies(runs, 'final_test_acc_flip_tta')):.2f} |")
     runs_all = [r for rs in groups.values() for r in rs]
     dates = sorted(r["date"][:10] for r in runs_all)
     hardware = sorted({f"{compare.threads(r['hardware'])}, {r['precision']}" for r in runs_all})
@@ -449,7 +445,7 @@ def tuning_section(groups):
                     and (norm, c, full) in groups]
             if len(both) < 3:
                 continue
-            means = {e: [statistics.mean(_accs(groups[(norm, c, e)])) for c in both]
+            means = {e: [statistics.mean(compare.accuracies(groups[(norm, c, e)])) for c in both]
                      for e in (short, full)}
             ranked = lambda e: ", ".join(c for _, c in sorted(zip(means[e], both), reverse=True))  # noqa: E731
             lines += ["", f"Proxy check ({norm}): {len(both)} configurations at {short} and "
@@ -474,7 +470,7 @@ def technique_means(tuning):
     means = {}
     for (norm, config, epochs), runs in tuning.items():
         if epochs == 20 and config != "base":
-            means.setdefault(norm, {})[config] = statistics.mean(_accs(runs))
+            means.setdefault(norm, {})[config] = statistics.mean(compare.accuracies(runs))
     return means
 
 
@@ -502,7 +498,7 @@ def greedy_reference(groups, variant, config, base):
                 if len(parts) > 1]
     winners = [c for c in one_less if c != base and (variant, c, 20) in groups and decision(
         compare.paired_difference(groups[(variant, c, 20)], base_runs)) == "wins"]
-    return max(winners, key=lambda c: statistics.mean(_accs(groups[(variant, c, 20)])),
+    return max(winners, key=lambda c: statistics.mean(compare.accuracies(groups[(variant, c, 20)])),
                default=base)
 
 
@@ -553,7 +549,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
     lines = ["| variant | epochs | seeds | val. acc. mean (min–max) | note |", "|---|---|---|---|---|"]
     for variant, by_epochs in curves.items():
         for epochs, runs in by_epochs.items():
-            accs = _accs(runs)
+            accs = compare.accuracies(runs)
             lines.append(f"| {variant} | {epochs} | "
                          f"{_seeds(runs)}"
                          f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
@@ -605,7 +601,7 @@ def lever_rows(levers):
         reference = greedy_reference(levers, variant, config, tune.LEVER_BASE)
         diff = compare.paired_difference(runs, levers[(variant, reference, 20)])
         rows.append({"variant": variant, "config": config, "runs": runs,
-                     "mean": statistics.mean(_accs(runs)),
+                     "mean": statistics.mean(compare.accuracies(runs)),
                      "against": tune.LEVER_BASE_LABEL if reference == tune.LEVER_BASE else
                      lever_name(reference), "diff": diff, "decision": decision(diff),
                      "over_base": diff if reference == tune.LEVER_BASE else
@@ -642,13 +638,13 @@ def levers_section(levers, grid="levers"):
         base = levers.get((variant, tune.LEVER_BASE, 20))
         if not base:
             continue
-        accs = _accs(base)
+        accs = compare.accuracies(base)
         lines.append(f"| {variant} | ({tune.LEVER_BASE_LABEL}) | `{' '.join(tune.change_flags(tune.LEVER_BASE))}` "
                      f"| {base[0]['num_params']:,} | {_seeds(base)} | {statistics.mean(accs):.2f} "
                      f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - | - |")
         mine = [r for r in rows if r["variant"] == variant]
         for row in mine:
-            accs = _accs(row["runs"])
+            accs = compare.accuracies(row["runs"])
             flags = " ".join(tune.change_flags(row["config"])[len(tune.change_flags(tune.LEVER_BASE)):])
             lines.append(
                 f"| {variant} | {lever_name(row['config'])} | `{flags}` | "
@@ -745,7 +741,7 @@ def recipe_choice_section(levers):
              + f" | +{LEVER_GAIN} with its interval above 0 on |",
              "|---|" + "---|" * len(variants) + "---|",
              "| (nothing) | " + " | ".join(
-                 f"{statistics.mean(_accs(levers[(v, tune.LEVER_BASE, 20)])):.2f} "
+                 f"{statistics.mean(compare.accuracies(levers[(v, tune.LEVER_BASE, 20)])):.2f} "
                  f"({len(levers[(v, tune.LEVER_BASE, 20)])} seeds)" for v in variants) + " | - |"]
     for config in sorted(shared, key=lambda c: (-sum((v, c) in rows for v in variants), c)):
         mine = [rows.get((v, config)) for v in variants]
@@ -775,12 +771,6 @@ def seed_phrase(seeds):
     return f"seeds {', '.join(map(str, seeds[:-1]))} and {seeds[-1]}"
 
 
-def _listed(items):
-    """"a, b and c"."""
-    items = list(items)
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
 def _spread(values):
     """"1.69 to 2.47": the range of `values`, for prose."""
     return f"{min(values):.2f} to {max(values):.2f}"
@@ -788,7 +778,7 @@ def _spread(values):
 
 def _mean_std(runs):
     """"85.11 ± 0.38%": the mean test accuracy of `runs` with its sample std."""
-    accs = _accs(runs)
+    accs = compare.accuracies(runs)
     return f"{compare.mean_std(accs)}%" + (" (1 seed)" if len(accs) == 1 else "")
 
 
@@ -817,9 +807,9 @@ def leader(runs):
     variants = [v for v in course_variants() if runs.get(v)]
     if len(variants) < 2:
         return None
-    best = max(variants, key=lambda v: statistics.mean(_accs(runs[v])))
+    best = max(variants, key=lambda v: statistics.mean(compare.accuracies(runs[v])))
     others = [v for v in variants if v != best]
-    ahead = min(_accs(runs[best])) > max(a for v in others for a in _accs(runs[v]))
+    ahead = min(compare.accuracies(runs[best])) > max(a for v in others for a in compare.accuracies(runs[v]))
     diff = compare.paired_difference(runs[others[0]], runs[others[1]]) if len(others) == 2 else None
     return best, others, ahead, diff
 
@@ -870,7 +860,7 @@ def finals_section(runs, archives, levers, per_seed=False):
     parts = []
 
     if adopted and not per_seed:
-        gains = _listed(f"{_delta(adopted[v])} ({title[v]})" for v in variants if v in adopted)
+        gains = compare.listed(f"{_delta(adopted[v])} ({title[v]})" for v in variants if v in adopted)
         bar = f", each clearing the bar of +{LEVER_GAIN}" if all(map(clears_gain, adopted.values())) else ""
         parts.append(f"The lever study chose it on the validation split before any of these "
                      f"test-set runs existed: {gains} points over {tune.LEVER_BASE_LABEL}, with "
@@ -895,19 +885,19 @@ def finals_section(runs, archives, levers, per_seed=False):
             paired_by_seed = dict(zip(tested[v]["seeds"], tested[v]["diffs"]))
             diffs = [f"{paired_by_seed[r['seed']]:+.2f}" if r["seed"] in paired_by_seed else "-"
                      for r in by_seed[v]]
-            listed.append(f"{title[v]} {', '.join(f'{a:.2f}' for a in _accs(by_seed[v]))}% "
+            listed.append(f"{title[v]} {', '.join(f'{a:.2f}' for a in compare.accuracies(by_seed[v]))}% "
                           f"({', '.join(diffs)})")
         parts.append(f"On the test set ({'; '.join(hardware)}), seed by seed, each with its "
                      f"difference from {label}'s run of the same seed: {'; '.join(listed)}.")
 
     paired = [v for v in variants if tested[v]["mean"] is not None]
     if paired:
-        diffs = _listed(f"{_delta(tested[v])} ({title[v]}, {len(tested[v]['seeds'])} seeds)"
+        diffs = compare.listed(f"{_delta(tested[v])} ({title[v]}, {len(tested[v]['seeds'])} seeds)"
                         for v in paired)
-        validation = _listed(f"{adopted[v]['mean']:+.2f}" for v in paired if v in adopted)
+        validation = compare.listed(f"{adopted[v]['mean']:+.2f}" for v in paired if v in adopted)
         above = [title[v] for v in paired if tested[v]["low"] is not None and tested[v]["low"] > 0]
         if above:
-            verdict = f"the interval lies above zero for {_listed(above)}"
+            verdict = f"the interval lies above zero for {compare.listed(above)}"
         elif complete:
             verdict = ("no interval lies above zero: the test set does not confirm the gain at "
                        "95%; the decision stays the validation split's, as the protocol takes it")
@@ -928,22 +918,22 @@ def finals_section(runs, archives, levers, per_seed=False):
 
     if not per_seed:
         nexts = [v for v in variants if REGISTRY[v].next_target is not None]
-        short = [v for v in nexts if statistics.mean(_accs(by_seed[v])) < REGISTRY[v].next_target]
+        short = [v for v in nexts if statistics.mean(compare.accuracies(by_seed[v])) < REGISTRY[v].next_target]
         if short:
-            misses = _listed(f"{REGISTRY[v].next_target - statistics.mean(_accs(by_seed[v])):.2f} "
+            misses = compare.listed(f"{REGISTRY[v].next_target - statistics.mean(compare.accuracies(by_seed[v])):.2f} "
                              f"({title[v]})" for v in short)
-            uppers = {v: compare.t_interval(_accs(by_seed[v]))[1] for v in short}
+            uppers = {v: compare.t_interval(compare.accuracies(by_seed[v]))[1] for v in short}
             uppers = {v: u for v, u in uppers.items() if u is not None}
             reach = [title[v] for v, u in uppers.items() if u >= REGISTRY[v].next_target]
             ends = (f"; the upper ends of their 95% intervals "
-                    f"({_listed(f'{title[v]} {u:.2f}' for v, u in uppers.items())}) "
-                    f"{'reach the target for ' + _listed(reach) if reach else 'fall short too'}"
+                    f"({compare.listed(f'{title[v]} {u:.2f}' for v, u in uppers.items())}) "
+                    f"{'reach the target for ' + compare.listed(reach) if reach else 'fall short too'}"
                     if uppers else "")
             parts.append(f"The next targets ({' / '.join(f'{REGISTRY[v].next_target:.0f}' for v in nexts)}) "
                          f"are missed{'' if complete else ' so far'} by {misses} points in the "
                          f"mean{ends}.")
         if previous:
-            finals = _listed(f"{title[v]} {_mean_std(previous[v])}" for v in variants if previous.get(v))
+            finals = compare.listed(f"{title[v]} {_mean_std(previous[v])}" for v in variants if previous.get(v))
             sizes = "/".join(sorted({str(len(rs)) for rs in previous.values()}))
             parts.append(f"{_capitalized(label)}'s final runs: {finals} ({sizes} seeds "
                          f"each).")
@@ -961,7 +951,7 @@ def finals_answer(runs, archives):
     label, previous = _previous_recipe(archives)
     scores = []
     for v in variants:
-        accs = _accs(runs[v])
+        accs = compare.accuracies(runs[v])
         low, high = compare.t_interval(accs)
         interval = "one seed" if low is None else f"95% interval [{low:.2f}, {high:.2f}]"
         verdicts = "; ".join(target_verdict(accs, t).replace("; ", ", ") for t in
@@ -970,10 +960,10 @@ def finals_answer(runs, archives):
     done, planned = sum(len(runs[v]) for v in variants), len(FINAL_SEEDS) * len(course_variants())
     status = (f"{len(FINAL_SEEDS)} seeds each" if not any(missing_finals(runs).values()) else
               f"{done} of its {planned} final runs so far")
-    before = _listed(f"{REGISTRY[v].title} {_mean_std(previous[v])}" for v in variants
+    before = compare.listed(f"{REGISTRY[v].title} {_mean_std(previous[v])}" for v in variants
                      if previous.get(v))
     return (f"**Answer:** on the JPEG copy's test set, today's recipe ({status}) scores "
-            f"{_listed(scores)}." + (f" {_capitalized(label)}'s final runs: {before}."
+            f"{compare.listed(scores)}." + (f" {_capitalized(label)}'s final runs: {before}."
                                      if before else "")
             + f" {leader_sentence(runs, previous, label)}").rstrip()
 
