@@ -50,9 +50,10 @@ def run_time(runs, gpu_rows):
     dates = sorted({r["date"][:10] for r in every})
     when = f"on {dates[0]}" if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in every}))
-    sentence = (f"On a 2-core CPU ({compare.listed(cpus)}; {'/'.join(map(str, threads))} thread per run, "
-                f"fp32) one {epochs}-epoch run took {_minutes(min(walls))} to "
-                f"{_minutes(max(walls))} minutes ({len(every)} runs, {when})")
+    sentence = (f"On a 2-core CPU ({compare.listed(cpus)}; "
+                f"{'/'.join(map(str, threads))} thread per run, 32-bit floats) one {epochs}-epoch "
+                f"run took {_minutes(min(walls))} to {_minutes(max(walls))} minutes "
+                f"({len(every)} runs, {when})")
     for label, _, by_variant in gpu_rows:
         seconds = [sum(r["history"]["epoch_time"]) for rs in by_variant.values() for r in rs]
         today = compare.recipe_changes(every[0])
