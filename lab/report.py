@@ -600,16 +600,25 @@ def lever_rows(levers):
             continue
         reference = greedy_reference(levers, variant, config, tune.LEVER_BASE)
         diff = compare.paired_difference(runs, levers[(variant, reference, 20)])
+        bar = bar_base(levers, variant, config)
         rows.append({"variant": variant, "config": config, "runs": runs,
                      "mean": statistics.mean(compare.accuracies(runs)),
                      "against": tune.LEVER_BASE_LABEL if reference == tune.LEVER_BASE else
                      lever_name(reference), "diff": diff, "decision": decision(diff),
-                     "over_base": diff if reference == tune.LEVER_BASE else
-                     compare.paired_difference(runs, levers[(variant, tune.LEVER_BASE, 20)]),
+                     "over_base": diff if reference == bar else
+                     compare.paired_difference(runs, levers[(variant, bar, 20)]),
                      "adopted": False})
     # unpaired rows (no shared seed: no mean) after the paired ones
     return sorted(rows, key=lambda r: (tuple(REGISTRY).index(r["variant"]),
                                        r["diff"]["mean"] is None, -(r["diff"]["mean"] or 0)))
+
+
+def bar_base(levers, variant, config):
+    """What a lever must beat by the bar: recipe v3, or for a round-2 lever (on top of the
+    adopted pad2+silu) recipe v4, where its runs exist."""
+    round2 = config.startswith(f"{tune.ROUND2_BASE}+")
+    return tune.ROUND2_BASE if round2 and (variant, tune.ROUND2_BASE, 20) in levers \
+        else tune.LEVER_BASE
 
 
 def lever_name(config):
@@ -680,7 +689,9 @@ def levers_section(levers, grid="levers"):
                   f"single-view validation accuracy (%) after the last epoch; "
                   f"{'; '.join(hardware)}; {' to '.join(sorted({dates[0], dates[-1]}))}. Each "
                   f"lever is paired with the run of the same seed of what it is compared with "
-                  f"({tune.LEVER_BASE_LABEL}, or the winning lever a stack builds on), in the same "
+                  f"({tune.LEVER_BASE_LABEL}, or the winning lever a stack builds on), the bar's "
+                  f"column with {tune.LEVER_BASE_LABEL} (a round-2 lever's, on top of "
+                  f"{lever_name(tune.ROUND2_BASE)}, with recipe v4), in the same "
                   f"folder (same initialization, data order and arithmetic); verdicts as in "
                   f"the learning-per-epoch study (4 paired seeds, then 8).",
               "", f"The bar (+{LEVER_GAIN} points with the interval above zero), per variant:",
@@ -722,8 +733,10 @@ def lever_summary_section(gpu_levers, cpu_levers):
     return "\n".join(lines + [
         "", f"Validation split, 20 epochs: each cell is the lever's mean paired difference from "
             f"{tune.LEVER_BASE_LABEL} run in the same arithmetic, in points, with its 95% interval "
-            f"and (the number of paired seeds); bold: +{LEVER_GAIN} with the interval above zero; "
-            f"each lever's runs, verdict and greedy step in the tables below."])
+            f"and (the number of paired seeds), a round-2 lever's (on top of "
+            f"{lever_name(tune.ROUND2_BASE)}) from recipe v4; bold: +{LEVER_GAIN} with the "
+            f"interval above zero; each lever's runs, verdict and greedy step in the tables "
+            f"below."])
 
 
 def recipe_choice_section(levers):

@@ -676,6 +676,13 @@ def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point
     # ... while the bar is read over recipe v3: the stack keeps silu's +0.57
     assert stack.endswith("| yes (+0.57 [+0.50, +0.65]) |")
     del levers[("batch", "muon+sep+silu+mdw", 20)]
+    # round 2: a lever on recipe v4 (pad2+silu) is read against recipe v4, not recipe v3
+    levers[("batch", tune.ROUND2_BASE, 20)] = runs([0.850, 0.860, 0.850, 0.860])     # +1.0
+    levers[("batch", f"{tune.ROUND2_BASE}+bs64-keep", 20)] = runs([0.851, 0.861, 0.851, 0.861])
+    round2 = row(report.levers_section(levers), "| batch | pad2+silu+bs64-keep |")
+    assert round2.endswith("| no |") and "| pad2+silu | +0.10, +0.10, +0.10, +0.10 |" in round2
+    del levers[("batch", tune.ROUND2_BASE, 20)]
+    del levers[("batch", f"{tune.ROUND2_BASE}+bs64-keep", 20)]
     del levers[("batch", "muon+sep+silu", 20)]
     assert "- BatchNorm: missed: no lever gains +0.5 with its interval above zero; the largest " \
            "mean gain over recipe v3 is mdw, +0.50" in report.levers_section(levers)
