@@ -32,11 +32,14 @@ def muon_matrices(optimizer):
 
 # 1. fp16 with Muon: every gradient unscaled once and checked for inf/NaN.
 
-def test_fp16_muon_keeps_the_momentum_of_the_unscaled_gradient():
+# "cuda": the optimizers as built for a GPU (fused SGD, BatchedMuon), on CPU tensors: Colab's T4
+# runs fp16 with them
+@pytest.mark.parametrize("layout", ["cpu", "cuda"])
+def test_fp16_muon_keeps_the_momentum_of_the_unscaled_gradient(layout):
     model = build_model("batch", seed=0)
     reference = copy.deepcopy(model)
     config = TrainConfig()
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, layout)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     x, y = batch()
     with autocast("cpu", "fp16"):  # the same fp16 forward, backward without scaling
@@ -56,9 +59,10 @@ def test_fp16_muon_keeps_the_momentum_of_the_unscaled_gradient():
                                    atol=0.01 * expected.abs().max().item())
 
 
-def test_an_inf_in_one_kernels_gradient_skips_the_whole_step_and_halves_the_scale():
+@pytest.mark.parametrize("layout", ["cpu", "cuda"])
+def test_an_inf_in_one_kernels_gradient_skips_the_whole_step_and_halves_the_scale(layout):
     model = build_model("batch", seed=0)
-    optimizer = make_optimizer(model, TrainConfig())
+    optimizer = make_optimizer(model, TrainConfig(), layout)
     kernel = muon_matrices(optimizer)[3].kernel
 
     def plant_inf(grad):
