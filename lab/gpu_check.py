@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from train import OutputError, check_writable  # noqa: E402
 from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
 
 from lab.make_notebooks import clean  # noqa: E402
+from lab.processes import Children  # noqa: E402
 
 T4_PRECISION = "fp16"  # what auto picks on Colab's free GPU (compute capability 7.5)
 EPOCHS = 20
@@ -111,15 +111,6 @@ def execute_notebook(source, dest, precision, workdir, timeout):
             (dest.parent / f"{dest.stem}.{results.name}").write_text(results.read_text())
 
 
-def stop_group(child):
-    """Stop a step's whole process group and wait for the step."""
-    try:
-        os.killpg(child.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    child.wait()
-
-
 def shown(command):
     """A command as a committed file records it: the interpreter as `python`, a path inside the
     repository relative to it, any other path by its name (no machine's absolute paths)."""
@@ -142,7 +133,8 @@ class Check:
         self.out = Path(args.out)
         self.start = time.monotonic()
         self.steps, self.lock = [], threading.Lock()  # steps: appended by parallel jobs
-        self.children = set()  # the steps running now, each a process group
+        # each step in a process group of its own, so that a stop reaches what it starts too
+        self.children = Children(own_group=True)
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
             "PYTHONUNBUFFERED": "1"}
@@ -151,15 +143,6 @@ class Check:
         self.env.pop("S8_SMOKE", None)  # the notebooks' size is this check's to choose
         if args.smoke:  # one thread a process: the smoke steps run side by side
             self.env.update(S8_SMOKE="1", OMP_NUM_THREADS="1")
-
-    def stop(self, signum, frame):
-        """SIGTERM: stop every running step's process group (notebook workers and their
-        kernels included), so nothing writes into the output folder after the check exits."""
-        with self.lock:
-            children = list(self.children)
-        for child in children:
-            stop_group(child)
-        sys.exit(128 + signum)
 
     def left(self):
         return self.args.deadline - (time.monotonic() - self.start)
@@ -175,20 +158,13 @@ class Check:
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(log, "w") as f:
-            # its own process group, so that a stop reaches what it starts too (a kernel)
-            child = subprocess.Popen(list(map(str, command)), cwd=ROOT, env=self.env, stdout=f,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-            with self.lock:
-                self.children.add(child)
             try:
-                rc = child.wait(timeout=max(1, self.left()) + self.args.grace)
+                rc = self.children.run(list(map(str, command)), cwd=ROOT, env=self.env,
+                                       stdout=f, stderr=subprocess.STDOUT,
+                                       timeout=max(1, self.left()) + self.args.grace)
                 status = "ok" if rc == 0 else f"failed (exit {rc})"
             except subprocess.TimeoutExpired:
-                stop_group(child)
                 status = "stopped (deadline)"
-            finally:
-                with self.lock:
-                    self.children.discard(child)
         entry.update(status=status, seconds=round(time.monotonic() - t0, 1), log=str(
             log.relative_to(self.out)))
         self.record(entry)
@@ -356,9 +332,14 @@ def main(argv=None):
     except OutputError as err:
         raise SystemExit(f"error: {err}") from None
     check = Check(args, device)
-    signal.signal(signal.SIGTERM, check.stop)
     check.out.mkdir(parents=True, exist_ok=True)
-    print(f"GPU check on {device}; writing into {check.out}", flush=True)
+    with check.children.stopped_by_sigterm():  # a stop stops every running step too
+        return run_steps(check)
+
+
+def run_steps(check):
+    """Every step in its order, then the summary; 1 if a step was not ok."""
+    print(f"GPU check on {check.device}; writing into {check.out}", flush=True)
     data = check.run("data_cache", [sys.executable, "-c", "from dataset import load_cifar10; "
                                     "load_cifar10(__import__('os').environ.get('CIFAR10_DATA'))"])
     if data["status"] != "ok":  # every later step needs the data: stop with the reason
@@ -366,7 +347,7 @@ def main(argv=None):
         raise SystemExit(f"error: the data did not load ({reason[-1]}); pass --data with a "
                          f"copy of CIFAR-10")
     check.train_runs(first_only=True)
-    if args.smoke:  # nothing is timed: the rest in a lane beside the notebook
+    if check.args.smoke:  # nothing is timed: the rest in a lane beside the notebook
         check.notebooks_and_tests(also=[lambda: (check.bench(), check.train_runs(skip_first=True))])
     else:
         check.notebooks_and_tests()

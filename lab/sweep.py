@@ -20,12 +20,9 @@ not listed here go to train.py unchanged.
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +31,8 @@ from results import NOT_NAMED, ResultsFileError, finished, run_name
 from train import configs_from, parse_args
 from utils import TrainConfig
 from variants import DEFAULT, canonical_norm, course_variants
+
+from lab.processes import Children
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,48 +178,6 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
         failed = [name for name, code in pool.map(run, todo) if code != 0]
     if failed:
         sys.exit(f"{len(failed)} of {len(todo)} planned runs failed: {', '.join(failed)}")
-
-
-class Children:
-    """The train.py processes a sweep runs: SIGTERM to the sweep stops them too (each saves its
-    checkpoint and exits, as train.py does on SIGTERM) and starts no other, so nothing is written
-    after the sweep has exited."""
-
-    def __init__(self):
-        self.running, self.stopping, self.lock = set(), False, threading.Lock()
-
-    def run(self, cmd, **kwargs):
-        with self.lock:
-            if self.stopping:
-                return 128 + signal.SIGTERM
-            child = subprocess.Popen(cmd, **kwargs)
-            self.running.add(child)
-        try:
-            return child.wait()
-        finally:
-            with self.lock:
-                self.running.discard(child)
-
-    def stop(self, signum, frame):
-        with self.lock:
-            self.stopping = True
-            children = list(self.running)
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait()
-        sys.exit(128 + signum)
-
-    @contextmanager
-    def stopped_by_sigterm(self):
-        """A context in which SIGTERM stops the children first (main thread only)."""
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self.stop) if main else None
-        try:
-            yield
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from model import ModelConfig, Net
 from utils import TrainConfig, recipe, with_defaults
 from variants import DEFAULT, course_variants
 
-from lab import compare, make_notebooks, report, sweep, tune
+from lab import compare, make_notebooks, processes, report, sweep, tune
 from lab.make_notebooks import clean
 
 def fake_run(variant, seed, acc, epochs=3, flip_acc=None, precision=None, **changes):
@@ -558,10 +558,10 @@ def test_a_grid_run_writes_into_its_own_folder(tmp_path, monkeypatch):
         def __init__(self, cmd, **kwargs):
             commands.append(cmd)
 
-        def wait(self):
+        def wait(self, timeout=None):
             return 0
 
-    monkeypatch.setattr(sweep.subprocess, "Popen", Finished)
+    monkeypatch.setattr(processes.subprocess, "Popen", Finished)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "done.json").write_text("{}")
     sweep.run_all([("done", [], tmp_path / "a"), ("new", [], tmp_path / "b"), ("plain", [])],
