@@ -4,19 +4,13 @@ schedule:
     sgd    SGD with Nesterov momentum: the recipe
     muon   Muon for the conv kernels of the 3x3 blocks C1 to C9 (torch.optim.Muon, on each
            kernel's (out, in*k*k) matrix; of a separable block, its 1x1 half), SGD as above for
-           everything else (1x1 transitions, depthwise filters, norms, head); with
-           `config.muon_depthwise` each layer's depthwise filters too, as one (channels, taps)
-           matrix
+           everything else (1x1 transitions, depthwise filters, norms, head)
     adamw  AdamW for everything, weight decay on conv weights only
 
 Muon (Jordan et al., 2024) replaces a matrix's momentum by the nearest orthogonal matrix
 (Newton-Schulz iterations), so every direction of the update moves at the same rate; it takes
 2-D parameters only, hence the kernels' matrix views, which share the kernels' storage.
 BatchedMuon computes torch.optim.Muon's step for all the matrices in one stack (on CUDA).
-
-Any of them can be wrapped in Lookahead (`config.lookahead` steps; Zhang et al., 2019); the
-norms' shifts and the depthwise filters can learn at their own multiple of the rate
-(`config.norm_bias_lr`, `config.depthwise_lr`).
 """
 
 import math
@@ -25,7 +19,6 @@ import torch
 import torch.nn as nn
 
 from model import ConvBlock
-from norm_stats import norm_layers
 
 OPTIMIZERS = ("sgd", "muon", "adamw")
 MUON_TORCH = "2.9"  # the first torch with torch.optim.Muon (requirements.txt says so too)
@@ -118,6 +111,14 @@ class BatchedMuon(torch.optim.Optimizer):
             torch._foreach_add_(same, blocks, alpha=-lr * scale)
 
 
+def block_convs(model):
+    """The convolutions inside the network's 3x3 blocks (model.ConvBlock) whose weights train:
+    C1's, and each separable block's depthwise and 1x1 halves."""
+    return [conv for block in model.modules() if isinstance(block, ConvBlock)
+            for conv in block.modules() if isinstance(conv, nn.Conv2d)
+            and conv.weight.requires_grad]
+
+
 def check_optimizer_available(name):
     """Fail in one line, before any data loads, where this torch lacks the optimizer `name`."""
     if name == "muon" and not hasattr(torch.optim, "Muon"):
@@ -160,75 +161,20 @@ class Chain(torch.optim.Optimizer):
             optimizer.load_state_dict(part)
 
 
-class Lookahead(torch.optim.Optimizer):
-    """Lookahead (Zhang et al., 2019): every `k` steps of `optimizer` (the fast weights), the slow
-    weights move `alpha` of the way towards the fast ones and the fast ones restart from there,
-    which damps the oscillation of a high learning rate. Shares `optimizer`'s param_groups, so a
-    scheduler over this one sets the rates of that one."""
-
-    def __init__(self, optimizer, k=5, alpha=0.5):  # no super().__init__: `optimizer` holds it
-        self.optimizer, self.k, self.alpha, self.steps = optimizer, k, alpha, 0
-        self.defaults, self.state = {}, {}
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
-        self.slow = [p.detach().clone() for p in self._params()]
-
-    @property
-    def param_groups(self):  # read each time: load_state_dict gives `optimizer` new group dicts
-        return self.optimizer.param_groups
-
-    def _params(self):
-        return [p for group in self.param_groups for p in group["params"]]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.optimizer.step()
-        self.steps += 1
-        if self.steps % self.k == 0:
-            for slow, fast in zip(self.slow, self._params()):
-                slow.lerp_(fast, self.alpha)
-                fast.copy_(slow)
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"inner": self.optimizer.state_dict(), "slow": self.slow, "steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["inner"])
-        for slow, saved in zip(self.slow, state["slow"]):
-            slow.copy_(saved)
-        self.steps = state["steps"]
-
-
-def make_optimizer(model, config, device="cpu"):
+def make_optimizer(model, config, device="cpu", muon_depthwise=False, lr_multiples=None):
     """The optimizer `config.optimizer` names, over the parameters that train; weight decay on
-    conv weights only (norm scales, shifts and biases gain nothing from it), the norms' shifts
-    at `norm_bias_lr` times the rate; on CUDA, SGD's fused kernel; inside Lookahead where
-    `config.lookahead` asks for it."""
+    conv weights only (norm scales, shifts and biases gain nothing from it); on CUDA, SGD's
+    fused kernel. For the lab's studies (lab/levers.py): `muon_depthwise` hands each layer's
+    depthwise filters to Muon as one (channels, taps) matrix; `lr_multiples` {id(parameter):
+    factor} puts parameters in groups at their own multiple of the rate."""
     check_optimizer_available(config.optimizer)
-    optimizer = _base_optimizer(model, config, device)
-    if not config.lookahead:
-        return optimizer
-    return Lookahead(optimizer, config.lookahead, config.lookahead_alpha)
-
-
-def _base_optimizer(model, config, device):
     trained = [p for p in model.parameters() if p.requires_grad]
-    shifts = {id(m.bias) for _, m in norm_layers(model) if getattr(m, "bias", None) is not None}
-    convs = [conv for block in model.modules() if isinstance(block, ConvBlock)
-             for conv in block.modules() if isinstance(conv, nn.Conv2d)
-             and conv.weight.requires_grad]
-    # a depthwise filter is one channel's 3x3 kernel, not a matrix mixing channels: SGD's,
-    # unless config.muon_depthwise makes a layer's filters one (channels, taps) matrix
-    depthwise = {id(conv.weight) for conv in convs if conv.groups > 1}
-    kernels = {id(conv.weight) for conv in convs
-               if conv.groups == 1 or config.muon_depthwise}
+    # a depthwise filter is one channel's 3x3 kernel, not a matrix mixing channels: SGD's
+    kernels = {id(conv.weight) for conv in block_convs(model)
+               if conv.groups == 1 or muon_depthwise}
     muon = [p for p in trained if id(p) in kernels] if config.optimizer == "muon" else []
     rest = [p for p in trained if all(p is not m for m in muon)]
-    # parameter groups at their own multiple of the rate: {id: multiple}, 1 left in the main groups
-    multiple = {**{i: config.depthwise_lr for i in depthwise},
-                **{i: config.norm_bias_lr for i in shifts}}
+    multiple = lr_multiples or {}  # 1 (or absent): the main groups
     main = [p for p in rest if multiple.get(id(p), 1) == 1]
     groups = [{"params": [p for p in main if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for p in main if p.ndim <= 1], "weight_decay": 0.0}]

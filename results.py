@@ -23,8 +23,8 @@ from dataset import TensorLoader
 from model import ModelConfig
 from norm_stats import measure_norm_statistics
 from precision import autocast, hardware_info, resolve_precision
-from utils import (TrainConfig, atomic_write, make_test_loader, predict, recipe,
-                   with_defaults)
+from checkpoints import atomic_write, recipe, with_defaults
+from utils import TrainConfig, make_test_loader, predict
 from variants import get_variant
 
 RESULTS_FORMAT = 1
@@ -56,19 +56,24 @@ def _tag_value(value):
     return str(value)
 
 
-def name_defaults():
-    """{setting: its default} of every setting that can tag a run's name, in name order."""
-    defaults = {**ModelConfig().to_dict(), **TrainConfig().to_dict()}
+COURSE_CONFIGS = (ModelConfig, TrainConfig)
+
+
+def name_defaults(classes=COURSE_CONFIGS):
+    """{setting: its default} of every setting of these configuration classes that can tag a
+    run's name, in name order."""
+    defaults = {k: v for cls in classes for k, v in cls().to_dict().items()}
     named = [k for k in NAME_TAGS if k in defaults]
     named += [k for k in defaults if k not in NAME_TAGS and k not in NOT_NAMED]
     return {**{k: defaults[k] for k in named}, **{k: None for k in DATA_TAGS}}
 
 
-def run_name(norm, seed, study=None, **settings):
+def run_name(norm, seed, study=None, classes=COURSE_CONFIGS, **settings):
     """`<norm>[_<study>]_seed<seed>`, plus a tag for every setting that differs from its default,
     e.g. run_name("bn", 0, epochs=1, subset=20) == "batch_seed0_e1_subset20". `study` labels
-    a study's run by what it varies ("bs16", "lr0.2", "base_e20")."""
-    defaults = name_defaults()
+    a study's run by what it varies ("bs16", "lr0.2", "base_e20"); `classes`: the configuration
+    classes whose settings it may tag (the lab's add theirs)."""
+    defaults = name_defaults(classes)
     unknown = set(settings) - set(defaults)
     if unknown:
         raise TypeError(f"run_name got unknown settings {sorted(unknown)}")
@@ -86,7 +91,8 @@ def config_run_name(model_config, config, **data):
     """run_name of a run of these configurations (`data`: subset, train_subset, validation)."""
     settings = {k: v for k, v in {**model_config.to_dict(), **config.to_dict()}.items()
                 if k not in NOT_NAMED}
-    return run_name(model_config.norm, config.seed, **settings, **data)
+    return run_name(model_config.norm, config.seed, classes=(type(model_config), type(config)),
+                    **settings, **data)
 
 
 class RunLockedError(RuntimeError):
@@ -329,8 +335,8 @@ def same_recipe(path, model_config, config):
     try:
         as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  tuples become lists
         # settings added since that file was written: their defaults
-        before, trained = map(as_json, with_defaults(previous["model_config"],
-                                                     previous["train_config"]))
+        before, trained = map(as_json, with_defaults(
+            previous["model_config"], previous["train_config"], type(model_config), type(config)))
         return before == as_json(model_config.to_dict()) and \
             all(trained.get(k) == v for k, v in as_json(recipe(config)).items())
     except (OSError, ValueError, KeyError, TypeError):

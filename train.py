@@ -21,17 +21,18 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
-from model import ACTIVATIONS, CONVS, IDENTITY_INITS, SKIP_LAYOUTS, ModelConfig, build_model, show_summary
+from model import ACTIVATIONS, CONVS, Net, show_summary
 from plots import figure_source, plot_history, plot_misclassified
 from optimizers import OPTIMIZERS, check_optimizer_available
 from precision import PRECISIONS, UnsupportedStepError, get_device
-from results import (RunLock, RunLockedError, collect_misclassified, divergence_results,
-                     config_run_name, load_results, make_results, same_recipe,
-                     save_json_atomic)
-from utils import (WHITEN_MODES, CheckpointError, NonFiniteLossError, TrainConfig, fit,
-                   load_checkpoint,
-                   make_test_loader, predict, recipe, refuse_to_replace_checkpoint)
+from results import (COURSE_CONFIGS, RunLock, RunLockedError, collect_misclassified,
+                     config_run_name, divergence_results, load_results, make_results,
+                     same_recipe, save_json_atomic)
+from checkpoints import CheckpointError, load_checkpoint, recipe, refuse_to_replace_checkpoint
+from utils import NonFiniteLossError, fit, make_test_loader, predict
 from variants import norm_aliases
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the repository's, from any folder
@@ -39,8 +40,7 @@ MAX_PARAMS, MAX_EPOCHS = 50_000, 20  # the assignment's limits
 # Flags whose names predate the derived ones; every other setting's flag is its field's name.
 FLAG_NAMES = {"num_groups": "--groups", "ema_decay": "--ema"}
 CHOICES = {"norm": lambda: sorted(norm_aliases()), "activation": lambda: sorted(ACTIVATIONS),
-           "precision": lambda: PRECISIONS, "whiten": lambda: WHITEN_MODES,
-           "identity_init": lambda: IDENTITY_INITS, "skips": lambda: list(SKIP_LAYOUTS),
+           "precision": lambda: PRECISIONS,
            "optimizer": lambda: OPTIMIZERS, "conv": lambda: CONVS}  # read when the parser is built
 NOT_FLAGS = {"num_classes"}
 # Problems the user can fix: the command line says what and how in one line, no traceback.
@@ -75,7 +75,7 @@ def flag_name(field):
     return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
-def add_config_flags(parser, cls):
+def add_config_flags(parser, cls, choices=CHOICES):
     """One flag per field of a configuration dataclass: its name, type, default and help."""
     comments = field_comments(cls)
     defaults = cls()
@@ -95,15 +95,18 @@ def add_config_flags(parser, cls):
                                 default=default, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=type(default), default=default,
-                                choices=CHOICES[f.name]() if f.name in CHOICES else None,
+                                choices=choices[f.name]() if f.name in choices else None,
                                 help=help_text)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    settings = p.add_argument_group("settings (model.ModelConfig, utils.TrainConfig)")
-    add_config_flags(settings, ModelConfig)
-    add_config_flags(settings, TrainConfig)
+def parse_args(argv=None, configs=COURSE_CONFIGS, choices=CHOICES, description=__doc__):
+    """The parsed command line; `configs` the (model, train) configuration classes whose fields
+    are its settings (the lab's add theirs: lab/train.py)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    settings = p.add_argument_group(f"settings ({', '.join(c.__name__ for c in configs)})")
+    for cls in configs:
+        add_config_flags(settings, cls, choices)
     p.add_argument("--data", default=None,
                    help=f"CIFAR-10 archive or folder (default: ${DATA_ENV_VAR}, else download)")
     subset = p.add_mutually_exclusive_group()
@@ -147,16 +150,16 @@ def parse_args(argv=None):
     return args
 
 
-def configs_from(args):
-    """(ModelConfig, TrainConfig) of the parsed flags; each checks its own ranges, and a range
+def configs_from(args, configs=COURSE_CONFIGS):
+    """(model, train) configurations of the parsed flags; each checks its own ranges, and a range
     error names the flag the user typed (--ema), not the field behind it (ema_decay)."""
     pick = lambda cls: {f.name: getattr(args, f.name) for f in fields(cls)  # noqa: E731
                         if f.name not in NOT_FLAGS}
     try:
-        return ModelConfig(**pick(ModelConfig)), TrainConfig(**pick(TrainConfig))
+        return tuple(cls(**pick(cls)) for cls in configs)
     except ValueError as err:
         field, _, rest = str(err).partition(" ")
-        known = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+        known = {f.name for cls in configs for f in fields(cls)}
         raise ValueError(f"{flag_name(field)} {rest}" if field in known else str(err)) from None
 
 
@@ -201,10 +204,11 @@ def check_checkpoint(path, model_config, config, args):
     the same model and recipe (the data's part of the fingerprint is checked once it loads)."""
     if not (args.resume and path.exists()):
         return
-    saved = load_checkpoint(path)["fingerprint"]
+    classes = (type(model_config), type(config))
+    saved = load_checkpoint(path, classes=classes)["fingerprint"]
     now = {"model": model_config.to_dict(), "train": recipe(config)}
     if saved["model"] != now["model"] or saved["train"] != now["train"]:
-        load_checkpoint(path, {**saved, **now})  # raises, naming the settings that differ
+        load_checkpoint(path, {**saved, **now}, classes)  # raises, naming the settings that differ
 
 
 def limits_warning(num_params, epochs):
@@ -220,15 +224,17 @@ def stop_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, net=Net, configs=COURSE_CONFIGS, choices=CHOICES, description=__doc__):
+    """Parse, check and train; `net` the network class built from configs[0] (lab/train.py
+    passes the lab's)."""
+    args = parse_args(argv, configs, choices, description)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     dry_dir = Path(tempfile.mkdtemp(prefix="s8_dry_run_")) if args.dry_run else None
     if dry_dir:
         args.out_dir, args.images_dir, args.checkpoint = dry_dir, dry_dir, dry_dir / "checkpoint.pt"
     try:
-        return run(args)
+        return run(args, net, configs)
     except BaseException:
         if dry_dir:  # a failed or stopped dry run leaves nothing behind
             shutil.rmtree(dry_dir, ignore_errors=True)
@@ -238,9 +244,9 @@ def main(argv=None):
             signal.signal(signal.SIGTERM, previous)
 
 
-def run(args):
+def run(args, net=Net, configs=COURSE_CONFIGS):
     # Everything that can be checked without the data is checked first (seconds, not minutes).
-    model_config, config = configs_from(args)
+    model_config, config = configs_from(args, configs)
     check_optimizer_available(config.optimizer)
     out_dir = Path(args.out_dir)
     images_dir = Path(args.images_dir) if args.images_dir else out_dir
@@ -250,8 +256,8 @@ def run(args):
                           f"scored on the test set only; drop --subset/--train-subset/--validation "
                           f"or pick another --out-dir")
     device = get_device(args.device)
-    model = build_model(model_config.norm, seed=config.seed, **{
-        k: v for k, v in model_config.to_dict().items() if k != "norm"})
+    torch.manual_seed(config.seed)  # the model's init, as model.build_model seeds it
+    model = net(model_config)
     outside = limits_warning(model.get_num_params(), config.epochs)
     if outside:
         print(f"warning: this run is {outside}; it will not appear in the README's results table")

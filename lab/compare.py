@@ -15,11 +15,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from model import ModelConfig
 from plots import finish_figure, integer_epochs
 from results import ResultsFileError, load_results, run_name
-from utils import TrainConfig, recipe, with_defaults
+from checkpoints import recipe, with_defaults
 from variants import REGISTRY, in_order
+
+from lab.levers import LabModelConfig, LabTrainConfig
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 STUDY_DIR = RESULTS_DIR / "batch_size"
@@ -33,13 +34,26 @@ BN_BATCH_STATS = f"{RUNNING} (batch stats)"
 
 # ---------------------------------------------------------------------------------- loading
 
+# The order a recipe's settings are listed in: the configurations' before the course/lab split,
+# so that every label reads as it did
+FIELD_ORDER = ("norm", "num_groups", "group_size", "widths", "activation", "num_classes",
+               "identity_init", "weight_std", "weight_std_depthwise", "skips", "conv",
+               "depthwise_kernel", "depthwise_dilation", "se_hidden", "epochs", "batch_size", "lr",
+               "momentum", "weight_decay", "label_smoothing", "pct_start", "seed",
+               "eval_batch_size", "ema_decay", "pad", "flip", "precision", "cuda_graphs",
+               "whiten", "norm_bias_lr", "freeze_norm_scale", "alternate_flip", "optimizer",
+               "muon_lr", "muon_depthwise", "depthwise_lr", "lookahead")
+
+
 def recipe_changes(run, ignore=()):
     """How a run's recipe differs from today's defaults (ModelConfig, TrainConfig), as flags
     would say it ("lr 0.1; activation relu"), or "current": so a row of an earlier recipe says
     which one it was without anyone typing it. Fields in `ignore` are left out (a study's own
     variable)."""
-    defaults = {**ModelConfig(norm=run["variant"]).to_dict(), **recipe(TrainConfig())}
-    model_config, train_config = with_defaults(run["model_config"], run["train_config"])
+    every = {**LabModelConfig(norm=run["variant"]).to_dict(), **recipe(LabTrainConfig())}
+    defaults = {k: every[k] for k in FIELD_ORDER if k in every}
+    model_config, train_config = with_defaults(run["model_config"], run["train_config"],
+                                               LabModelConfig, LabTrainConfig)
     ran = {**model_config, **train_config}
     skip = {"seed", "precision", "compile", "norm", *ignore}
     changed = [f"{k} {_flag_value(ran[k])}" for k in defaults
@@ -408,241 +422,5 @@ def plot_variant_curves(runs, path=None, show=False):
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    return finish_figure(fig, path, show)
-
-
-# ---------------------------------------------------------------------- learning-rate study
-
-LR_WINDOW = 1.0  # points of accuracy: "within 1 point of the best" rate
-
-
-def load_lr_study(study_dir=LR_STUDY_DIR):
-    """{variant: {peak lr: [run, ...]}}, variants in tuple(REGISTRY), rates ascending; a diverged run has
-    final_test_acc None and a "diverged" entry (epoch, step)."""
-    study = defaultdict(lambda: defaultdict(list))
-    for run in read_results(study_dir) if Path(study_dir).is_dir() else []:
-        study[run["variant"]][run["train_config"]["lr"]].append(run)
-    return {v: dict(sorted(study[v].items())) for v in in_order(study)}
-
-
-def lr_summary(by_lr):
-    """For one variant's {lr: [runs]}: the mean accuracy (%) per rate (None where any seed
-    diverged), the best rate, and the widest run of adjacent rates within LR_WINDOW of it."""
-    means = {lr: (None if any(r["final_test_acc"] is None for r in runs)
-                  else statistics.mean(100 * r["final_test_acc"] for r in runs))
-             for lr, runs in by_lr.items()}
-    scored = {lr: m for lr, m in means.items() if m is not None}
-    if not scored:
-        return {"means": means, "best": None, "window": None}
-    best = max(scored, key=scored.get)
-    rates = list(means)
-    lo = hi = rates.index(best)
-    near = lambda i: means[rates[i]] is not None and means[rates[i]] >= scored[best] - LR_WINDOW
-    while lo > 0 and near(lo - 1):
-        lo -= 1
-    while hi < len(rates) - 1 and near(hi + 1):
-        hi += 1
-    return {"means": means, "best": best, "window": (rates[lo], rates[hi])}
-
-
-def lr_runs(study):
-    """Every run of a load_lr_study() result, as one list."""
-    return [r for by_lr in study.values() for rs in by_lr.values() for r in rs]
-
-
-def eval_set(study):
-    """"validation" when every run of the study was scored on the held-out training images
-    (train.py --validation), else "test"."""
-    runs = lr_runs(study)
-    return "validation" if runs and all(r.get("eval_set") == "validation" for r in runs) else "test"
-
-
-def lr_table(study):
-    """Markdown: per variant, the best peak rate, its accuracy, the range of rates within
-    LR_WINDOW of it, and where runs diverged or stayed at chance."""
-    if not study:
-        return "(no learning-rate study results yet)"
-    lines = [f"| variant | seeds | best peak lr | {eval_set(study)} acc. at best, mean (min–max) | "
-             f"rates within {LR_WINDOW:g} point of the best | width | diverged (lr: seeds) | "
-             "at chance, below 15% (lr: seeds) |", "|---|---|---|---|---|---|---|---|"]
-    for variant, by_lr in study.items():
-        summary = lr_summary(by_lr)
-        seeds = sorted({r["seed"] for runs in by_lr.values() for r in runs})
-        diverged = [f"{lr:g}: {sum(r['final_test_acc'] is None for r in runs)}/{len(runs)}"
-                    for lr, runs in by_lr.items() if any(r["final_test_acc"] is None for r in runs)]
-        chance = [f"{lr:g}: {n}/{len(runs)}" for lr, runs in by_lr.items()
-                  if (n := sum(r["final_test_acc"] is not None and r["final_test_acc"] < 0.15
-                               for r in runs))]
-        if summary["best"] is None:
-            best = acc = window = width = "–"
-        else:
-            accs = [100 * r["final_test_acc"] for r in by_lr[summary["best"]]]
-            best = f"{summary['best']:g}"
-            acc = f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})"
-            lo, hi = summary["window"]
-            window, width = f"{lo:g} to {hi:g}", f"{hi / lo:g}x"
-        lines.append(f"| {variant} | {', '.join(map(str, seeds))} | {best} | {acc} | {window} | "
-                     f"{width} | {', '.join(diverged) or 'none'} | {', '.join(chance) or 'none'} |")
-    return "\n".join(lines)
-
-
-def plot_lr_study(study, path=None, show=False):
-    """Final accuracy against peak learning rate (log x), one line per variant: mean over
-    seeds with the min–max band; a rate where any seed diverged is marked x at chance level."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for variant, by_lr in study.items():
-        means = lr_summary(by_lr)["means"]
-        ok = [lr for lr, m in means.items() if m is not None]
-        accs = [[100 * r["final_test_acc"] for r in by_lr[lr]] for lr in ok]
-        line, = ax.plot(ok, [statistics.mean(a) for a in accs], "o-", ms=4,
-                        color=REGISTRY[variant].colour,
-                        label=f"{variant} ({len(next(iter(by_lr.values())))} seeds)")
-        ax.fill_between(ok, [min(a) for a in accs], [max(a) for a in accs],
-                        color=line.get_color(), alpha=0.2)
-        bad = [lr for lr, m in means.items() if m is None]
-        if bad:
-            ax.plot(bad, [10] * len(bad), "x", color=line.get_color(), ms=9, mew=2,
-                    label=f"{variant}: a seed or more diverged (NaN loss)")
-    ax.set_xscale("log", base=2)
-    rates = sorted({lr for by_lr in study.values() for lr in by_lr})
-    ax.set_xticks(rates, [f"{lr:g}" for lr in rates])  # the grid's own rates, not powers of 2
-    ax.minorticks_off()
-    ax.set(xlabel="peak learning rate (one-cycle, SGD with Nesterov momentum 0.9)",
-           ylabel=f"final {eval_set(study)} accuracy (%)", title="Learning-rate sensitivity")
-    ax.axhline(10, color="k", lw=0.6, ls=":")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return finish_figure(fig, path, show)
-
-
-# ------------------------------------------------------------------ learning per epoch
-
-def recipe_curve(runs_by_epochs):
-    """[(epochs, mean accuracy %)] of recipe v1 at each budget, ascending."""
-    return sorted((e, statistics.mean(100 * r["final_test_acc"] for r in rs))
-                  for e, rs in runs_by_epochs.items() if rs)
-
-
-def equivalent_epochs(accuracy, curve):
-    """How many epochs recipe v1 needs to reach `accuracy` (%), read off `curve` by linear
-    interpolation in log2(epochs): a number, or a bound ("< 20", "> 80") outside the curve."""
-    if len(curve) < 2:
-        return None
-    (e_lo, a_lo), (e_hi, _) = curve[0], curve[-1]
-    if accuracy < a_lo:
-        return f"< {e_lo}"
-    if accuracy > max(a for _, a in curve):
-        return f"> {e_hi}"
-    for (e0, a0), (e1, a1) in zip(curve, curve[1:]):
-        if min(a0, a1) <= accuracy <= max(a0, a1) and a0 != a1:
-            t = (accuracy - a0) / (a1 - a0)
-            return float(2 ** (np.log2(e0) + t * (np.log2(e1) - np.log2(e0))))
-    return float(curve[0][0])
-
-
-def spread_labels(values, low, high, gap):
-    """Heights for labels of `values` (any order; returned in that order): each as near its
-    value as a `gap` to its neighbours allows, all within [low, high] where they fit."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    heights = []
-    for i in order:  # upwards: no closer than `gap` to the one below
-        heights.append(max(values[i], heights[-1] + gap) if heights else max(values[i], low))
-    for k in range(len(heights) - 1, -1, -1):  # downwards: under the top and the one above
-        ceiling = high if k == len(heights) - 1 else heights[k + 1] - gap
-        heights[k] = min(heights[k], ceiling)
-    placed = [0.0] * len(values)
-    for i, height in zip(order, heights):
-        placed[i] = height
-    return placed
-
-
-def plot_technique_forest(rows, path=None, show=False, title=None):
-    """Each 20-epoch change's mean paired difference with its 95% interval, one row per change,
-    grouped by variant and sorted by effect within each, a line at zero; filled markers for the
-    changes that win (interval above zero), stars for those today's recipe adopted; an interval
-    wider than the figure's scale (2 seeds) ends in an arrowhead at its edge.
-    `rows`: report.technique_rows() entries with an interval; `title` replaces the default."""
-    variants = [v for v in REGISTRY if any(r["variant"] == v for r in rows)]
-    ordered = [r for v in variants for r in sorted(
-        (r for r in rows if r["variant"] == v), key=lambda r: r["diff"]["mean"])]
-    fig, ax = plt.subplots(figsize=(8, 0.24 * len(ordered) + 1.6))
-    ys, y, labels = [], 0, []
-    for i, r in enumerate(ordered):
-        if i and r["variant"] != ordered[i - 1]["variant"]:
-            y += 1  # a gap between the variants' groups
-        ys.append(y)
-        labels.append(f"{REGISTRY[r['variant']].short}  {r['config']}  "
-                      f"(vs {r['against'].split(' (')[0]}, {len(r['diff']['seeds'])} seeds)")
-        y += 1
-    # the scale of the intervals of 4 seeds or more; a wider one (2 seeds) is cut at its edge
-    lim = 1.1 * max(max(-r["diff"]["low"], r["diff"]["high"]) for r in ordered
-                    if len(r["diff"]["seeds"]) >= 4) if any(
-        len(r["diff"]["seeds"]) >= 4 for r in ordered) else None
-    for r, y in zip(ordered, ys):
-        colour, d = REGISTRY[r["variant"]].colour, r["diff"]
-        wins = d["low"] > 0
-        low, high = (max(d["low"], -lim), min(d["high"], lim)) if lim else (d["low"], d["high"])
-        ax.plot([low, high], [y, y], color=colour, lw=1.6)
-        for end, cut, marker in ((low, low > d["low"], "<"), (high, high < d["high"], ">")):
-            if cut:
-                ax.plot([end], [y], marker, color=colour, ms=5)
-        ax.plot([d["mean"]], [y], "*" if r["adopted"] else "o", ms=11 if r["adopted"] else 6,
-                color=colour if wins or r["adopted"] else "white", markeredgecolor=colour,
-                zorder=3)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(ys, labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="validation accuracy, change minus its reference (points; mean and 95% CI "
-                  "over paired seeds)",
-           title=title or "Each change at 20 epochs, against its reference\n"
-                          "filled: interval above zero (wins); star: adopted in today's recipe")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    return finish_figure(fig, path, show)
-
-
-def plot_equivalent_epochs(recipe_runs, techniques, path=None, show=False):
-    """Validation accuracy of recipe v1 against its budget in epochs (log scale; one dot per
-    run, the line through the means), and each technique's 20-epoch mean as a marker placed at
-    the epochs recipe v1 needs for that accuracy, named in a column right of the plot.
-    `recipe_runs`: {variant: {epochs: [runs]}}; `techniques`: {variant: {name: accuracy %}}."""
-    fig, ax = plt.subplots(figsize=(9, 5.2))
-    labels = []  # (name, x, accuracy, colour)
-    for variant, by_epochs in recipe_runs.items():
-        colour = REGISTRY[variant].colour
-        curve = recipe_curve(by_epochs)
-        ax.plot([e for e, _ in curve], [a for _, a in curve], "o-", color=colour,
-                label=f"{variant}: recipe v1")
-        for e, rs in by_epochs.items():
-            ax.scatter([e] * len(rs), [100 * r["final_test_acc"] for r in rs], color=colour,
-                       s=10, alpha=0.5)
-        for name, acc in (techniques.get(variant, {}).items() if len(curve) > 1 else ()):
-            where = equivalent_epochs(acc, curve)
-            x = where if isinstance(where, float) else curve[0][0] if where.startswith("<") \
-                else curve[-1][0]
-            # off the scale: drawn at its end, pointing outwards, the bound in the label
-            marker = "D" if isinstance(where, float) else "<" if where.startswith("<") else ">"
-            ax.scatter([x], [acc], marker=marker, color=colour, edgecolor="k", zorder=3)
-            bound = "" if isinstance(where, float) else f" ({where})"
-            labels.append((f"{REGISTRY[variant].short} {name}{bound}", x, acc, colour))
-    low, high = ax.get_ylim()
-    # points sit on near-parallel lines, so labels beside them collide: one column instead
-    heights = spread_labels([acc for _, _, acc, _ in labels], low, high, (high - low) / 28)
-    for (label, x, acc, colour), height in zip(labels, heights):
-        ax.annotate(label, (x, acc), xytext=(1.03, height), textcoords=("axes fraction", "data"),
-                    fontsize=8, color=colour, va="center", annotation_clip=False,
-                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.5, alpha=0.5))
-    ax.axvline(20, color="k", lw=0.6, ls=":")
-    ax.set_xscale("log", base=2)
-    ticks = sorted({e for by_epochs in recipe_runs.values() for e in by_epochs})
-    ax.set_xticks(ticks, [str(e) for e in ticks])
-    ax.minorticks_off()
-    ax.set(xlabel="epochs of recipe v1 (beyond 20: outside the assignment's limit)",
-           ylabel="validation accuracy (%)",
-           title="What each 20-epoch technique is worth in epochs of recipe v1")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return finish_figure(fig, path, show)

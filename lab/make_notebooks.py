@@ -234,11 +234,11 @@ def compare_notebook():
             "All accuracies were measured on the JPEG re-encoding of CIFAR-10 (see the README)."),
         colab_setup_cell("lab/compare.py"),
         new_code_cell(
-            "from lab.compare import (LR_STUDY_DIR, RESULTS_DIR, STUDY_DIR, load_lr_study, load_runs,\n"
-            "                         load_study, lr_table, mean_std, most_confused_lines,\n"
-            "                         norm_statistics_runs, per_class_table, plot_batch_size_study,\n"
-            "                         plot_confusion_matrices, plot_lr_study, plot_variant_curves,\n"
-            "                         study_findings, study_table)\n"
+            "from lab.compare import (LR_STUDY_DIR, RESULTS_DIR, STUDY_DIR, load_runs, load_study,\n"
+            "                         mean_std, most_confused_lines, norm_statistics_runs,\n"
+            "                         per_class_table, plot_batch_size_study, plot_confusion_matrices,\n"
+            "                         plot_variant_curves, study_findings, study_table)\n"
+            "from lab.lr_study import load_lr_study, lr_table, plot_lr_study\n"
             "from normalizations import check_against_torch, plot_norm_axes\n"
             "from norm_stats import plot_layer_probe, plot_norm_statistics, statistics_table\n\n"
             "runs = load_runs(RESULTS_DIR)    # {variant: [20-epoch runs]}\n"

@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from dataset import DatasetError, load_cifar10
-from model import build_model
 from precision import PRECISIONS, get_device, hardware_info
 from results import ResultsFileError, load_results, provenance, save_json_atomic
-from utils import TrainConfig, fit, with_defaults
+from checkpoints import with_defaults
+from utils import fit
+
+from lab.levers import LabModelConfig, LabTrainConfig, build_lab_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,9 +87,10 @@ def repeat(reference, data, epochs, device="cpu"):
     if device == "cpu" and threads:  # reductions split by thread: the count is arithmetic
         torch.set_num_threads(threads)  # kept after the call, so that hardware_info records it
     model_config, train_config = with_defaults(reference["model_config"],
-                                               reference["train_config"])
-    config = TrainConfig(**{**train_config, "precision": precision})
-    model = build_model(seed=config.seed, **model_config)
+                                               reference["train_config"], LabModelConfig,
+                                               LabTrainConfig)
+    config = LabTrainConfig(**{**train_config, "precision": precision})
+    model = build_lab_model(seed=config.seed, **model_config)
     logged = {}
 
     def stop_after(epoch, history):

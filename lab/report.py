@@ -26,7 +26,8 @@ from results import ResultsFileError, load_results
 import train
 from variants import DEFAULT, REGISTRY, course_variants
 
-from lab import compare, front_page, tune
+from lab import compare, front_page, lr_study, per_epoch, tune
+from lab import train as lab_train
 from lab.compare import load_runs, load_study, study_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,7 +363,8 @@ def config_names():
         if tune.missing_bases(name):  # mlr0.1 alone is refused: it refines muon
             continue
         try:
-            model_config, config = train.configs_from(train.parse_args(tune.config_flags(name)))
+            model_config, config = lab_train.configs_from(
+                lab_train.parse_args(tune.config_flags(name)))
         except ValueError:  # a pair that cannot be built (skipinit+no-skips) was never run
             continue
         run = {"variant": model_config.norm, "model_config": model_config.to_dict(),
@@ -558,7 +560,7 @@ def per_epoch_section(tuning, ceiling, reruns=None):
                   "| mean paired Δ [95% CI] | verdict | recipe v1 needs (epochs) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in technique_rows(tuning, reruns):
-        worth = compare.equivalent_epochs(row["mean"], compare.recipe_curve(
+        worth = per_epoch.equivalent_epochs(row["mean"], per_epoch.recipe_curve(
             curves.get(row["variant"], {})))
         worth = "-" if worth is None else worth if isinstance(worth, str) else f"{worth:.0f}"
         try:
@@ -1101,18 +1103,18 @@ def render_readme(readme_text, files):
 
 
 def lr_section(study):
-    runs = compare.lr_runs(study)
+    runs = lr_study.lr_runs(study)
     if not runs:
         return "No learning-rate study results yet (results/lr_study/ is empty)."
     shared = lambda key: "/".join(sorted({str(key(r)) for r in runs}))
     scored = shared(lambda r: r["data"]["test_images"])
-    evaluated = compare.eval_set(study)
+    evaluated = lr_study.eval_set(study)
     scored_on = (f"the {scored} validation images held out of the training set (never trained "
                  f"on; the test set is not used)" if evaluated == "validation"
                  else f"all {scored} test images")
     changes = sorted({compare.recipe_changes(r, ignore=("epochs", "lr")) for r in runs})
     otherwise = f"the recipe otherwise {against_today(changes)}"
-    return (f"{compare.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
+    return (f"{lr_study.lr_table(study)}\n\n{len(runs)} runs of {shared(lambda r: r['epochs'])} "
             f"epochs on {shared(lambda r: r['data']['train_images'])} training images (a "
             f"stratified subset, drawn per seed), scored on {scored_on}, batch "
             f"{shared(lambda r: r['train_config']['batch_size'])}, {otherwise}; "
@@ -1231,7 +1233,7 @@ def load_files():
             "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
             "arithmetic": load_tuning(compare.ARITHMETIC_DIR), "levers": load_tuning(LEVERS_DIR),
             "archives": load_archives(), "gpu_checks": load_gpu_checks(),
-            "lr_study": compare.load_lr_study()}
+            "lr_study": lr_study.load_lr_study()}
 
 
 def render_current(text, files=None):
@@ -1254,18 +1256,18 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=N
     if any(len(by_epochs) > 1 for by_epochs in curves.values()):
         paired = {v: {c: acc for c, acc in by_config.items() if len(tuning[(v, c, 20)]) > 1}
                   for v, by_config in technique_means(tuning).items()}  # the table has the rest
-        compare.plot_equivalent_epochs(curves, paired, EPOCHS_FIGURE)
+        per_epoch.plot_equivalent_epochs(curves, paired, EPOCHS_FIGURE)
     rows = [r for r in technique_rows(tuning or {}, arithmetic) if r["diff"]["low"] is not None]
     if rows:
-        compare.plot_technique_forest(mark_adopted(rows), FOREST_FIGURE)
+        per_epoch.plot_technique_forest(mark_adopted(rows), FOREST_FIGURE)
     rows = [{**r, "config": lever_name(r["config"])} for r in lever_rows(levers or {})
             if r["diff"]["low"] is not None]
     if rows:
-        compare.plot_technique_forest(rows, LEVER_FIGURE, title=(
+        per_epoch.plot_technique_forest(rows, LEVER_FIGURE, title=(
             f"Each lever on {tune.LEVER_BASE_LABEL} at 20 epochs (GPU, paired seeds)\n"
             "filled: interval above zero (wins)"))
     if lr_study:
-        compare.plot_lr_study(lr_study, LR_FIGURE)
+        lr_study.plot_lr_study(lr_study, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
     if measured:
         norm_stats.plot_norm_statistics({v: r["norm_statistics"] for v, r in measured.items()},

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from results import NOT_NAMED, ResultsFileError, finished, run_name
-from train import configs_from, parse_args
 from utils import TrainConfig
 from variants import DEFAULT, canonical_norm, course_variants
 
 from lab.processes import Children
+from lab.train import LAB_CONFIGS, configs_from, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def plan(norms, seeds, batch_sizes=None, base_lr=TrainConfig.lr, lrs=None, setti
             for norm in map(canonical_norm, norms):
                 args = ["--norm", norm, "--seed", str(seed)]
                 if batch_size is None:
-                    name = run_name(norm, seed, **{**settings, "lr": base_lr})
+                    name = run_name(norm, seed, classes=LAB_CONFIGS, **{**settings, "lr": base_lr})
                     if base_lr != TrainConfig.lr:
                         args += ["--lr", repr(base_lr)]
                 else:
@@ -146,11 +146,13 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
     for name, run_args, *own_dir in runs:
         folder = own_dir[0] if own_dir else out_dir
         out = Path(folder) / f"{name}.json"
-        todo.append((name, out, [sys.executable, str(ROOT / "train.py"), *run_args,
+        todo.append((name, out, [sys.executable, "-m", "lab.train", *run_args,
                                  "--out-dir", str(folder), "--images-dir", str(images_dir),
                                  "--resume", "--no-progress", *train_args]))
 
     env = dict(os.environ)
+    # `-m lab.train` from any folder: the repository on the path, as pytest.ini puts it
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if jobs > 1:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(threads_per_run(jobs))
         Path(log_dir).mkdir(parents=True, exist_ok=True)

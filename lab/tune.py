@@ -34,7 +34,7 @@ import torch
 
 from results import ResultsFileError, finished, run_name
 from train import flag_name
-from utils import FIRST_DEFAULTS
+from checkpoints import FIRST_DEFAULTS
 from variants import DEFAULT, canonical_norm, course_variants, get_variant
 
 from lab.sweep import run_all, threads_per_run

@@ -8,7 +8,8 @@ from PIL import Image
 
 from dataset import CIFAR10_CLASSES, CIFAR10Data, channel_stats
 from model import build_model
-from utils import fit, load_checkpoint
+from checkpoints import load_checkpoint
+from utils import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

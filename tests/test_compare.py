@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 from model import ModelConfig  # noqa: E402
 from utils import TrainConfig  # noqa: E402
 
-from lab import compare, report  # noqa: E402
+from lab import compare, lr_study, per_epoch, report  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -193,22 +193,22 @@ def lr_study_dir(tmp_path):
 
 
 def test_lr_study_finds_the_best_rate_and_the_range_within_a_point(lr_study_dir):
-    study = compare.load_lr_study(lr_study_dir)
+    study = lr_study.load_lr_study(lr_study_dir)
     assert list(study) == ["batch", "none"] and list(study["batch"]) == sorted(study["batch"])
-    bn = compare.lr_summary(study["batch"])
+    bn = lr_study.lr_summary(study["batch"])
     assert bn["best"] == 0.1 and bn["window"] == (0.05, 0.4)
-    none = compare.lr_summary(study["none"])
+    none = lr_study.lr_summary(study["none"])
     assert none["best"] == 0.05 and none["window"] == (0.05, 0.05)
     assert none["means"][0.8] is None  # one seed diverged: the rate has no mean
-    table = compare.lr_table(study)
+    table = lr_study.lr_table(study)
     assert "| batch | 0, 1 | 0.1 | 71.00 (71.00–71.00) | 0.05 to 0.4 | 8x | none | none |" in table
     assert "| none | 0, 1 | 0.05 | 60.00 (60.00–60.00) | 0.05 to 0.05 | 1x | 0.8: 1/2 | " \
            "0.4: 2/2, 0.8: 1/2 |" in table  # a seed at chance counts where the other diverged
-    assert "test acc. at best" in table and compare.eval_set(study) == "test"
+    assert "test acc. at best" in table and lr_study.eval_set(study) == "test"
 
 
 def test_lr_study_figure_marks_divergence_on_a_log_axis(lr_study_dir, tmp_path):
-    fig = compare.plot_lr_study(compare.load_lr_study(lr_study_dir), tmp_path / "lr.png")
+    fig = lr_study.plot_lr_study(lr_study.load_lr_study(lr_study_dir), tmp_path / "lr.png")
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and (tmp_path / "lr.png").stat().st_size > 0
     labels = [line.get_label() for line in ax.get_lines()]
@@ -222,9 +222,9 @@ def test_lr_study_scored_on_the_validation_split_says_so(lr_study_dir, tmp_path)
     for f in lr_study_dir.glob("*.json"):
         run = json.loads(f.read_text())
         f.write_text(json.dumps({**run, "eval_set": "validation"}))
-    study = compare.load_lr_study(lr_study_dir)
-    assert "| validation acc. at best, mean (min–max) |" in compare.lr_table(study)
-    fig = compare.plot_lr_study(study, tmp_path / "lr.png")
+    study = lr_study.load_lr_study(lr_study_dir)
+    assert "| validation acc. at best, mean (min–max) |" in lr_study.lr_table(study)
+    fig = lr_study.plot_lr_study(study, tmp_path / "lr.png")
     assert fig.axes[0].get_ylabel() == "final validation accuracy (%)"
 
 
@@ -236,7 +236,7 @@ def test_the_forest_plot_groups_by_variant_sorts_by_effect_and_marks_what_was_ad
                 "adopted": adopted}
 
     rows = [row("layer", "b", 0.2), row("batch", "x", 1.0, adopted=True), row("batch", "y", -1.0)]
-    fig = compare.plot_technique_forest(rows, tmp_path / "forest.png")
+    fig = per_epoch.plot_technique_forest(rows, tmp_path / "forest.png")
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert [l.split()[1] for l in labels] == ["y", "x", "b"]  # BN first, by effect; then LN
     stars = [line for line in fig.axes[0].lines if line.get_marker() == "*"]

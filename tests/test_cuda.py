@@ -10,7 +10,8 @@ import torch
 
 import utils
 from model import build_model
-from utils import NonFiniteLossError, TrainConfig, fit, load_checkpoint
+from checkpoints import load_checkpoint
+from utils import NonFiniteLossError, TrainConfig, fit
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -15,7 +15,8 @@ import train
 from model import build_model
 from optimizers import MUON_TORCH, KernelMatrix, make_optimizer
 from precision import EagerFallback, UnsupportedStepError, autocast, compile_model
-from utils import TrainConfig, fit, recipe, training_step
+from checkpoints import recipe
+from utils import TrainConfig, fit, training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 2.0 ** 16  # GradScaler's default initial scale

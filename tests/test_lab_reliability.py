@@ -140,7 +140,7 @@ def test_a_folder_as_checkpoint_is_refused_before_any_work_even_with_overwrite(t
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--ema", "1.5"], "--ema must be at least 0 and below 1, got 1.5"),
+    (["--groups", "0"], "--groups must be at least 1, got 0"),
     (["--seed", "-1"], "--seed must be at least 0 and at most 4294967295, got -1")])
 def test_a_setting_out_of_range_is_named_by_its_flag_before_the_data_loads(flags, says,
                                                                            tmp_path):

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import FULL_NET, NORMS, ROOT, SEPARABLE_NET
-from model import (ACTIVATIONS, CONVS, SKIP_LAYOUTS, ModelConfig, Net, SeparableConv2d,
+from model import (ACTIVATIONS, CONVS, ModelConfig, Net, SeparableConv2d,
                    build_model, get_norm_layer)
 from variants import canonical_norm
 
@@ -38,27 +38,6 @@ def test_every_parameter_gets_a_finite_gradient(norm, conv):
         assert p.grad.abs().sum() > 0, name
 
 
-def logits_with_a_silenced_block(model, block):
-    """Logits of two different images when `block` outputs zeros."""
-    getattr(model, block).register_forward_hook(lambda m, i, out: torch.zeros_like(out))
-    return model(torch.randn(2, 3, 32, 32)).detach()
-
-
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("skips,block", [("blocks", "C2"), ("blocks", "C5"), ("blocks", "C8"),
-                                         ("per-conv", "C4"), ("per-conv", "C9")])
-def test_skip_connections_carry_the_signal_past_a_silenced_block(norm, skips, block):
-    # In a plain chain, a block that outputs zeros makes the logits independent of the input.
-    a, b = logits_with_a_silenced_block(build_model(norm, seed=0, skips=skips).eval(), block)
-    assert not torch.allclose(a, b)
-
-
-@pytest.mark.parametrize("skips,block", [("off", "C2"), ("off", "C8"), ("blocks", "C9")])
-def test_a_block_without_a_skip_around_it_cuts_the_signal(skips, block):
-    a, b = logits_with_a_silenced_block(build_model("batch", seed=0, skips=skips).eval(), block)
-    assert torch.allclose(a, b)
-
-
 def test_the_default_skips_are_the_three_documented_adds():
     model = build_model("batch", seed=0).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -69,18 +48,6 @@ def test_the_default_skips_are_the_three_documented_adds():
     h = F.max_pool2d(model.c6(h), 2)
     h = model.C9(h + model.C8(model.C7(h)))
     assert torch.equal(model(x), model.C10(F.adaptive_avg_pool2d(h, 1)).flatten(1))
-
-
-@pytest.mark.parametrize("skips", SKIP_LAYOUTS)
-def test_every_skip_layout_keeps_the_parameters_and_the_logits_shape(skips):
-    model = build_model("group", seed=0, skips=skips)
-    assert model.get_num_params() == build_model("group", seed=0).get_num_params()
-    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
-
-
-def test_an_unknown_skip_layout_lists_the_accepted_ones():
-    with pytest.raises(ValueError, match="skips must be one of blocks, per-conv, off"):
-        ModelConfig(skips="dense")
 
 
 @pytest.mark.parametrize("alias,expected", [("bn", nn.BatchNorm2d), ("BatchNorm", nn.BatchNorm2d),
@@ -165,17 +132,6 @@ def test_the_studys_wider_networks_stay_under_50k_parameters(norm, widths):
     assert build_model(norm, widths=widths).get_num_params() < 50_000
 
 
-def test_group_norm_by_group_size_keeps_channels_per_group_fixed():
-    model = build_model("group", group_size=4, **FULL_NET)
-    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert [(m.num_groups, m.num_channels) for m in norms] == [
-        (4, 16), (4, 16), (7, 28), (7, 28), (8, 32), (8, 32), (8, 32)]
-    assert model.get_num_params() == build_model("group", **FULL_NET).get_num_params()
-    with pytest.raises(ValueError, match=r"layer C4: GroupNorm with groups of 8 channels cannot "
-                                         r"normalize 28 channels"):
-        build_model("group", group_size=8, **FULL_NET)
-
-
 @pytest.mark.parametrize("norm", NORMS)
 def test_separable_blocks_are_a_depthwise_3x3_then_a_1x1_conv_after_a_full_c1(norm):
     model = build_model(norm, conv="separable", widths=(32, 64, 88))
@@ -200,54 +156,3 @@ def test_a_separable_conv_is_the_full_conv_whose_kernel_factorizes():
     torch.testing.assert_close(conv(x), full, rtol=1e-5, atol=1e-5)
 
 
-def test_dirac_with_separable_blocks_is_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"identity_init dirac needs conv full"):
-        build_model("batch", conv="separable", identity_init="dirac")
-
-
-# The learning-per-epoch study's levers on the depthwise filters and the branches (issue 52)
-LEVER_NETS = {"dw5": {"depthwise_kernel": 5, "widths": (32, 60, 84)},
-              "dil2": {"depthwise_dilation": 2}, "se4": {"se_hidden": 4}}
-
-
-@pytest.mark.parametrize("lever", LEVER_NETS)
-@pytest.mark.parametrize("norm", NORMS)
-def test_every_lever_network_stays_under_50k_and_every_parameter_learns(norm, lever):
-    model = build_model(norm, seed=0, **LEVER_NETS[lever])
-    assert model.get_num_params() < 50_000
-    loss = F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8))
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-
-
-@pytest.mark.parametrize("kernel,dilation,view", [(5, 1, 5), (3, 2, 5), (3, 1, 3)])
-def test_the_depthwise_filters_see_the_view_asked_for_and_keep_the_map_size(kernel, dilation,
-                                                                             view):
-    conv = SeparableConv2d(4, 4, depthwise_kernel=kernel, depthwise_dilation=dilation)
-    x = torch.zeros(1, 4, 11, 11, requires_grad=True)
-    out = conv(x)
-    assert out.shape == x.shape
-    out[0, :, 5, 5].sum().backward()  # which inputs reach the centre pixel
-    reached = (x.grad[0].abs().sum(0) > 0).nonzero()
-    assert (reached.max(0).values - reached.min(0).values + 1).tolist() == [view, view]
-
-
-def test_squeeze_excitation_gates_the_three_branches_by_their_global_averages():
-    model = build_model("batch", seed=0, se_hidden=4).eval()
-    assert set(model.excite) == {"C2", "C5", "C8"}
-    assert model.get_num_params() - build_model("batch").get_num_params() == sum(
-        2 * 4 * c + 4 + c for c in model.config.widths)  # two 1x1 convs with biases each
-    x = torch.randn(2, 32, 16, 16)
-    gate = model.excite["C2"](x) / x
-    assert ((gate > 0) & (gate < 1)).all()
-    torch.testing.assert_close(gate, gate[:, :, :1, :1].expand_as(gate))  # one gate a channel
-
-
-@pytest.mark.parametrize("settings,message", [
-    ({"depthwise_kernel": 4}, "depthwise_kernel must be odd"),
-    ({"depthwise_kernel": 5, "conv": "full"}, "need conv separable"),
-    ({"se_hidden": 4, "skips": "off"}, "se_hidden needs skips blocks")])
-def test_lever_settings_that_cannot_hold_are_refused_in_one_line(settings, message):
-    with pytest.raises(ValueError, match=message):
-        build_model("batch", **settings)

@@ -10,8 +10,8 @@ from model import build_model
 from precision import make_grad_scaler, resolve_precision
 from results import make_results, run_precision
 from optimizers import make_optimizer
-from utils import (NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint,
-                   make_loaders, train_one_epoch)
+from checkpoints import load_checkpoint
+from utils import NonFiniteLossError, TrainConfig, evaluate, fit, make_loaders, train_one_epoch
 
 
 @pytest.mark.parametrize("device, capability, native_bf16, expected", [

@@ -25,12 +25,14 @@ from model import ModelConfig, build_model  # noqa: E402
 import utils  # noqa: E402
 from results import (ResultsFileError, RunLock, RunLockedError, check_publishable,  # noqa: E402
                      config_run_name, same_recipe)
-from utils import (NonFiniteLossError, TrainConfig, fit, load_checkpoint,  # noqa: E402
-                   save_checkpoint)
+from checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from utils import NonFiniteLossError, TrainConfig, fit  # noqa: E402
 
 import train  # noqa: E402
 
 from lab import compare, make_notebooks, report, sweep  # noqa: E402
+from lab.levers import LabModelConfig, LabTrainConfig  # noqa: E402
+from lab.train import LAB_CHOICES  # noqa: E402
 
 
 def run_train(*args, cwd, env=None):
@@ -343,41 +345,48 @@ def test_a_failed_dry_run_leaves_no_folder_behind(tmp_path):
     assert not list(tmp_path.glob("s8_dry_run_*"))
 
 
-def test_files_from_before_a_setting_existed_still_resume(tiny_data, tmp_path):
+def test_files_from_before_a_setting_existed_or_left_the_course_still_resume(tiny_data, tmp_path):
     """A checkpoint or results file written before a setting was added is read with that
-    setting's default, so it still resumes and is still recognised as the same run."""
+    setting's default, and one that records a setting since moved to the lab (or retired) at its
+    off value is read without it: either still resumes and is recognised as the same run."""
 
     ckpt = tmp_path / "run.pt"
     config = TrainConfig(epochs=2, batch_size=20, optimizer="sgd")  # what files before it ran
     fit(build_model("batch", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
         progress=False)
     state = load_checkpoint(ckpt)
-    for part, added in (("model", ("identity_init", "weight_std", "weight_std_depthwise",
-                                   "skips")),
-                        ("train", ("whiten", "optimizer", "muon_lr"))):
-        for key in added:
-            del state["fingerprint"][part][key]
+    for key in ("optimizer", "muon_lr"):  # added since
+        del state["fingerprint"]["train"][key]
+    state["fingerprint"]["model"].update(identity_init="off", skips="blocks", dropout=0.0)
+    state["fingerprint"]["train"].update(whiten="off", ema_decay=0.0, lookahead_alpha=0.5)
     save_checkpoint(ckpt, state)
     fit(build_model("batch", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
         resume=True, progress=False)
     model = build_model("batch", seed=0)
     results = tmp_path / "run.json"
     payload = {"model_config": model.config.to_dict(), "train_config": config.to_dict()}
-    del payload["model_config"]["weight_std"], payload["train_config"]["alternate_flip"]
+    del payload["train_config"]["muon_lr"]
+    payload["model_config"]["weight_std"], payload["train_config"]["alternate_flip"] = False, False
     results.write_text(json.dumps(payload))
     assert same_recipe(results, model.config, config)
+    payload["model_config"]["weight_std"] = True  # a lab run: not the course's
+    results.write_text(json.dumps(payload))
+    assert not same_recipe(results, model.config, config)
+    payload["model_config"]["weight_std"] = False
+    results.write_text(json.dumps(payload))
     assert not same_recipe(results, model.config, TrainConfig(epochs=3, batch_size=20,
                                                               optimizer="sgd"))
 
 
-@pytest.mark.parametrize("cls, field", [(ModelConfig, "identity_init"), (ModelConfig, "skips"),
-                                        (TrainConfig, "optimizer"), (TrainConfig, "whiten"),
+@pytest.mark.parametrize("cls, field", [(LabModelConfig, "identity_init"),
+                                        (LabModelConfig, "skips"), (ModelConfig, "conv"),
+                                        (TrainConfig, "optimizer"), (LabTrainConfig, "whiten"),
                                         (TrainConfig, "precision")])
 def test_a_config_refuses_a_name_it_does_not_know_in_one_line_listing_those_it_does(cls, field):
     """Notebooks build the configs directly, without train.py's parser to check the names."""
     with pytest.raises(ValueError, match=rf"^{field} must be one of .+, got 'nonsense'$") as err:
         cls(**{field: "nonsense"})
-    assert all(name in str(err.value) for name in train.CHOICES[field]())
+    assert all(name in str(err.value) for name in LAB_CHOICES[field]())
 
 
 # 11. Every run's files are its own: figures under the lock, broken files named, no leftovers.

@@ -149,3 +149,44 @@ def test_every_tool_names_runs_through_the_one_builder():
                 for i, line in enumerate(p.read_text().splitlines(), 1)
                 if re.search(r"_seed\{", line)]
     assert not builders, f"run names built by hand: {builders}"
+
+
+# What a student reads stays small; the studies' switches live in lab/levers.py.
+MODEL_LINES, FORWARD_BY_LINE, CONFIG_FIELDS, TRAIN_FIELDS, FIT_LINES, FILE_LINES = \
+    200, 130, 8, 15, 60, 450
+# Files still over FILE_LINES, each to be split (lab/report.py into lab/report/): the list may
+# only shrink, and a file that has come under the budget must leave it
+OVER_BUDGET = {"lab/report.py"}
+
+
+def definition(path, name):
+    """The AST node of the top-level class or function `name` in `path`."""
+    return next(n for n in ast.parse(path.read_text()).body if getattr(n, "name", None) == name)
+
+
+def test_the_course_model_reads_top_to_bottom():
+    """model.py under 200 lines, Net.forward within its first 130, at most 8 settings, and the
+    three skip adds written out in forward rather than looked up."""
+    path = ROOT / "model.py"
+    assert len(path.read_text().splitlines()) < MODEL_LINES
+    net = definition(path, "Net")
+    forward = next(n for n in net.body if getattr(n, "name", None) == "forward")
+    assert forward.end_lineno <= FORWARD_BY_LINE
+    adds = [n for n in ast.walk(forward) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Add)]
+    assert len(adds) == 3
+    fields = [n for n in definition(path, "ModelConfig").body if isinstance(n, ast.AnnAssign)]
+    assert len(fields) <= CONFIG_FIELDS
+
+
+def test_the_training_loop_and_its_configuration_stay_small():
+    path = ROOT / "utils.py"
+    fields = [n for n in definition(path, "TrainConfig").body if isinstance(n, ast.AnnAssign)]
+    assert len(fields) <= TRAIN_FIELDS
+    fit = definition(path, "fit")
+    assert fit.end_lineno - fit.lineno + 1 <= FIT_LINES
+
+
+def test_no_source_file_outgrows_its_budget():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for p in [*ROOT.glob("*.py"), *ROOT.glob("lab/*.py")]}
+    assert {f for f, n in sizes.items() if n > FILE_LINES} == OVER_BUDGET, sizes

@@ -1,23 +1,28 @@
-"""The techniques of the learning-per-epoch study (README): each does what its setting says, and
-each is off by default, leaving the recipe's computation as it was."""
+"""The training techniques of the learning-per-epoch study (lab/levers.py, LabTrainConfig): each
+does what its setting says, and each is off by default, leaving the recipe's computation as it was."""
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import FULL_NET, NORMS, SEPARABLE_NET, interrupt_after_epoch_1
+from conftest import FULL_NET, SEPARABLE_NET, interrupt_after_epoch_1
 from dataset import TensorLoader
-from model import (ConvBlock, ModelConfig, StdConv2d, build_model, patch_whitening,
-                   prepare_for_training)
+from model import ConvBlock, build_model
 from norm_stats import fixed_batch, probe_layers
-from optimizers import Chain, KernelMatrix, Lookahead, make_optimizer
-from utils import TrainConfig, fit
+from optimizers import Chain, KernelMatrix
+from utils import fit
+
+from lab.levers import LabTrainConfig, Lookahead, patch_whitening, prepare_for_training
+
+
+def optimizer_for(model, config, device="cpu"):
+    """The optimizer fit builds for `config` (the lab's hooks add the lever groups)."""
+    return config.hooks().make_optimizer(model, config, device)
 
 
 def test_every_technique_is_off_by_default():
-    model, train = ModelConfig(), TrainConfig()
-    assert (model.identity_init, model.weight_std) == ("off", False)
+    train = LabTrainConfig()
     assert (train.whiten, train.norm_bias_lr, train.freeze_norm_scale, train.alternate_flip,
             train.lookahead) == ("off", 1.0, False, False, 0)
 
@@ -36,19 +41,19 @@ def test_patch_whitening_filters_decorrelate_the_patches_they_were_computed_from
 def test_whitening_reads_only_the_images_it_is_given_and_can_be_frozen(tiny_data):
     model = build_model("batch", seed=0)
     images = tiny_data.train_x[:50].float() / 255
-    prepare_for_training(model, TrainConfig(whiten="frozen"), images)
+    prepare_for_training(model, LabTrainConfig(whiten="frozen"), images)
     assert torch.allclose(model.C1[0].weight, patch_whitening(images, model.config.widths[0]))
     assert not model.C1[0].weight.requires_grad
     assert model.get_num_params() == \
         build_model("batch").get_num_params() - model.C1[0].weight.numel()  # C1 no longer trains
     trainable = build_model("batch", seed=0)
-    prepare_for_training(trainable, TrainConfig(whiten="trainable"), images)
+    prepare_for_training(trainable, LabTrainConfig(whiten="trainable"), images)
     assert trainable.C1[0].weight.requires_grad
 
 
 def test_a_frozen_first_layer_stays_put_and_the_probe_still_reports_it(tiny_data):
     model = build_model("batch", seed=0)
-    config = TrainConfig(epochs=2, batch_size=20, whiten="frozen")
+    config = LabTrainConfig(epochs=2, batch_size=20, whiten="frozen")
     history = fit(model, tiny_data, config, "cpu", progress=False)
     images, _ = fixed_batch(
         tiny_data.train_x, tiny_data.train_y, tiny_data.mean, tiny_data.std, "cpu", per_class=500)
@@ -58,10 +63,10 @@ def test_a_frozen_first_layer_stays_put_and_the_probe_still_reports_it(tiny_data
 
 def test_the_norms_shifts_get_their_own_rate_and_frozen_scales_stay_at_one(tiny_data):
     model = build_model("group", seed=0)
-    config = TrainConfig(epochs=1, batch_size=20, norm_bias_lr=16, freeze_norm_scale=True,
+    config = LabTrainConfig(epochs=1, batch_size=20, norm_bias_lr=16, freeze_norm_scale=True,
                          optimizer="sgd")  # the fast group is SGD's last
     prepare_for_training(model, config, None)
-    optimizer = make_optimizer(model, config)
+    optimizer = optimizer_for(model, config)
     shifts = {id(b[1].bias) for b in model.modules() if isinstance(b, ConvBlock)}
     fast = optimizer.param_groups[-1]
     assert {id(p) for p in fast["params"]} == shifts and fast["lr"] == 16 * config.lr
@@ -76,7 +81,7 @@ def test_the_norms_shifts_get_their_own_rate_and_frozen_scales_stay_at_one(tiny_
 # the separable blocks' depthwise filters), then the norms and the head's bias
 @pytest.mark.parametrize("net,sgd_groups", [(SEPARABLE_NET, [9, 15]), (FULL_NET, [3, 15])])
 def test_the_default_optimizer_is_muon_for_the_dense_kernels_and_sgd_for_the_rest(net, sgd_groups):
-    optimizer = make_optimizer(build_model("batch", seed=0, **net), TrainConfig())
+    optimizer = optimizer_for(build_model("batch", seed=0, **net), LabTrainConfig())
     sgd, muon = optimizer.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(sgd, torch.optim.SGD)
     assert [len(g["params"]) for g in muon.param_groups] == [7]
@@ -85,7 +90,7 @@ def test_the_default_optimizer_is_muon_for_the_dense_kernels_and_sgd_for_the_res
 
 def test_muon_takes_the_1x1_halves_of_separable_blocks_and_sgd_their_depthwise_filters():
     model = build_model("batch", seed=0, **SEPARABLE_NET)
-    sgd, muon = make_optimizer(model, TrainConfig()).optimizers
+    sgd, muon = optimizer_for(model, LabTrainConfig()).optimizers
     in_muon = {id(p.kernel) for p in muon.param_groups[0]["params"]}
     blocks = [model.C2, model.C4, model.C5, model.C7, model.C8, model.C9]
     assert in_muon == {id(model.C1[0].weight)} | {id(b[0][1].weight) for b in blocks}
@@ -94,80 +99,9 @@ def test_muon_takes_the_1x1_halves_of_separable_blocks_and_sgd_their_depthwise_f
 
 
 def test_recipe_v1_optimizer_is_sgd_with_two_groups():
-    groups = make_optimizer(build_model("batch", seed=0, **FULL_NET),
-                            TrainConfig(optimizer="sgd")).param_groups
+    groups = optimizer_for(build_model("batch", seed=0, **FULL_NET),
+                            LabTrainConfig(optimizer="sgd")).param_groups
     assert [len(g["params"]) for g in groups] == [10, 15]  # conv weights; norms and head bias
-
-
-@pytest.mark.parametrize("norm", NORMS)
-def test_skipinit_makes_each_residual_branch_pass_its_input_alone_and_still_learn(norm):
-    model = build_model(norm, seed=0, identity_init="skipinit").eval()
-    assert set(model.branch_gains) == {"C2", "C5", "C8"}
-    x = torch.randn(2, model.config.widths[0], 32, 32)
-    assert torch.equal(model._stage(x, ("C2",)), x)  # the branch is gated off: the input alone
-    # The trap this avoids: a zeroed norm scale makes the block ReLU(0 * z + 0) = 0, whose
-    # gradient is 0, so that branch never wakes. The gain learns at once, the branch from the
-    # second step on.
-    model.train()
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        optimizer.zero_grad()
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-    assert all(gain != 0 for gain in model.branch_gains.values())
-    assert all(p.grad.abs().sum() > 0 for name in ("C2", "C5", "C8")
-               for p in getattr(model, name)[0].parameters())  # the branch's conv(s)
-    assert model.get_num_params() == build_model(norm, seed=0).get_num_params() + 3
-
-
-def test_dirac_identity_init_adds_an_identity_kernel_to_square_3x3_convs():
-    plain = build_model("batch", seed=0, **FULL_NET)
-    dirac = build_model("batch", seed=0, identity_init="dirac", **FULL_NET)
-    for name in ("C2", "C4", "C5", "C7", "C8", "C9"):
-        diff = getattr(dirac, name)[0].weight - getattr(plain, name)[0].weight
-        assert torch.allclose(diff, nn.init.dirac_(torch.empty_like(diff)))
-    assert torch.equal(dirac.C1[0].weight, plain.C1[0].weight)  # 3 -> 16: not square
-
-
-def test_skipinit_follows_the_skip_layout():
-    model = build_model("batch", seed=0, identity_init="skipinit", skips="per-conv")
-    assert list(model.branch_gains) == ["C2", "C4", "C5", "C7", "C8", "C9"]
-    with pytest.raises(ValueError, match="identity_init skipinit needs skip connections"):
-        ModelConfig(identity_init="skipinit", skips="off")
-    with pytest.raises(ValueError, match="identity_init must be one of off, skipinit, dirac"):
-        ModelConfig(identity_init="zero")  # a zeroed norm scale before ReLU: see above
-
-
-@pytest.mark.parametrize("norm", NORMS)
-def test_weight_standardization_convolves_with_standardized_filters(norm):
-    model = build_model(norm, seed=0, weight_std=True, **FULL_NET)
-    conv = model.C4[0]
-    x = torch.randn(2, 28, 16, 16)
-    w = conv.weight
-    standardized = (w - w.mean((1, 2, 3), keepdim=True)) / \
-        w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
-    assert torch.allclose(conv(x), F.conv2d(x, standardized, padding=1), atol=1e-5)
-    assert model.get_num_params() == build_model(norm, **FULL_NET).get_num_params()
-
-
-def test_weight_standardization_can_leave_the_depthwise_filters_as_trained():
-    """`wstd-pw`: the 1x1 halves (and C1) standardized, each depthwise filter free to average."""
-    model = build_model("layer", seed=0, weight_std=True, weight_std_depthwise=False,
-                        **SEPARABLE_NET)
-    depthwise, pointwise = model.C4[0]
-    x = torch.randn(2, depthwise.in_channels, 16, 16)
-    assert torch.allclose(depthwise(x), F.conv2d(x, depthwise.weight, padding=1,
-                                                 groups=depthwise.groups), atol=1e-6)
-    w = pointwise.weight
-    standardized = (w - w.mean((1, 2, 3), keepdim=True)) / \
-        w.var((1, 2, 3), keepdim=True, unbiased=False).add(1e-5).sqrt()
-    assert torch.allclose(pointwise(x), F.conv2d(x, standardized), atol=1e-5)
-    assert isinstance(model.C1[0], StdConv2d) and not isinstance(depthwise, StdConv2d)
-    default = build_model("layer", seed=0, weight_std=True, **SEPARABLE_NET)
-    assert isinstance(default.C4[0][0], StdConv2d)  # by default, depthwise filters too
-    with pytest.raises(ValueError, match="^weight_std_depthwise off needs weight_std on"):
-        ModelConfig(weight_std_depthwise=False)
 
 
 def test_alternating_flips_mirror_each_image_in_every_other_epoch():
@@ -201,8 +135,8 @@ def test_probe_reports_a_frozen_conv(tiny_data):
 
 def test_muon_updates_the_3x3_kernels_through_their_matrix_views_and_sgd_the_rest(tiny_data):
     model = build_model("batch", seed=0, **FULL_NET).to(memory_format=torch.channels_last)
-    config = TrainConfig(optimizer="muon")
-    optimizer = make_optimizer(model, config)
+    config = LabTrainConfig(optimizer="muon")
+    optimizer = optimizer_for(model, config)
     assert isinstance(optimizer, Chain)
     sgd, muon = optimizer.optimizers
     kernels = [m.weight for m in model.modules()
@@ -231,7 +165,7 @@ OPTIMIZER_SETTINGS = {"muon": {"optimizer": "muon", "lr": 0.1},
 
 @pytest.mark.parametrize("name", OPTIMIZER_SETTINGS)
 def test_every_optimizer_trains_under_one_schedule_and_resumes_exactly(name, tiny_data, tmp_path):
-    config = TrainConfig(epochs=2, batch_size=20, **OPTIMIZER_SETTINGS[name])
+    config = LabTrainConfig(epochs=2, batch_size=20, **OPTIMIZER_SETTINGS[name])
     whole = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
     assert whole["train_loss"][-1] < whole["train_loss"][0]
     ckpt = tmp_path / "run.pt"
@@ -244,9 +178,9 @@ def test_every_optimizer_trains_under_one_schedule_and_resumes_exactly(name, tin
 @pytest.mark.parametrize("optimizer", ["sgd", "muon"])
 def test_lookahead_pulls_the_fast_weights_back_alpha_of_the_way_every_k_steps(optimizer):
     plain_model, model = build_model("batch", seed=0), build_model("batch", seed=0)
-    settings = {"optimizer": optimizer, "lookahead": 2, "lookahead_alpha": 0.25}
-    plain = make_optimizer(plain_model, TrainConfig(optimizer=optimizer))
-    lookahead = make_optimizer(model, TrainConfig(**settings))
+    settings = {"optimizer": optimizer, "lookahead": 2}
+    plain = optimizer_for(plain_model, LabTrainConfig(optimizer=optimizer))
+    lookahead = optimizer_for(model, LabTrainConfig(**settings))
     assert isinstance(lookahead, Lookahead)
     lookahead.param_groups[-1]["lr"] = 0.123  # what a scheduler does: it reaches the inner one
     assert lookahead.optimizer.param_groups[-1]["lr"] == 0.123
@@ -262,31 +196,29 @@ def test_lookahead_pulls_the_fast_weights_back_alpha_of_the_way_every_k_steps(op
             assert all(torch.equal(p, q) for p, q in zip(model.parameters(),
                                                          plain_model.parameters()))
     for p, fast, old in zip(model.parameters(), plain_model.parameters(), start):
-        torch.testing.assert_close(p, old + 0.25 * (fast - old))
+        torch.testing.assert_close(p, old + 0.5 * (fast - old))
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
 def test_lookahead_settings_out_of_range_are_refused():
     with pytest.raises(ValueError, match="lookahead must be at least 0"):
-        TrainConfig(lookahead=-1)
-    with pytest.raises(ValueError, match="lookahead_alpha must be above 0 and at most 1"):
-        TrainConfig(lookahead_alpha=0)
+        LabTrainConfig(lookahead=-1)
 
 
 def test_a_muon_rate_without_muon_is_refused_rather_than_ignored():
     with pytest.raises(ValueError, match="muon_lr applies to optimizer 'muon' only"):
-        TrainConfig(optimizer="sgd", muon_lr=0.1)
-    assert TrainConfig(optimizer="muon", muon_lr=0.1).muon_lr == 0.1
+        LabTrainConfig(optimizer="sgd", muon_lr=0.1)
+    assert LabTrainConfig(optimizer="muon", muon_lr=0.1).muon_lr == 0.1
 
 
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="optimizer must be one of sgd, muon, adamw"):
-        TrainConfig(optimizer="lion")
+        LabTrainConfig(optimizer="lion")
 
 
 def test_muon_depthwise_hands_each_layers_depthwise_filters_to_muon_as_one_matrix():
     model = build_model("batch", seed=0, **SEPARABLE_NET).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, TrainConfig(muon_depthwise=True))
+    optimizer = optimizer_for(model, LabTrainConfig(muon_depthwise=True))
     sgd, muon = optimizer.optimizers
     blocks = [model.C2, model.C4, model.C5, model.C7, model.C8, model.C9]
     matrices = {id(p.kernel): p for p in muon.param_groups[0]["params"]}
@@ -307,8 +239,8 @@ def test_muon_depthwise_hands_each_layers_depthwise_filters_to_muon_as_one_matri
 
 def test_depthwise_lr_scales_the_depthwise_filters_rate_alone_under_the_schedule():
     model = build_model("batch", seed=0, **SEPARABLE_NET)
-    config = TrainConfig(depthwise_lr=4)
-    sgd, _ = make_optimizer(model, config).optimizers
+    config = LabTrainConfig(depthwise_lr=4)
+    sgd, _ = optimizer_for(model, config).optimizers
     depthwise = {id(b[0][0].weight) for b in (model.C2, model.C4, model.C5, model.C7, model.C8,
                                               model.C9)}
     rate = {id(p): (g["lr"], g["weight_decay"]) for g in sgd.param_groups for p in g["params"]}
@@ -322,4 +254,4 @@ def test_depthwise_lr_scales_the_depthwise_filters_rate_alone_under_the_schedule
     ({"muon_depthwise": True, "depthwise_lr": 2}, "pass one of the two")])
 def test_depthwise_optimizer_settings_that_clash_are_refused_in_one_line(settings, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**settings)
+        LabTrainConfig(**settings)

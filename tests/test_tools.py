@@ -6,13 +6,15 @@ import nbformat
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
-import train
 from conftest import ROOT
-from model import ModelConfig, Net
-from utils import TrainConfig, recipe, with_defaults
+from model import ModelConfig
+from checkpoints import recipe, with_defaults
+from utils import TrainConfig
 from variants import DEFAULT, course_variants
 
-from lab import compare, make_notebooks, processes, report, sweep, tune
+from lab import make_notebooks, per_epoch, processes, report, sweep, tune
+from lab import train as lab_train
+from lab.levers import LabNet
 from lab.make_notebooks import clean
 
 def fake_run(variant, seed, acc, epochs=3, flip_acc=None, precision=None, **changes):
@@ -82,7 +84,8 @@ def test_a_results_file_from_before_the_optimizer_setting_reads_as_the_sgd_it_ra
 def test_a_results_file_from_before_the_conv_setting_reads_as_the_full_convs_it_ran():
     old = fake_run("batch", 0, 0.81)
     del old["model_config"]["conv"]  # recipe v2's files predate the setting
-    assert with_defaults(old["model_config"], old["train_config"])[0]["conv"] == "full"
+    assert with_defaults(old["model_config"], old["train_config"], ModelConfig,
+                         TrainConfig)[0]["conv"] == "full"
 
 
 def test_archived_recipes_load_oldest_first_and_only_where_kept(tmp_path):
@@ -168,7 +171,7 @@ def test_sweep_skips_runs_whose_results_exist(tmp_path):
                           "--seeds", "0", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert "skip" in out.stdout and "batch_seed0.json" in out.stdout
-    assert "train.py" not in out.stdout
+    assert "lab.train" not in out.stdout  # no run started
 
 
 def test_readme_results_tables_are_generated_from_the_committed_results():
@@ -207,7 +210,7 @@ def test_sweep_skips_finished_study_runs_and_refuses_batch_size_one(tmp_path):
     cmd = [sys.executable, "-m", "lab.sweep", "--norms", "bn", "gn", "--seeds",
            "0", "--batch-sizes", "4", "--out-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.count(": already done") == 2 and "train.py" not in out.stdout
+    assert out.stdout.count(": already done") == 2 and "lab.train" not in out.stdout
     out = subprocess.run(cmd[:-3] + ["1", "--out-dir", str(tmp_path)], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 2 and "at least 2" in out.stderr
@@ -325,9 +328,9 @@ def test_every_tuning_configuration_is_a_legal_network_for_every_variant(norm):
     """Under 50,000 parameters, group count dividing every width: the assignment's limits."""
 
     for config in tune.default_configs(norm):  # each as the study runs it
-        model_config, _ = train.configs_from(train.parse_args(["--norm", norm,
+        model_config, _ = lab_train.configs_from(lab_train.parse_args(["--norm", norm,
                                                                *tune.config_flags(config)]))
-        assert Net(model_config).get_num_params() < 50_000, config
+        assert LabNet(model_config).get_num_params() < 50_000, config
 
 
 def fake_tuning_run(acc, seed, epochs=5, tta=None):
@@ -397,14 +400,14 @@ def test_tuning_combinations_join_the_flags_of_their_parts():
 
 
 def test_tuning_base_trains_the_recipe_v1_that_files_from_before_muon_record():
-    model, config = train.configs_from(train.parse_args(tune.config_flags("base")))
+    model, config = lab_train.configs_from(lab_train.parse_args(tune.config_flags("base")))
     assert (model.conv, model.widths) == ("full", (16, 28, 32))  # the defaults until 2026-12-01
     assert (model.activation, config.pad) == ("relu", 4)  # the defaults until 2026-12-06
     assert config.optimizer == "sgd" != TrainConfig().optimizer
     # a file from before Muon: recorded every field but the optimizer, with 4-pixel padding
     old_file = {k: v for k, v in recipe(TrainConfig(pad=4)).items() if k != "optimizer"}
-    assert recipe(config) == with_defaults({}, old_file)[1]
-    _, muon = train.configs_from(train.parse_args(tune.config_flags("muon")))
+    assert recipe(config) == with_defaults({}, old_file, type(model), type(config))[1]
+    _, muon = lab_train.configs_from(lab_train.parse_args(tune.config_flags("muon")))
     assert muon.optimizer == "muon"
 
 
@@ -429,7 +432,7 @@ def test_tune_without_configs_plans_only_runs_that_train_py_accepts(norm, monkey
     names = [name for name, _ in planned["runs"]]
     assert f"{norm}_muon+mlr0.1_e20_seed0" in names and f"{norm}_mlr0.1_e20_seed0" not in names
     for name, run_args in planned["runs"]:
-        model_config, config = train.configs_from(train.parse_args(run_args))
+        model_config, config = lab_train.configs_from(lab_train.parse_args(run_args))
         assert model_config.norm == norm and config.epochs == 20, name
 
 
@@ -464,11 +467,11 @@ def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_record
 
 def test_equivalent_epochs_reads_a_changes_accuracy_off_recipe_v1_in_log_epochs():
     curve = [(20, 80.0), (40, 82.0), (80, 83.0)]
-    assert compare.equivalent_epochs(81.0, curve) == pytest.approx(20 * 2 ** 0.5)
-    assert compare.equivalent_epochs(82.5, curve) == pytest.approx(40 * 2 ** 0.5)
-    assert compare.equivalent_epochs(79.0, curve) == "< 20"
-    assert compare.equivalent_epochs(84.0, curve) == "> 80"
-    assert compare.equivalent_epochs(81.0, curve[:1]) is None
+    assert per_epoch.equivalent_epochs(81.0, curve) == pytest.approx(20 * 2 ** 0.5)
+    assert per_epoch.equivalent_epochs(82.5, curve) == pytest.approx(40 * 2 ** 0.5)
+    assert per_epoch.equivalent_epochs(79.0, curve) == "< 20"
+    assert per_epoch.equivalent_epochs(84.0, curve) == "> 80"
+    assert per_epoch.equivalent_epochs(81.0, curve[:1]) is None
 
 
 def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
@@ -492,12 +495,12 @@ def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
     on_top = next(line for line in report.per_epoch_section(tuning, ceiling).splitlines()
                   if "| whiten+aflip |" in line)
     assert "| recipe v1 |" in on_top
-    fig = compare.plot_equivalent_epochs(
+    fig = per_epoch.plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning),
         tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000 and fig.axes[0].get_xscale() == "log"
     tuning[("batch", "aflip", 20)] = runs([0.90, 0.90, 0.90, 0.90])  # past the longest budget
-    fig = compare.plot_equivalent_epochs(
+    fig = per_epoch.plot_equivalent_epochs(
         report.recipe_by_epochs(tuning, ceiling), report.technique_means(tuning))
     labels = [t.get_text() for t in fig.axes[0].texts]
     assert "BN aflip (> 80)" in labels and "BN whiten" in labels  # a bound says it is one
@@ -505,11 +508,11 @@ def test_per_epoch_section_places_each_change_on_recipe_v1(tmp_path):
 
 def test_figure_labels_keep_their_order_and_never_touch():
     values = [80.0, 81.0, 80.01, 80.02, 79.0]
-    heights = compare.spread_labels(values, 78.0, 82.0, gap=0.1)
+    heights = per_epoch.spread_labels(values, 78.0, 82.0, gap=0.1)
     assert sorted(range(5), key=heights.__getitem__) == sorted(range(5), key=values.__getitem__)
     assert min(b - a for a, b in zip(sorted(heights), sorted(heights)[1:])) >= 0.1 - 1e-9
     assert heights[1] == 81.0 and heights[4] == 79.0  # labels with room stay beside their point
-    crowded_top = compare.spread_labels([81.95, 81.99, 82.0], 78.0, 82.0, gap=0.1)
+    crowded_top = per_epoch.spread_labels([81.95, 81.99, 82.0], 78.0, 82.0, gap=0.1)
     assert max(crowded_top) <= 82.0 and sorted(crowded_top) == crowded_top
 
 
@@ -540,8 +543,8 @@ def test_every_grid_run_is_read_back_under_its_configurations_name(tmp_path, mon
     runs = []
     for norm, configs, epochs, _, _ in tune.per_epoch_grid():
         for config in configs:  # a results file records settings, not the name it ran under
-            args = train.parse_args(tune.config_flags(config) + ["--norm", norm])
-            model_config, train_config = train.configs_from(args)
+            args = lab_train.parse_args(tune.config_flags(config) + ["--norm", norm])
+            model_config, train_config = lab_train.configs_from(args)
             runs.append({"variant": norm, "epochs": epochs, "model_config": model_config.to_dict(),
                          "train_config": train_config.to_dict()})
     monkeypatch.setattr(report.compare, "read_results", lambda folder: runs)
@@ -844,7 +847,7 @@ def final_accs(runs):
 
 def test_the_lever_the_front_page_credits_for_todays_recipe_is_todays_defaults():
     def configs(*flags):
-        return train.configs_from(train.parse_args(["--norm", "batch", *flags]))
+        return lab_train.configs_from(lab_train.parse_args(["--norm", "batch", *flags]))
 
     adopted = tune.config_flags(f"{tune.LEVER_BASE}+{tune.ADOPTED_LEVER}")
     assert configs(*adopted) == configs()

@@ -14,8 +14,11 @@ from plots import plot_data_preview, plot_history, plot_misclassified
 from results import (collect_misclassified, confusion_matrix, evaluate_batch_stats,
                      has_running_stats, load_results, make_results, save_json_atomic)
 from optimizers import make_optimizer
-from utils import (CheckpointError, NonFiniteLossError, TrainConfig, evaluate, fit,
-                   load_checkpoint, make_loaders, predict, train_one_epoch)
+from checkpoints import CheckpointError, load_checkpoint
+from utils import (NonFiniteLossError, TrainConfig, evaluate, fit, make_loaders, predict,
+                   train_one_epoch)
+
+from lab.levers import LabTrainConfig
 
 SHORT = TrainConfig(epochs=3, batch_size=20, lr=0.05, seed=0, eval_batch_size=50)
 
@@ -254,13 +257,13 @@ def test_ema_evaluates_and_returns_the_weight_average(tiny_data):
     plain_model = build_model("batch", seed=0)
     plain = fit(plain_model, tiny_data, SHORT, "cpu", progress=False)
     # A decay of ~0 makes the average the current weights: the same run, through the EMA path.
-    near_zero = TrainConfig(**{**SHORT.to_dict(), "ema_decay": 1e-12})
+    near_zero = LabTrainConfig(**{**SHORT.to_dict(), "ema_decay": 1e-12})
     same = fit(build_model("batch", seed=0), tiny_data, near_zero, "cpu", progress=False)
     assert same["test_acc"] == plain["test_acc"]
     assert same["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
     # A real decay evaluates other weights, and fit hands back those weights.
     ema_model = build_model("batch", seed=0)
-    averaged = fit(ema_model, tiny_data, TrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9}),
+    averaged = fit(ema_model, tiny_data, LabTrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9}),
                    "cpu", progress=False)
     assert averaged["train_loss"] == plain["train_loss"]  # training itself is untouched
     assert averaged["test_loss"] != plain["test_loss"]
@@ -271,7 +274,7 @@ def test_ema_evaluates_and_returns_the_weight_average(tiny_data):
 
 
 def test_a_resumed_ema_run_equals_the_uninterrupted_one(tiny_data, tmp_path):
-    config = TrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9})
+    config = LabTrainConfig(**{**SHORT.to_dict(), "ema_decay": 0.9})
     full = fit(build_model("group", seed=0), tiny_data, config, "cpu", progress=False)
     ckpt = tmp_path / "run.pt"
     interrupt_after_epoch_1("group", tiny_data, config, ckpt)
