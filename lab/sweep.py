@@ -35,6 +35,7 @@ from lab.processes import Children
 from lab.train import LAB_CONFIGS, configs_from, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "lab.train"]  # what each run is: train.py with the lab's switches
 
 
 def scaled_lr(batch_size, base_lr=TrainConfig.lr, base_batch_size=TrainConfig.batch_size):
@@ -146,7 +147,7 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
     for name, run_args, *own_dir in runs:
         folder = own_dir[0] if own_dir else out_dir
         out = Path(folder) / f"{name}.json"
-        todo.append((name, out, [sys.executable, "-m", "lab.train", *run_args,
+        todo.append((name, out, [*TRAIN, *run_args,
                                  "--out-dir", str(folder), "--images-dir", str(images_dir),
                                  "--resume", "--no-progress", *train_args]))
 

@@ -104,7 +104,7 @@ Path(sys.argv[sys.argv.index("--out-dir") + 1], "late.json").write_text("{}")
 def test_sigterm_to_a_sweep_stops_its_running_train_py(tmp_path):
     (tmp_path / "train.py").write_text(FAKE_TRAIN)
     sweep = ("import sys\nfrom pathlib import Path\nfrom lab import sweep\n"
-             "sweep.ROOT = Path(sys.argv[1])\n"
+             "sweep.TRAIN = [sys.executable, str(Path(sys.argv[1], 'train.py'))]\n"
              "sweep.main(['--norms', 'bn', '--seeds', '0', '1', '--out-dir', sys.argv[2]])\n")
     run = subprocess.Popen([sys.executable, "-c", sweep, str(tmp_path), str(tmp_path / "out")],
                            cwd=ROOT, stdout=subprocess.PIPE, text=True,
