@@ -14,7 +14,7 @@ Two measurements, both on fixed, class-balanced batches so that runs and variant
   model, so that the run itself is untouched (same weights, buffers, gradients and random state).
 
 Results files keep them under "norm_statistics" and in the history ("activation_rms",
-"grad_norm"); S8_Compare.ipynb and tools/report.py draw them with the plots below.
+"grad_norm"); S8_Compare.ipynb and lab/report/ draw them with the plots below.
 """
 
 import copy

@@ -1,6 +1,6 @@
 """Read the committed results files and compare the variants; no training.
 
-Used by S8_Compare.ipynb and by lab/report.py (which writes README.md's tables and the PNGs in
+Used by S8_Compare.ipynb and by lab/report/ (which writes README.md's tables and the PNGs in
 images/ from the same functions, so the notebook and the README cannot disagree).
 
     results/<norm>_seed<seed>.json              20-epoch runs at batch 128 (the results table)

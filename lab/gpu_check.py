@@ -224,7 +224,7 @@ class Check:
             (self.out / "bench.txt").write_text(self.bench_header(command) + log.read_text())
 
     def bench_header(self, command):
-        """The "# key: value" lines lab/report.py reads above a lab/bench.py output."""
+        """The "# key: value" lines lab/report/ reads above a lab/bench.py output."""
         hw = hardware_info(self.device)
         data = Path(self.args.data) if self.args.data else None
         digest = hashlib.sha256(data.read_bytes()).hexdigest() if data and data.is_file() else "-"

@@ -1,7 +1,7 @@
 """The learning-rate study (docs/learning-rate.md): which peak rates train each variant, read
 from results/lr_study/ (one file per variant, rate and seed; a diverged run says where).
 
-Used by S8_Compare.ipynb and lab/report.py, like lab/compare.py."""
+Used by S8_Compare.ipynb and lab/report/, like lab/compare.py."""
 
 import statistics
 from collections import defaultdict

@@ -20,7 +20,7 @@ Every run is `train.py --validation`: it trains on 45,000 training images and is
 one-cycle schedule compressed into --epochs. One results file per run,
 results/tuning/<norm>_<config>_e<epochs>_seed<seed>.json; finished runs are skipped and
 interrupted ones resume from their checkpoints, so the study can be stopped and restarted at
-will. `lab/report.py` turns the files into the README's ablation table. Paired seeds must
+will. `lab/report/` turns the files into the README's ablation table. Paired seeds must
 share arithmetic: on another kind of CPU, check with `lab/repeat.py` that it repeats the
 study's runs (docs/learning-per-epoch.md, "Same seeds, other arithmetic") before adding to them.
 """

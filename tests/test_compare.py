@@ -141,10 +141,10 @@ def test_combined_curves_draw_mean_and_band(tmp_path):
 
 def test_readme_study_section_is_rewritten_between_its_markers(study_dir):
     study, budget = compare.load_study(study_dir), compare.study_budget(study_dir)
-    text = (f"a\n{report.START}\n{report.END}\nb\n{report.STUDY_START}\nold\n"
-            f"{report.STUDY_END}\nc\n")
+    text = (f"a\n{report.START}\n{report.END}\nb\n{report.common.STUDY_START}\nold\n"
+            f"{report.common.STUDY_END}\nc\n")
     out = report.render_readme(text, {"study": study, "budget": budget})
-    section = out.split(report.STUDY_START)[1].split(report.STUDY_END)[0]
+    section = out.split(report.common.STUDY_START)[1].split(report.common.STUDY_END)[0]
     assert "old" not in section and "| 2 | 45.00 ± 7.07 |" in section
     assert "12 runs of 6 epochs on 10000 training images" in section
     assert "(2: 0.0015625, 128: 0.1)" in section

@@ -383,8 +383,8 @@ def test_proxy_check_reports_rank_agreement_between_budgets():
     text = report.tuning_section(groups)
     assert "Ranked at 5: lr0.2, ls0, base; at 20: lr0.2, base, ls0." in text
     assert "Spearman rank correlation 0.50." in text
-    assert report.spearman([1, 2, 3], [10, 20, 30]) == 1.0
-    assert report.spearman([1, 2, 3], [30, 20, 10]) == -1.0
+    assert report.common.spearman([1, 2, 3], [10, 20, 30]) == 1.0
+    assert report.common.spearman([1, 2, 3], [30, 20, 10]) == -1.0
 
 
 def test_tuning_combinations_join_the_flags_of_their_parts():
@@ -445,12 +445,12 @@ def test_a_refinement_without_its_base_is_refused_in_one_line_before_any_run():
 
 def test_batch_size_study_says_which_recipe_it_ran():
     today = {"recipe": ["current"]}
-    assert report.study_recipe(today) == "Recipe: today's defaults."
+    assert report.common.study_recipe(today) == "Recipe: today's defaults."
     run = fake_run("batch", 0, 0.6, batch_size=8, lr=TrainConfig.lr / 16,
                    label_smoothing=TrainConfig.label_smoothing + 0.1)
     label = report.compare.recipe_changes(run, ignore=("batch_size", "lr", "epochs"))
     assert label == f"label_smoothing {TrainConfig.label_smoothing + 0.1}"
-    assert f"`{label}`" in report.study_recipe({"recipe": [label]})
+    assert f"`{label}`" in report.common.study_recipe({"recipe": [label]})
 
 
 def test_sweep_plans_the_learning_rate_study_seed_by_seed_with_divergence_recorded():
