@@ -852,3 +852,18 @@ def test_the_lever_the_front_page_credits_for_todays_recipe_is_todays_defaults()
     adopted = tune.config_flags(f"{tune.LEVER_BASE}+{tune.ADOPTED_LEVER}")
     assert configs(*adopted) == configs()
     assert configs(*tune.config_flags(tune.LEVER_BASE)) != configs()
+
+
+FIGURES = ("FIGURE", "STUDY_FIGURE", "CONFUSION_FIGURE", "AXES_FIGURE", "EPOCHS_FIGURE",
+           "FOREST_FIGURE", "LEVER_FIGURE", "LR_FIGURE", "NORM_STATS_FIGURE", "PROBE_FIGURE")
+
+
+def test_the_report_draws_every_figure_from_the_committed_files(tmp_path, monkeypatch):
+    """`python -m lab.report` writes every figure of images/ (here into a temporary folder)."""
+    for name in FIGURES:
+        monkeypatch.setattr(report, name, tmp_path / getattr(report, name).name)
+    files = report.load_files()
+    report.write_figures(files["runs"], files["study"], files["lr_study"], files["tuning"],
+                         files["ceiling"], files["arithmetic"], files["levers"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        getattr(report, name).name for name in FIGURES)

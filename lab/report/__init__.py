@@ -136,7 +136,7 @@ def render_current(text, files=None):
     return render_readme(text, load_files() if files is None else files)
 
 
-def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=None,
+def write_figures(runs, study, rates, tuning=None, ceiling=None, arithmetic=None,
                   levers=None):
     import matplotlib
     matplotlib.use("Agg")  # files only; the notebooks draw the same figures inline
@@ -161,8 +161,8 @@ def write_figures(runs, study, lr_study, tuning=None, ceiling=None, arithmetic=N
         per_epoch.plot_technique_forest(rows, LEVER_FIGURE, title=(
             f"Each lever on {tune.LEVER_BASE_LABEL} at 20 epochs (GPU, paired seeds)\n"
             "filled: interval above zero (wins)"))
-    if lr_study:
-        lr_study.plot_lr_study(lr_study, LR_FIGURE)
+    if rates:  # the learning-rate study's runs
+        lr_study.plot_lr_study(rates, LR_FIGURE)
     measured = compare.norm_statistics_runs(runs)
     if measured:
         norm_stats.plot_norm_statistics({v: r["norm_statistics"] for v, r in measured.items()},
