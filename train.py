@@ -332,9 +332,14 @@ def publish(model, data, config, device, history, outputs, extra):
     return results
 
 
-if __name__ == "__main__":
+def command_line(entry=main):
+    """Run `entry` as a command: a problem the user can fix ends in one line, no traceback."""
     warnings.simplefilter("default")
     try:
-        main()
+        entry()
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    command_line()

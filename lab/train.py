@@ -4,10 +4,8 @@ of lab/levers.py (--identity-init, --skips, --ema, --whiten, ...); the studies' 
     python -m lab.train --norm layer --weight-std --validation
 """
 
-import warnings
-
 import train
-from train import CHOICES, USER_ERRORS
+from train import CHOICES
 
 from lab.levers import (IDENTITY_INITS, SKIP_LAYOUTS, WHITEN_MODES, LabModelConfig, LabNet,
                         LabTrainConfig)
@@ -31,8 +29,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    warnings.simplefilter("default")
-    try:
-        main()
-    except USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
+    train.command_line(main)
