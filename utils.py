@@ -1,5 +1,5 @@
-"""The training configuration, the training loop, evaluation and checkpoints: what the notebooks,
-the command line and the tests train with."""
+"""The training configuration, the training loop and evaluation: what the notebooks, the command
+line and the tests train with (checkpoints: checkpoints.py; the lab's extensions: Hooks)."""
 
 import math
 import random
