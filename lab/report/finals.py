@@ -44,12 +44,10 @@ def summary_table(runs):
         if not rs:
             continue
         accs = [100 * r["final_test_acc"] for r in rs]
+        spread, interval = compare.mean_std(accs), "-"
         if len(accs) > 1:
             low, high = compare.t_interval(accs)
-            spread = f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
             interval = f"[{low:.2f}, {high:.2f}]"
-        else:
-            spread, interval = f"{statistics.mean(accs):.2f}", "-"
         lines.append(f"| {REGISTRY[variant].title} | {spread} | {interval} | {_seeds(rs)} | "
                      f"{', '.join(f'{p:,}' for p in sorted({r['num_params'] for r in rs}))} | "
                      f"{', '.join(map(str, sorted({r['epochs'] for r in rs})))} | "
@@ -86,8 +84,7 @@ def table(runs, archives=(), gpu=()):
         rs = sorted(group, key=lambda r: r["seed"])
         accs = [100 * r["final_test_acc"] for r in rs]
         mean = statistics.mean(accs)
-        spread = f"{mean:.2f} ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else \
-            f"{mean:.2f} (1 seed)"
+        spread = compare.mean_std(accs) + " (1 seed)" * (len(accs) == 1)
         flips = [_flip_acc(r) for r in rs]
         flip = f"{statistics.mean(flips):.2f}" if None not in flips else "not recorded"
         recipes = sorted({compare.recipe_changes(r) for r in rs})

@@ -43,7 +43,7 @@ def precision_section(checks, runs, archives=()):
             described = "; ".join(f"{k}, " + ", ".join(seeds) for k, seeds in groups.items())
             lines.append(
                 f"{head} {compare.threads(run['hardware'])} | {acc:.2f} | {described} | "
-                f"{mean:.2f} ± {std:.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
+                f"{compare.mean_std(accs)} ({min(accs):.2f}–{max(accs):.2f}) | "
                 f"{acc - mean:+.2f} ({(acc - mean) / std:+.1f} std) | {verdict} |")
         else:
             lines.append(f"{head} - | {acc:.2f} | - | - | - | {verdict} |")
