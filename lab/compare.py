@@ -242,6 +242,13 @@ def listed(items):
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
+def markdown_table(header, rows):
+    """The one builder of the pages' Markdown tables: `header` the column titles, `rows` each a
+    list of cell texts."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(map(str, row)) + " |" for row in rows)])
+
+
 def mean_std(values):
     """"85.11 ± 0.38": the mean of `values` with its sample std ("–" for none)."""
     if len(values) > 1:
@@ -258,14 +265,12 @@ def study_table(study):
     columns = [v for v in (*tuple(REGISTRY), BN_BATCH_STATS) if v in study]
     names = {**{v: REGISTRY[v].short for v in tuple(REGISTRY)}, **_running_labels()}
     batch_sizes = sorted({b for v in columns for b in study[v]})
-    lines = ["| batch size | " + " | ".join(names[v] for v in columns) + " | seeds |",
-             "|---|" + "---|" * (len(columns) + 1)]
+    rows = []
     for b in batch_sizes:
         counts = sorted({len(study[v][b]) for v in columns if study[v].get(b)})
         seeds = f"{counts[0]}–{counts[-1]}" if len(counts) > 1 else str(counts[0])
-        lines.append(f"| {b} | " + " | ".join(mean_std(study[v].get(b, [])) for v in columns)
-                     + f" | {seeds} |")
-    return "\n".join(lines)
+        rows.append([b, *(mean_std(study[v].get(b, [])) for v in columns), seeds])
+    return markdown_table(["batch size", *(names[v] for v in columns), "seeds"], rows)
 
 
 def _running_labels():
@@ -353,13 +358,9 @@ def class_names(runs):
 def per_class_table(runs):
     """Markdown: per-class test accuracy (%) of each variant, mean over its seeds."""
     variants = [v for v in tuple(REGISTRY) if v in runs]
-    lines = ["| class | " + " | ".join(f"{v} (n={len(runs[v])})" for v in variants) + " |",
-             "|---|" + "---|" * len(variants)]
-    for cls in class_names(runs):
-        lines.append(f"| {cls} | " + " | ".join(
-            f"{100 * statistics.mean(r['per_class_acc'][cls] for r in runs[v]):.1f}"
-            for v in variants) + " |")
-    return "\n".join(lines)
+    rows = [[cls, *(f"{100 * statistics.mean(r['per_class_acc'][cls] for r in runs[v]):.1f}"
+                    for v in variants)] for cls in class_names(runs)]
+    return markdown_table(["class", *(f"{v} (n={len(runs[v])})" for v in variants)], rows)
 
 
 def most_confused(runs, top=3):

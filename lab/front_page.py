@@ -19,8 +19,7 @@ def results_table(runs):
     today's runs of every variant."""
     if not runs:
         return NO_RUNS
-    lines = ["| variant | test accuracy, mean ± std (%) | lowest – highest (%) | seeds | "
-             "parameters | epochs |", "|---|---|---|---|---|---|"]
+    rows = []
     for variant in course_variants():
         rs = sorted(runs.get(variant, []), key=lambda r: r["seed"])
         if not rs:
@@ -29,9 +28,10 @@ def results_table(runs):
         spread = compare.mean_std(accs)
         params = ", ".join(f"{p:,}" for p in sorted({r["num_params"] for r in rs}))
         epochs = ", ".join(map(str, sorted({r["epochs"] for r in rs})))
-        lines.append(f"| {REGISTRY[variant].title} | {spread} | {min(accs):.2f} – "
-                     f"{max(accs):.2f} | {len(rs)} | {params} | {epochs} |")
-    return "\n".join(lines)
+        rows.append([REGISTRY[variant].title, spread, f"{min(accs):.2f} – {max(accs):.2f}",
+                     len(rs), params, epochs])
+    return compare.markdown_table(["variant", "test accuracy, mean ± std (%)",
+                                   "lowest – highest (%)", "seeds", "parameters", "epochs"], rows)
 
 
 def _minutes(seconds):

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from plots import finish_figure
 from variants import REGISTRY, in_order
 
-from lab.compare import LR_STUDY_DIR, read_results
+from lab.compare import LR_STUDY_DIR, markdown_table, read_results
 
 LR_WINDOW = 1.0  # points of accuracy: "within 1 point of the best" rate
 
@@ -63,9 +63,11 @@ def lr_table(study):
     LR_WINDOW of it, and where runs diverged or stayed at chance."""
     if not study:
         return "(no learning-rate study results yet)"
-    lines = [f"| variant | seeds | best peak lr | {eval_set(study)} acc. at best, mean (min–max) | "
-             f"rates within {LR_WINDOW:g} point of the best | width | diverged (lr: seeds) | "
-             "at chance, below 15% (lr: seeds) |", "|---|---|---|---|---|---|---|---|"]
+    header = ["variant", "seeds", "best peak lr",
+              f"{eval_set(study)} acc. at best, mean (min–max)",
+              f"rates within {LR_WINDOW:g} point of the best", "width", "diverged (lr: seeds)",
+              "at chance, below 15% (lr: seeds)"]
+    rows = []
     for variant, by_lr in study.items():
         summary = lr_summary(by_lr)
         seeds = sorted({r["seed"] for runs in by_lr.values() for r in runs})
@@ -82,9 +84,9 @@ def lr_table(study):
             acc = f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})"
             lo, hi = summary["window"]
             window, width = f"{lo:g} to {hi:g}", f"{hi / lo:g}x"
-        lines.append(f"| {variant} | {', '.join(map(str, seeds))} | {best} | {acc} | {window} | "
-                     f"{width} | {', '.join(diverged) or 'none'} | {', '.join(chance) or 'none'} |")
-    return "\n".join(lines)
+        rows.append([variant, ", ".join(map(str, seeds)), best, acc, window, width,
+                     ", ".join(diverged) or "none", ", ".join(chance) or "none"])
+    return markdown_table(header, rows)
 
 
 def plot_lr_study(study, path=None, show=False):
