@@ -17,9 +17,7 @@ def precision_section(checks, runs, archives=()):
     results/ or an archive of it (ARCHIVES): the same computation, rounded differently."""
     if not checks:
         return "No precision-check runs yet (results/precision/ is empty)."
-    lines = ["| run | precision | hardware | test acc. (%) | reference runs: precision, device, "
-             "seeds | reference mean ± std (range) | difference from the reference mean | "
-             "within the reference range? |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     pool = [r for group in (runs, *(by_v for _, _, by_v in archives)) for rs in group.values()
             for r in rs]
     references = {id(run): sorted((r for r in pool if same_recipe(r, run)
@@ -33,7 +31,7 @@ def precision_section(checks, runs, archives=()):
         acc = 100 * run["final_test_acc"]
         verdict = "yes" if accs and min(accs) <= acc <= max(accs) else (
             "no" if accs else "no reference runs")
-        head = f"| {run['variant']} seed {run['seed']} | {run['precision']} |"
+        head = [f"{run['variant']} seed {run['seed']}", run["precision"]]
         if len(accs) > 1:
             groups = {}
             for r in ref:
@@ -41,12 +39,15 @@ def precision_section(checks, runs, archives=()):
                     str(r["seed"]))
             mean, std = statistics.mean(accs), statistics.stdev(accs)
             described = "; ".join(f"{k}, " + ", ".join(seeds) for k, seeds in groups.items())
-            lines.append(
-                f"{head} {compare.threads(run['hardware'])} | {acc:.2f} | {described} | "
-                f"{compare.mean_std(accs)} ({min(accs):.2f}–{max(accs):.2f}) | "
-                f"{acc - mean:+.2f} ({(acc - mean) / std:+.1f} std) | {verdict} |")
+            rows.append([*head, compare.threads(run["hardware"]), f"{acc:.2f}", described,
+                         f"{compare.mean_std(accs)} ({min(accs):.2f}–{max(accs):.2f})",
+                         f"{acc - mean:+.2f} ({(acc - mean) / std:+.1f} std)", verdict])
         else:
-            lines.append(f"{head} - | {acc:.2f} | - | - | - | {verdict} |")
+            rows.append([*head, "-", f"{acc:.2f}", "-", "-", "-", verdict])
+    lines = [compare.markdown_table(
+        ["run", "precision", "hardware", "test acc. (%)", "reference runs: precision, device, seeds",
+         "reference mean ± std (range)", "difference from the reference mean",
+         "within the reference range?"], rows)]
     for run in checks:  # step by step, where only the precision differs
         same_seed = [r for r in references[id(run)] if r["seed"] == run["seed"]
                      and device_kind(r) == device_kind(run)]

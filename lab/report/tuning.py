@@ -14,10 +14,7 @@ def tuning_section(groups):
     and the proxy check (configurations run at two budgets: do they rank alike?)."""
     if not groups:
         return "No tuning runs yet (results/tuning/ is empty)."
-    lines = ["| variant | configuration | change from recipe v1 | params | epochs | seeds "
-             "| val. acc. mean (min–max) | Δ per seed (paired) | mean paired Δ [95% CI] | "
-             "verdict | flip-TTA val. acc. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     order = list(tune.CONFIGS)
     for key in sorted(groups, key=lambda k: (tuple(REGISTRY).index(k[0]), k[2],
                                              order.index(k[1]) if k[1] in order else 99, k[1])):
@@ -38,11 +35,14 @@ def tuning_section(groups):
             change = " ".join(tune.change_flags(config)) or "(recipe v1)"
         except SystemExit:  # a configuration renamed since its runs: say so, do not guess
             change = "(no longer defined in lab/tune.py)"
-        lines.append(
-            f"| {norm} | {config} | `{change}` | {runs[0]['num_params']:,} | {epochs} | "
-            f"{_seeds(runs)} | "
-            f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {paired} | {delta_cell} | {verdict} | "
-            f"{statistics.mean(compare.accuracies(runs, 'final_test_acc_flip_tta')):.2f} |")
+        rows.append([norm, config, f"`{change}`", f"{runs[0]['num_params']:,}", epochs,
+                     _seeds(runs), f"{mean:.2f} ({min(accs):.2f}–{max(accs):.2f})", paired,
+                     delta_cell, verdict,
+                     f"{statistics.mean(compare.accuracies(runs, 'final_test_acc_flip_tta')):.2f}"])
+    lines = [compare.markdown_table(
+        ["variant", "configuration", "change from recipe v1", "params", "epochs", "seeds",
+         "val. acc. mean (min–max)", "Δ per seed (paired)", "mean paired Δ [95% CI]", "verdict",
+         "flip-TTA val. acc."], rows)]
     runs_all = [r for rs in groups.values() for r in rs]
     dates = sorted(r["date"][:10] for r in runs_all)
     hardware = sorted({f"{compare.threads(r['hardware'])}, {r['precision']}" for r in runs_all})
