@@ -89,21 +89,22 @@ def speed_section(bench_files):
     benches = [b for b in benches if b["rows"]]
     if not benches:
         return "No benchmark outputs yet (results/bench/ is empty)."
-    lines = ["| machine kind | pipeline | precision | train img/s | s/epoch | × usual (train) | "
-             "eval img/s | first-step s |", "|---|---|---|---|---|---|---|---|"]
-    notes = []
+    rows, notes = [], []
     for bench in sorted(benches, key=lambda b: b["date"], reverse=True):
         usual = next(r for r in bench["rows"] if r["pipeline"] == "usual")
         for row in bench["rows"]:
             default = " (default)" if row["pipeline"] == "repo" else ""
             first = f"{row['first_s']:.1f}" if row["first_s"] is not None else "-"
-            lines.append(
-                f"| {bench['kind']} | {row['pipeline']}{default} | {row['precision']} | "
-                f"{row['train_ips']:.0f} | {row['s_epoch']:.1f} | "
-                f"{row['train_ips'] / usual['train_ips']:.2f} | {row['eval_ips']:.0f} | {first} |")
+            rows.append([bench["kind"], f"{row['pipeline']}{default}", row["precision"],
+                         f"{row['train_ips']:.0f}", f"{row['s_epoch']:.1f}",
+                         f"{row['train_ips'] / usual['train_ips']:.2f}", f"{row['eval_ips']:.0f}",
+                         first])
         notes.append(f"- {bench['kind']}: `{bench['command']}` ({bench['date']}; "
                      f"{bench['machine'].split(';')[0]})")
-    return "\n".join(lines + ["", "Medians of the repetitions; s/epoch = 50,000 / train img/s "
+    table = compare.markdown_table(["machine kind", "pipeline", "precision", "train img/s",
+                                    "s/epoch", "× usual (train)", "eval img/s", "first-step s"],
+                                   rows)
+    return "\n".join([table, "", "Medians of the repetitions; s/epoch = 50,000 / train img/s "
                                "(training only); first-step s = the untimed warm-up steps and "
                                "first evaluation, where a compiled variant pays its compile "
                                "time. Sources, newest first:", ""] + notes)
@@ -162,25 +163,24 @@ def gpu_section(checks):
     for summary, runs, _ in checks:
         hw = summary["hardware"]
         gpu = f"{hw['gpu']} (compute capability {hw['gpu_capability']})"
-        lines = [f"**{gpu}**, torch {hw['torch']}, {summary['date']}; data "
-                 f"{summary['data']}; check wall time {summary['wall_s']:.0f} s.", "",
-                 "| run | how it ran | precision | CUDA graphs | test acc. (%) | epoch time, "
-                 "all epochs (s) | first epoch (s) | median epoch (s) |",
-                 "|---|---|---|---|---|---|---|---|"]
-        bn = []
+        rows, bn = [], []
         for kind, how in (("train", "train.py, alone on the GPU"),
                           ("notebooks", "notebook, beside the other notebooks and the tests")):
             for run in runs.get(kind, []):
                 total, first, median = _epoch_times(run)
                 graphs = "on" if run["train_config"].get("cuda_graphs") else "off"
-                lines.append(f"| {run['variant']} seed {run['seed']}, {run['epochs']} epochs | "
-                             f"{how} | {run['precision']} | {graphs} | "
-                             f"{100 * run['final_test_acc']:.2f} | {total:.1f} | {first:.1f} | "
-                             f"{median:.2f} |")
+                rows.append([f"{run['variant']} seed {run['seed']}, {run['epochs']} epochs",
+                             how, run["precision"], graphs, f"{100 * run['final_test_acc']:.2f}",
+                             f"{total:.1f}", f"{first:.1f}", f"{median:.2f}"])
                 if kind == "train" and run["variant"] == DEFAULT and run["epochs"] == 20:
                     bn.append((total, run["precision"], graphs))
         statuses = "; ".join(f"{s['step']}: {s['status']}" for s in summary["steps"])
-        lines += ["", f"Steps: {statuses}."]
+        lines = [f"**{gpu}**, torch {hw['torch']}, {summary['date']}; data "
+                 f"{summary['data']}; check wall time {summary['wall_s']:.0f} s.", "",
+                 compare.markdown_table(["run", "how it ran", "precision", "CUDA graphs",
+                                         "test acc. (%)", "epoch time, all epochs (s)",
+                                         "first epoch (s)", "median epoch (s)"], rows),
+                 "", f"Steps: {statuses}."]
         if bn:
             total, precision, graphs = min(bn)
             verdict = "met" if total <= 30 else f"missed by {total - 30:.1f} s"
