@@ -37,8 +37,7 @@ def summary_table(runs):
     t-interval, and whether the mean, and the interval, clear the target and the next one."""
     if not runs:
         return "No results yet: `python -m lab.sweep --norms batch layer group --seeds 0 1 2 --out-dir results`."
-    lines = ["| variant | test acc. mean ± std (%) | 95% interval of the mean (%) | seeds | "
-             "params | epochs | target | next target |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for variant in tuple(REGISTRY):
         rs = sorted(runs.get(variant, []), key=lambda r: r["seed"])
         if not rs:
@@ -48,12 +47,14 @@ def summary_table(runs):
         if len(accs) > 1:
             low, high = compare.t_interval(accs)
             interval = f"[{low:.2f}, {high:.2f}]"
-        lines.append(f"| {REGISTRY[variant].title} | {spread} | {interval} | {_seeds(rs)} | "
-                     f"{', '.join(f'{p:,}' for p in sorted({r['num_params'] for r in rs}))} | "
-                     f"{', '.join(map(str, sorted({r['epochs'] for r in rs})))} | "
-                     f"{target_verdict(accs, REGISTRY[variant].target)} | "
-                     f"{target_verdict(accs, REGISTRY[variant].next_target)} |")
-    return "\n".join(lines)
+        rows.append([REGISTRY[variant].title, spread, interval, _seeds(rs),
+                     ", ".join(f"{p:,}" for p in sorted({r["num_params"] for r in rs})),
+                     ", ".join(map(str, sorted({r["epochs"] for r in rs}))),
+                     target_verdict(accs, REGISTRY[variant].target),
+                     target_verdict(accs, REGISTRY[variant].next_target)])
+    return compare.markdown_table(["variant", "test acc. mean ± std (%)",
+                                   "95% interval of the mean (%)", "seeds", "params", "epochs",
+                                   "target", "next target"], rows)
 
 
 def gpu_note(gpu):
@@ -66,10 +67,7 @@ def table(runs, archives=(), gpu=()):
     """The results table: today's runs, then the final runs of earlier recipes (`archives`:
     [(label, folder, {variant: runs})], load_archives()), each row labelled with how its recipe
     differs from today's defaults, then the notebooks a GPU check ran (`gpu`, gpu_archives())."""
-    lines = ["| variant | recipe | seeds | train acc. mean (%) | test acc. mean ± std (%) | "
-             "flip-TTA test acc. mean (%) | best | worst | target | params | epochs | "
-             "s/epoch (median) | hardware | precision | data |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     groups = [(v, runs[v], "") for v in tuple(REGISTRY) if v in runs]
     groups += [(v, by_variant[v], f" ({label})") for label, _, by_variant in [*archives, *gpu]
                for v in tuple(REGISTRY) if v in by_variant]
@@ -98,15 +96,17 @@ def table(runs, archives=(), gpu=()):
         verdict = (f"met (+{mean - target:.2f})" if mean >= target else
                    f"not met ({mean - target:.2f})") if len(accs) >= 3 else \
             f"needs 3 seeds ({len(accs)} so far)"
-        lines.append(
-            f"| {variant} | {'; '.join(f'`{r}`' if r != 'current' else r for r in recipes)}{label} | "
-            f"{_seeds(rs)} | "
-            f"{statistics.mean(map(_train_acc, rs)):.2f} | {spread} | {flip} | "
-            f"{max(accs):.2f} | {min(accs):.2f} | ≥ {target:.0f}: {verdict} | "
-            f"{', '.join(f'{p:,}' for p in params)} | {', '.join(map(str, epochs))} | "
-            f"{statistics.median(t for r in rs for t in r['history']['epoch_time']):.1f} | "
-            f"{'; '.join(hw)} | {', '.join(precisions)} | "
-            f"{'; '.join(data)} |")
+        rows.append([
+            variant, "; ".join(f"`{r}`" if r != "current" else r for r in recipes) + label,
+            _seeds(rs), f"{statistics.mean(map(_train_acc, rs)):.2f}", spread, flip,
+            f"{max(accs):.2f}", f"{min(accs):.2f}", f"≥ {target:.0f}: {verdict}",
+            ", ".join(f"{p:,}" for p in params), ", ".join(map(str, epochs)),
+            f"{statistics.median(t for r in rs for t in r['history']['epoch_time']):.1f}",
+            "; ".join(hw), ", ".join(precisions), "; ".join(data)])
+    lines = [compare.markdown_table(
+        ["variant", "recipe", "seeds", "train acc. mean (%)", "test acc. mean ± std (%)",
+         "flip-TTA test acc. mean (%)", "best", "worst", "target", "params", "epochs",
+         "s/epoch (median)", "hardware", "precision", "data"], rows)]
     dates = sorted(r["date"][:10] for _, rs, _ in groups for r in rs)
     if dates:
         lines.append("")
