@@ -59,31 +59,29 @@ def levers_section(levers, grid="levers"):
     its interval above zero. `grid`: lab/tune.py's grid that runs them."""
     if not any(lever_rows(levers)):
         return f"No lever runs yet: `python -m lab.tune --grid {grid}`."
-    lines = [f"| variant | lever on {tune.LEVER_BASE_LABEL} | flags | params | seeds | val. acc. mean "
-             "(min–max) | compared with | Δ per seed (paired) | mean paired Δ [95% CI] | verdict | "
-             f"+{LEVER_GAIN} over {tune.LEVER_BASE_LABEL}, interval above 0 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    rows, verdicts = lever_rows(levers), []
+    rows, verdicts, cells = lever_rows(levers), [], []
     for variant in REGISTRY:
         base = levers.get((variant, tune.LEVER_BASE, 20))
         if not base:
             continue
         accs = compare.accuracies(base)
-        lines.append(f"| {variant} | ({tune.LEVER_BASE_LABEL}) | `{' '.join(tune.change_flags(tune.LEVER_BASE))}` "
-                     f"| {base[0]['num_params']:,} | {_seeds(base)} | {statistics.mean(accs):.2f} "
-                     f"({min(accs):.2f}–{max(accs):.2f}) | - | - | - | - | - |")
+        cells.append([variant, f"({tune.LEVER_BASE_LABEL})",
+                      f"`{' '.join(tune.change_flags(tune.LEVER_BASE))}`",
+                      f"{base[0]['num_params']:,}", _seeds(base),
+                      f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})",
+                      "-", "-", "-", "-", "-"])
         mine = [r for r in rows if r["variant"] == variant]
         for row in mine:
             accs = compare.accuracies(row["runs"])
             flags = " ".join(tune.change_flags(row["config"])[len(tune.change_flags(tune.LEVER_BASE)):])
-            lines.append(
-                f"| {variant} | {lever_name(row['config'])} | `{flags}` | "
-                f"{row['runs'][0]['num_params']:,} | {_seeds(row['runs'])} | "
-                f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f}) | {row['against']} | "
-                f"{', '.join(f'{d:+.2f}' for d in row['diff']['diffs']) or '-'} | "
-                f"{_delta(row['diff'], row['runs'])} | {row['decision']} | "
-                f"{'yes' if clears_gain(row['over_base']) else 'no'}"
-                f"{'' if row['over_base'] is row['diff'] else ' (' + _delta(row['over_base']) + ')'} |")
+            bar = "yes" if clears_gain(row["over_base"]) else "no"
+            if row["over_base"] is not row["diff"]:
+                bar += f" ({_delta(row['over_base'])})"
+            cells.append([variant, lever_name(row["config"]), f"`{flags}`",
+                          f"{row['runs'][0]['num_params']:,}", _seeds(row["runs"]),
+                          f"{row['mean']:.2f} ({min(accs):.2f}–{max(accs):.2f})", row["against"],
+                          ", ".join(f"{d:+.2f}" for d in row["diff"]["diffs"]) or "-",
+                          _delta(row["diff"], row["runs"]), row["decision"], bar])
         paired = [r for r in mine if r["over_base"]["low"] is not None]
         if paired:
             best = max(paired, key=lambda r: r["over_base"]["mean"])
@@ -103,7 +101,12 @@ def levers_section(levers, grid="levers"):
     hardware = sorted({f"{r['hardware'].get('gpu') or compare.threads(r['hardware'])}, "
                        f"{r['precision']}" for r in every})
     dates = sorted(r["date"][:10] for r in every)
-    lines += ["", f"{len(every)} runs of 20 epochs, each trained on "
+    header = ["variant", f"lever on {tune.LEVER_BASE_LABEL}", "flags", "params", "seeds",
+              "val. acc. mean (min–max)", "compared with", "Δ per seed (paired)",
+              "mean paired Δ [95% CI]", "verdict",
+              f"+{LEVER_GAIN} over {tune.LEVER_BASE_LABEL}, interval above 0"]
+    lines = [compare.markdown_table(header, cells),
+             "", f"{len(every)} runs of 20 epochs, each trained on "
                   f"{images('train_images')} training images and scored on the "
                   f"{images('test_images')} held-out "
                   f"validation images (never the test set), data {', '.join(sorted({compare.data_file(r) for r in every}))}; "
