@@ -146,15 +146,13 @@ def lever_summary_section(gpu_levers, cpu_levers):
     variants = [v for v in REGISTRY if any(v in by_variant for by_variant in cells.values())]
     best = lambda key: max(r["over_base"]["mean"] if r["over_base"]["mean"] is not None  # noqa: E731
                            else float("-inf") for r in cells[key].values())
-    lines = [f"| lever on {tune.LEVER_BASE_LABEL} | flags | runs on | "
-             + " | ".join(REGISTRY[v].title for v in variants) + " |",
-             "|---|---|---|" + "---|" * len(variants)]
-    base_flags = len(tune.change_flags(tune.LEVER_BASE))
+    rows, base_flags = [], len(tune.change_flags(tune.LEVER_BASE))
     for key in sorted(cells, key=lambda k: (-best(k), k)):
         flags = " ".join(tune.change_flags(f"{tune.LEVER_BASE}+{key[0]}")[base_flags:])
-        lines.append(f"| {key[0]} | `{flags}` | {key[1]} | "
-                     + " | ".join(cell(cells[key].get(v)) for v in variants) + " |")
-    return "\n".join(lines + [
+        rows.append([key[0], f"`{flags}`", key[1], *(cell(cells[key].get(v)) for v in variants)])
+    header = [f"lever on {tune.LEVER_BASE_LABEL}", "flags", "runs on",
+              *(REGISTRY[v].title for v in variants)]
+    return "\n".join([compare.markdown_table(header, rows)] + [
         "", f"Validation split, 20 epochs: each cell is the lever's mean paired difference from "
             f"{tune.LEVER_BASE_LABEL} run in the same arithmetic, in points, with its 95% interval "
             f"and (the number of paired seeds), a round-2 lever's (on top of "
@@ -174,12 +172,9 @@ def recipe_choice_section(levers):
               if sum((v, c) in rows for v in variants) > 1]
     if not shared:
         return "No change measured on more than one variant yet."
-    lines = [f"| {tune.LEVER_BASE_LABEL} + | " + " | ".join(REGISTRY[v].title for v in variants)
-             + f" | +{LEVER_GAIN} with its interval above 0 on |",
-             "|---|" + "---|" * len(variants) + "---|",
-             "| (nothing) | " + " | ".join(
-                 f"{statistics.mean(compare.accuracies(levers[(v, tune.LEVER_BASE, 20)])):.2f} "
-                 f"({len(levers[(v, tune.LEVER_BASE, 20)])} seeds)" for v in variants) + " | - |"]
+    table = [["(nothing)", *(
+        f"{statistics.mean(compare.accuracies(levers[(v, tune.LEVER_BASE, 20)])):.2f} "
+        f"({len(levers[(v, tune.LEVER_BASE, 20)])} seeds)" for v in variants), "-"]]
     for config in sorted(shared, key=lambda c: (-sum((v, c) in rows for v in variants), c)):
         mine = [rows.get((v, config)) for v in variants]
         cells = ["not run" if r is None else
@@ -187,9 +182,11 @@ def recipe_choice_section(levers):
                  for r in mine]
         met = [REGISTRY[v].title for v, r in zip(variants, mine)
                if r is not None and clears_gain(r["over_base"])]
-        lines.append(f"| {lever_name(config)} | {' | '.join(cells)} | "
-                     f"{'every variant' if len(met) == len(variants) else ', '.join(met) or 'none'} |")
-    return "\n".join(lines + [
+        table.append([lever_name(config), *cells,
+                      "every variant" if len(met) == len(variants) else ", ".join(met) or "none"])
+    header = [f"{tune.LEVER_BASE_LABEL} +", *(REGISTRY[v].title for v in variants),
+              f"+{LEVER_GAIN} with its interval above 0 on"]
+    return "\n".join([compare.markdown_table(header, table)] + [
         "", "Validation accuracy (%) after 20 epochs, the runs of the table above; each cell: "
             f"the change's mean, then its mean paired difference from {tune.LEVER_BASE_LABEL} with the "
             f"95% interval (seeds shared with {tune.LEVER_BASE_LABEL})."])
