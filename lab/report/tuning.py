@@ -152,17 +152,13 @@ def per_epoch_section(tuning, ceiling, reruns=None):
     curves = recipe_by_epochs(tuning, ceiling)
     if not curves:
         return "No runs of recipe v1 on the validation split yet."
-    lines = ["| variant | epochs | seeds | val. acc. mean (min–max) | note |", "|---|---|---|---|---|"]
+    budgets, changes = [], []
     for variant, by_epochs in curves.items():
         for epochs, runs in by_epochs.items():
             accs = compare.accuracies(runs)
-            lines.append(f"| {variant} | {epochs} | "
-                         f"{_seeds(runs)}"
-                         f" | {statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) | "
-                         f"{NOTE_20 if epochs == 20 else NOTE_BEYOND} |")
-    lines += ["", "| variant | change (20 epochs) | flags | seeds | val. acc. mean | compared with "
-                  "| mean paired Δ [95% CI] | verdict | recipe v1 needs (epochs) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            budgets.append([variant, epochs, _seeds(runs),
+                            f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})",
+                            NOTE_20 if epochs == 20 else NOTE_BEYOND])
     for row in technique_rows(tuning, reruns):
         worth = per_epoch.equivalent_epochs(row["mean"], per_epoch.recipe_curve(
             curves.get(row["variant"], {})))
@@ -171,9 +167,14 @@ def per_epoch_section(tuning, ceiling, reruns=None):
             flags = " ".join(tune.change_flags(row["config"]))
         except SystemExit:
             flags = "(no longer defined in lab/tune.py)"
-        lines.append(f"| {row['variant']} | {row['config']} | `{flags}` | {_seeds(row['runs'])} | "
-                     f"{row['mean']:.2f} | {row['against']} | {_delta(row['diff'], row['runs'])} | "
-                     f"{row['decision']} | {worth} |")
+        changes.append([row["variant"], row["config"], f"`{flags}`", _seeds(row["runs"]),
+                        f"{row['mean']:.2f}", row["against"], _delta(row["diff"], row["runs"]),
+                        row["decision"], worth])
+    lines = [compare.markdown_table(["variant", "epochs", "seeds", "val. acc. mean (min–max)",
+                                     "note"], budgets), "",
+             compare.markdown_table(["variant", "change (20 epochs)", "flags", "seeds",
+                                     "val. acc. mean", "compared with", "mean paired Δ [95% CI]",
+                                     "verdict", "recipe v1 needs (epochs)"], changes)]
     runs_all = [r for by_epochs in curves.values() for rs in by_epochs.values() for r in rs] + \
         [r for variant, by_config in technique_means(tuning).items() for config in by_config
          for r in tuning[(variant, config, 20)]]
