@@ -195,12 +195,7 @@ def arithmetic_section(tuning, reruns):
     with the re-run of its seed where the two share arithmetic, beside its usual comparison."""
     if not reruns:
         return "No re-runs yet (results/arithmetic/ is empty)."
-    lines = ["| variant | arm | seeds | first run: arithmetic, val. acc. | re-run: arithmetic, "
-             "val. acc. | Δ per seed (re-run − first) | mean Δ [95% CI] |",
-             "|---|---|---|---|---|---|---|"]
-    changes = ["", "| variant | change (20 epochs) | seeds | Δ against the first runs [95% CI] "
-                   "| Δ against the re-runs, same arithmetic [95% CI] | verdict |",
-               "|---|---|---|---|---|---|"]
+    arms, changes = [], []
     for (variant, arm, epochs), again in sorted(reruns.items()):
         first = tuning.get((variant, arm, epochs), [])
         diff = compare.paired_difference(again, first)
@@ -211,9 +206,9 @@ def arithmetic_section(tuning, reruns):
                                                if r["seed"] in seeds}))
         mean = lambda runs: statistics.mean(100 * r["final_test_acc"] for r in runs  # noqa: E731
                                             if r["seed"] in seeds)
-        lines.append(f"| {variant} | {arm} | {', '.join(map(str, sorted(seeds)))} | "
-                     f"{kinds(first)}, {mean(first):.2f} | {kinds(again)}, {mean(again):.2f} | "
-                     f"{', '.join(f'{d:+.2f}' for d in diff['diffs'])} | {_delta(diff)} |")
+        arms.append([variant, arm, ", ".join(map(str, sorted(seeds))),
+                     f"{kinds(first)}, {mean(first):.2f}", f"{kinds(again)}, {mean(again):.2f}",
+                     ", ".join(f"{d:+.2f}" for d in diff["diffs"]), _delta(diff)])
         by_seed = {r["seed"]: compare.arithmetic(r) for r in again}
         arm_parts = arm.split("+")
         for (v, config, e), runs in sorted(tuning.items()):
@@ -226,13 +221,19 @@ def arithmetic_section(tuning, reruns):
             if not alike:
                 continue
             against = compare.paired_difference(alike, again)
-            changes.append(f"| {variant} | {config} | "
-                           f"{', '.join(map(str, against['seeds']))} | "
-                           f"{_delta(compare.paired_difference(alike, first))} | "
-                           f"{_delta(against)} | {decision(against)} |")
+            changes.append([variant, config, ", ".join(map(str, against["seeds"])),
+                            _delta(compare.paired_difference(alike, first)), _delta(against),
+                            decision(against)])
     every = [r for rs in reruns.values() for r in rs]
     dates = [r["date"][:10] for r in every]
-    return "\n".join(lines + (changes if len(changes) > 3 else []) + [
+    lines = [compare.markdown_table(
+        ["variant", "arm", "seeds", "first run: arithmetic, val. acc.",
+         "re-run: arithmetic, val. acc.", "Δ per seed (re-run − first)", "mean Δ [95% CI]"], arms)]
+    if changes:
+        lines += ["", compare.markdown_table(
+            ["variant", "change (20 epochs)", "seeds", "Δ against the first runs [95% CI]",
+             "Δ against the re-runs, same arithmetic [95% CI]", "verdict"], changes)]
+    return "\n".join(lines + [
         "", f"Validation accuracy (%) after the last epoch, 45,000 training images, 5,000 held "
             f"out; the re-runs: {'; '.join(sorted({compare.threads(r['hardware']) for r in every}))}"
             f", {' to '.join(sorted({min(dates), max(dates)}))}. "
