@@ -139,7 +139,11 @@ def parse_args(argv=None, configs=COURSE_CONFIGS, choices=CHOICES, description=_
     p.add_argument("--record-divergence", action="store_true",
                    help="if the loss becomes NaN/inf, write a results file saying where (epoch, "
                         "step) and exit 0, instead of failing: for sweeps over learning rates")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # a study's switch (--whiten, --skips, ...) is the lab's since the split
+        p.error(f"unrecognized arguments: {' '.join(unknown)}"
+                + (" (the studies' switches are python -m lab.train's flags)"
+                   if configs == COURSE_CONFIGS else ""))
     for flag in ("subset", "train_subset", "validation"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1 image per class")

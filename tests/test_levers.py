@@ -221,7 +221,7 @@ def test_lever_settings_that_cannot_hold_are_refused_in_one_line(settings, messa
         build_lab_model("batch", **settings)
 
 
-def test_lab_train_takes_every_flag_of_train_py_and_one_per_switch():
+def test_lab_train_takes_every_flag_of_train_py_and_one_per_switch(capsys):
     """`python -m lab.train` runs what train.py runs, and the lab's switches on top; train.py
     itself offers none of them."""
     course, lab = vars(train.parse_args([])), vars(lab_train.parse_args([]))
@@ -232,3 +232,4 @@ def test_lab_train_takes_every_flag_of_train_py_and_one_per_switch():
     assert {k: v for k, v in lab.items() if k in course} == course  # the same defaults
     with pytest.raises(SystemExit):
         train.parse_args(["--whiten", "frozen"])
+    assert "the studies' switches are python -m lab.train's flags" in capsys.readouterr().err
