@@ -85,7 +85,7 @@ def lr_table(study):
             lo, hi = summary["window"]
             window, width = f"{lo:g} to {hi:g}", f"{hi / lo:g}x"
         rows.append([variant, ", ".join(map(str, seeds)), best, acc, window, width,
-                     ", ".join(diverged) or "none", ", ".join(chance) or "none"])
+                     ", ".join(diverged) or 'none', ", ".join(chance) or 'none'])  # the word
     return markdown_table(header, rows)
 
 

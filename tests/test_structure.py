@@ -111,7 +111,7 @@ def test_the_tools_run_as_modules_without_editing_sys_path():
 def test_variant_names_are_spelled_out_only_in_the_registry():
     names = [n for n in variants.REGISTRY]
     pattern = re.compile("|".join(f'"{n}"' for n in names))  # the code's string literals
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in [*ROOT.glob("*.py"), *ROOT.glob("lab/*.py")]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in [*ROOT.glob("*.py"), *(ROOT / "lab").rglob("*.py")]
                  if p.name != "variants.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, f"variant names as literals outside variants.py: {offenders}"

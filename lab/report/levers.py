@@ -183,7 +183,7 @@ def recipe_choice_section(levers):
         met = [REGISTRY[v].title for v, r in zip(variants, mine)
                if r is not None and clears_gain(r["over_base"])]
         table.append([lever_name(config), *cells,
-                      "every variant" if len(met) == len(variants) else ", ".join(met) or "none"])
+                      "every variant" if len(met) == len(variants) else ", ".join(met) or 'none'])  # the word
     header = [f"{tune.LEVER_BASE_LABEL} +", *(REGISTRY[v].title for v in variants),
               f"+{LEVER_GAIN} with its interval above 0 on"]
     return "\n".join([compare.markdown_table(header, table)] + [
