@@ -62,11 +62,19 @@ def newton_schulz(stack, coefficients=NS_COEFFICIENTS, steps=5, eps=1e-7):
 
 
 class BatchedMuon(torch.optim.Optimizer):
-    """torch.optim.Muon for all its matrices at once: their updates zero-padded into one stack
-    (each turned wide, as Muon does), one batched Newton-Schulz, momentum, weight decay and the
-    update's scale as torch.optim.Muon computes them (the tests compare the two step by step).
-    torch's Muon loops over the matrices, about 25 operations each; this takes about 30 in all.
-    Its state is torch's, one momentum buffer per matrix, so checkpoints move between the two."""
+    """torch.optim.Muon for all its matrices at once: their gradients zero-padded into one stack
+    (each turned wide, as Muon does), momentum and Nesterov's update computed in the stack's
+    slices, one batched Newton-Schulz, then weight decay and the update's scale as
+    torch.optim.Muon computes them (the tests compare the two step by step). torch's Muon loops
+    over the matrices, about 25 operations each; this takes about 30 in all. Its state is
+    torch's, one momentum buffer per matrix, so checkpoints move between the two.
+
+    Without a host read: a rate may be a 0-d tensor (a schedule on the device), and under fp16
+    GradScaler hands it the scale and the inf/NaN flag (`_step_supports_amp_scaling`), so it
+    unscales, and leaves parameters and momentum as they were when the flag is set, on the
+    device, instead of the scaler reading the flag back every step."""
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5):
@@ -79,36 +87,50 @@ class BatchedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # set by GradScaler.step for the duration of this call (fp16 only)
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._step(group, params)
+                self._step(group, params, scale, found_inf)
 
-    def _step(self, group, params):
+    def _step(self, group, params, scale=None, found_inf=None):
         lr, momentum = group["lr"], group["momentum"]
         grads = [p.grad for p in params]
         for p, g in zip(params, grads):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(g)
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-        wide = [u.mT if u.size(0) > u.size(1) else u for u in updates]
-        stack = updates[0].new_zeros(len(wide), max(w.size(0) for w in wide),
-                                     max(w.size(1) for w in wide))
-        for i, w in enumerate(wide):
-            stack[i, :w.size(0), :w.size(1)].copy_(w)
+        tall = [g.size(0) > g.size(1) for g in grads]
+        wide = [g.mT if t else g for g, t in zip(grads, tall)]
+        stack = grads[0].new_zeros(len(wide), max(w.size(0) for w in wide),
+                                   max(w.size(1) for w in wide))
+        slices = [stack[i, :w.size(0), :w.size(1)] for i, w in enumerate(wide)]
+        torch._foreach_copy_(slices, wide)
+        slices = [s.mT if t else s for s, t in zip(slices, tall)]  # the gradients' own shapes
+        if found_inf is not None:  # fp16: unscaled; a skipped step's "gradient" is the momentum
+            keep = 1 - found_inf     # itself, so that nothing moves (tensor weights: no host read)
+            stack.mul_(keep / scale).nan_to_num_(0.0, 0.0, 0.0)
+            torch._foreach_add_(slices, torch._foreach_mul(bufs, found_inf))
+            lr = lr * keep
+        torch._foreach_lerp_(bufs, slices, 1 - momentum)
+        if group["nesterov"]:
+            torch._foreach_lerp_(slices, bufs, momentum)
+        else:
+            torch._foreach_copy_(slices, bufs)
         ortho = newton_schulz(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         by_scale = {}  # torch's "original" adjustment: sqrt(max(1, rows / cols)) times the rate
         for i, p in enumerate(params):
-            scale = math.sqrt(max(1, p.size(0) / p.size(1)))
             block = ortho[i, :wide[i].size(0), :wide[i].size(1)]
-            by_scale.setdefault(scale, ([], []))
-            by_scale[scale][0].append(p)
-            by_scale[scale][1].append(block.mT if p.size(0) > p.size(1) else block)
-        for scale, (same, blocks) in by_scale.items():
-            torch._foreach_add_(same, blocks, alpha=-lr * scale)
+            same, blocks = by_scale.setdefault(math.sqrt(max(1, p.size(0) / p.size(1))), ([], []))
+            same.append(p)
+            blocks.append(block.mT if tall[i] else block)
+        for adjust, (same, blocks) in by_scale.items():
+            if isinstance(lr, torch.Tensor):  # alpha takes numbers only; fp32 as alpha's sums
+                torch._foreach_addcmul_(same, blocks, [lr * -adjust] * len(blocks))
+            else:
+                torch._foreach_add_(same, blocks, alpha=-lr * adjust)
 
 
 def block_convs(model):
@@ -136,14 +158,26 @@ class Chain(torch.optim.Optimizer):
         self.optimizers = optimizers
         self.defaults, self.state = {}, {}
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        # fp16: where every part unscales and skips on the device, GradScaler lets them
+        # (no host read of its inf/NaN flag per step)
+        self._step_supports_amp_scaling = all(
+            getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
 
     @property
     def param_groups(self):  # read each time: load_state_dict gives the parts new group dicts
         return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure=None):
+        scaling = {name: getattr(self, name) for name in ("grad_scale", "found_inf")
+                   if hasattr(self, name)}  # set by GradScaler.step, as for one optimizer
         for optimizer in self.optimizers:
-            optimizer.step()
+            for name, value in scaling.items():
+                setattr(optimizer, name, value)
+            try:
+                optimizer.step()
+            finally:
+                for name in scaling:
+                    delattr(optimizer, name)
 
     def zero_grad(self, set_to_none=True):
         for optimizer in self.optimizers:
@@ -187,8 +221,12 @@ def make_optimizer(model, config, device="cpu", muon_depthwise=False, lr_multipl
                                "weight_decay": config.weight_decay if decayed else 0.0})
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
+    fused = torch.device(device).type == "cuda"
     sgd = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True,
-                          fused=torch.device(device).type == "cuda" or None)
+                          fused=fused or None)
+    if fused:  # zero momentum buffers: fused SGD's own are left unwritten if fp16 skips step 1
+        for p in (p for group in groups for p in group["params"]):
+            sgd.state[p]["momentum_buffer"] = torch.zeros_like(p)
     if not muon:
         return sgd
     # on CUDA one batched Newton-Schulz for every matrix, as the GPU waits on launches; on the

@@ -167,7 +167,8 @@ def train_one_epoch(model, loader, optimizer, scheduler=None, label_smoothing=0.
 def training_step(model, x, y, optimizer, precision="fp32", scaler=None, label_smoothing=0.0):
     """One optimizer step on the batch (x, y); returns (loss, correct predictions) as device
     tensors. Under fp16 the GradScaler unscales every gradient the optimizer steps on, Muon's
-    kernel matrices included, and skips the whole step if any is inf/NaN."""
+    kernel matrices included, and skips the whole step if any is inf/NaN (on CUDA the
+    optimizers do both on the device: optimizers.py)."""
     with autocast(x.device, precision):
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)

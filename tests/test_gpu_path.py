@@ -60,24 +60,45 @@ def test_fp16_muon_keeps_the_momentum_of_the_unscaled_gradient(layout):
                                    atol=0.01 * expected.abs().max().item())
 
 
+def momenta(optimizer):
+    parts = getattr(optimizer, "optimizers", [optimizer])
+    return {id(p): s["momentum_buffer"].clone() for o in parts for p, s in o.state.items()
+            if s.get("momentum_buffer") is not None}
+
+
+# "cuda" steps on the device: the optimizers take the scale and the inf flag from the scaler
+# and skip there (no host read); "cpu" lets the scaler read the flag and skip the call
 @pytest.mark.parametrize("layout", ["cpu", "cuda"])
-def test_an_inf_in_one_kernels_gradient_skips_the_whole_step_and_halves_the_scale(layout):
+@pytest.mark.parametrize("name", ["muon", "sgd"])
+def test_an_inf_in_one_kernels_gradient_skips_the_whole_step_and_halves_the_scale(layout, name):
     model = build_model("batch", seed=0)
-    optimizer = make_optimizer(model, TrainConfig(), layout)
-    kernel = muon_matrices(optimizer)[3].kernel
+    fresh = copy.deepcopy(model)
+    optimizer = make_optimizer(model, TrainConfig(optimizer=name), layout)
+    kernel = model.C4[0][1].weight  # C4's 1x1 half: Muon's under muon, SGD's under sgd
 
     def plant_inf(grad):
         grad = grad.clone()
         grad.view(-1)[0] = float("inf")
         return grad
 
-    kernel.register_hook(plant_inf)
+    handle = kernel.register_hook(plant_inf)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    momenta_before = momenta(optimizer)  # fused SGD's start at zero
     training_step(model, *batch(), optimizer, "fp16", scaler)
     assert scaler.get_scale() == SCALE / 2
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), f"{name} changed in a step that had to be skipped"
+    for name_, p in model.named_parameters():
+        assert torch.equal(p, before[name_]), f"{name_} changed in a step that had to be skipped"
+    for key, momentum in momenta(optimizer).items():  # as before, or zero where it starts now
+        assert torch.equal(momentum, momenta_before.get(key, torch.zeros_like(momentum)))
+    # the next step is the first one taken: as a fresh model's first step at the halved scale
+    handle.remove()
+    training_step(model, *batch(seed=1), optimizer, "fp16", scaler)
+    reference = make_optimizer(fresh, TrainConfig(optimizer=name), layout)
+    training_step(fresh, *batch(seed=1), reference,
+                  "fp16", torch.amp.GradScaler("cpu", init_scale=SCALE / 2))
+    for (name_, p), q in zip(model.named_parameters(), fresh.parameters()):
+        torch.testing.assert_close(p, q, msg=f"{name_} after a skipped first step")
 
 
 def test_a_two_epoch_fp16_muon_run_ends_finite(tiny_data):

@@ -73,6 +73,41 @@ def test_fp32_matrices_match_torch_muon_within_1e_6_for_3_steps():
                               reference.state[q]["momentum_buffer"], rtol=0, atol=1e-6)
 
 
+def test_a_rate_held_in_a_tensor_takes_the_numbers_steps():
+    """A schedule on the device sets each rate as a 0-d tensor, read by no host: the same
+    steps, within the fp32 rounding of the rate."""
+    ours, batched, theirs, reference = pair(torch.float32)
+    batched.param_groups[0]["lr"] = torch.tensor(SETTINGS["lr"])
+    steps(ours, batched, theirs, reference, 3, torch.float32)
+    assert max((p - q).abs().max().item() for p, q in zip(ours, theirs)) <= 1e-6
+
+
+def test_under_fp16_it_unscales_on_the_device_and_a_flagged_step_moves_nothing():
+    """What GradScaler hands an optimizer that handles scaling itself: the scale and a flag set
+    when a gradient is inf/NaN, as tensors, so the scaler never reads the flag back."""
+    ours, batched, theirs, reference = pair(torch.float32)  # ours get scaled gradients
+    scale = 2.0 ** 16
+    for flagged in (False, True, False):
+        grads = [torch.randn(shape) for shape in SHAPES]
+        grads[3][0, 0] = float("inf") if flagged else grads[3][0, 0]
+        before = [(p.detach().clone(), batched.state[p]["momentum_buffer"].clone())
+                  for p in ours] if flagged else None
+        for p, g in zip(ours, grads):
+            p.grad = g * scale
+        batched.grad_scale, batched.found_inf = torch.tensor(scale), torch.tensor(float(flagged))
+        batched.step()
+        del batched.grad_scale, batched.found_inf
+        if flagged:
+            for p, (weights, buffer) in zip(ours, before):
+                assert torch.equal(p, weights)
+                assert torch.equal(batched.state[p]["momentum_buffer"], buffer)
+            continue
+        for q, g in zip(theirs, grads):
+            q.grad = g
+        reference.step()
+        assert max((p - q).abs().max().item() for p, q in zip(ours, theirs)) <= 1e-6
+
+
 def test_a_torch_muon_checkpoint_resumes_in_batched_muon():
     ours, batched, theirs, reference = pair(torch.float32)
     steps(ours, batched, theirs, reference, 2, torch.float32)
@@ -112,7 +147,7 @@ def test_muon_refuses_a_parameter_that_is_not_a_matrix():
         BatchedMuon([torch.nn.Parameter(torch.zeros(3, 3, 3))])
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_a_training_step_costs_at_most_280_ops_60_in_the_optimizers_and_no_host_sync(precision):
     """`python -m lab.bench --ops`: what a step launches on a GPU, counted on the CPU."""
     counts = bench.step_ops(synthetic_data(per_class=2, test_per_class=2), precision)
