@@ -155,11 +155,12 @@ def check_choice(config, **choices):
                              f"{getattr(config, field)!r}")
 
 
-def build_model(norm=ModelConfig.norm, seed=None, **config_overrides):
-    """The one way notebooks, CLI and tests make a model; `seed` makes its init reproducible."""
+def build_model(norm=ModelConfig.norm, seed=None, net=Net, **config_overrides):
+    """The one way notebooks, CLI and tests make a model; `seed` makes its init reproducible;
+    `net`: Net or a subclass (the lab's LabNet), which makes its configuration."""
     if seed is not None:
         torch.manual_seed(seed)
-    return Net(ModelConfig(norm=norm, **config_overrides))
+    return net(norm=norm, **config_overrides)
 
 
 def show_summary(model, input_size=(3, 32, 32)):

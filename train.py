@@ -21,10 +21,8 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
 from dataset import DATA_ENV_VAR, DatasetError, load_cifar10
-from model import ACTIVATIONS, CONVS, Net, show_summary
+from model import ACTIVATIONS, CONVS, Net, build_model, show_summary
 from plots import figure_source, plot_history, plot_misclassified
 from optimizers import OPTIMIZERS, check_optimizer_available
 from precision import PRECISIONS, UnsupportedStepError, get_device
@@ -260,8 +258,7 @@ def run(args, net=Net, configs=COURSE_CONFIGS):
                           f"scored on the test set only; drop --subset/--train-subset/--validation "
                           f"or pick another --out-dir")
     device = get_device(args.device)
-    torch.manual_seed(config.seed)  # the model's init, as model.build_model seeds it
-    model = net(model_config)
+    model = build_model(seed=config.seed, net=net, **model_config.to_dict())
     outside = limits_warning(model.get_num_params(), config.epochs)
     if outside:
         print(f"warning: this run is {outside}; it will not appear in the README's results table")

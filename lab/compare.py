@@ -35,7 +35,7 @@ BN_BATCH_STATS = f"{RUNNING} (batch stats)"
 # ---------------------------------------------------------------------------------- loading
 
 # The order a recipe's settings are listed in: the configurations' before the course/lab split,
-# so that every label reads as it did
+# so that every label reads as it did; a setting added since comes after these
 FIELD_ORDER = ("norm", "num_groups", "group_size", "widths", "activation", "num_classes",
                "identity_init", "weight_std", "weight_std_depthwise", "skips", "conv",
                "depthwise_kernel", "depthwise_dilation", "se_hidden", "epochs", "batch_size", "lr",
@@ -51,7 +51,7 @@ def recipe_changes(run, ignore=()):
     which one it was without anyone typing it. Fields in `ignore` are left out (a study's own
     variable)."""
     every = {**LabModelConfig(norm=run["variant"]).to_dict(), **recipe(LabTrainConfig())}
-    defaults = {k: every[k] for k in FIELD_ORDER if k in every}
+    defaults = {k: every[k] for k in (*FIELD_ORDER, *every) if k in every}
     model_config, train_config = with_defaults(run["model_config"], run["train_config"],
                                                LabModelConfig, LabTrainConfig)
     ran = {**model_config, **train_config}
@@ -242,10 +242,11 @@ def listed(items):
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def markdown_table(header, rows):
+def markdown_table(header, rows, right=()):
     """The one builder of the pages' Markdown tables: `header` the column titles, `rows` each a
-    list of cell texts."""
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    list of cell texts; the columns numbered in `right` align to the right."""
+    rule = "".join("---:|" if i in right else "---|" for i in range(len(header)))
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + rule,
                       *("| " + " | ".join(map(str, row)) + " |" for row in rows)])
 
 

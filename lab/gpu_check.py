@@ -59,6 +59,8 @@ from results import run_name  # noqa: E402
 from train import OutputError, check_writable  # noqa: E402
 from variants import DEFAULT, REGISTRY, course_variants  # noqa: E402
 
+from lab.compare import markdown_table  # noqa: E402
+
 from lab.make_notebooks import clean  # noqa: E402
 from lab.processes import Children  # noqa: E402
 
@@ -269,14 +271,13 @@ class Check:
         lines = [f"# GPU check on {hw.get('gpu', hw['cpu'])}", "",
                  f"{summary['date']}; torch {hw['torch']}; "
                  f"{'smoke mode; ' if self.args.smoke else ''}wall {summary['wall_s']:.0f} s; "
-                 f"data: {summary['data']}", "",
-                 "| step | status | s | precision | final test acc | epoch time total (s) |",
-                 "|---|---|---:|---|---:|---:|"]
-        for s in self.steps:
-            acc = f"{100 * s['final_test_acc']:.2f}%" if "final_test_acc" in s else ""
-            lines.append(f"| {s['step']} | {s['status']} | {s.get('seconds', '')} | "
-                         f"{s.get('precision', '')}{' + graphs' * bool(s.get('cuda_graphs'))} | "
-                         f"{acc} | {s.get('epoch_time_total_s', '')} |")
+                 f"data: {summary['data']}", ""]
+        rows = [[s["step"], s["status"], s.get("seconds", ""),
+                 s.get("precision", "") + " + graphs" * bool(s.get("cuda_graphs")),
+                 f"{100 * s['final_test_acc']:.2f}%" if "final_test_acc" in s else "",
+                 s.get("epoch_time_total_s", "")] for s in self.steps]
+        lines.append(markdown_table(["step", "status", "s", "precision", "final test acc",
+                                     "epoch time total (s)"], rows, right=(2, 4, 5)))
         (self.out / "summary.md").write_text("\n".join(lines) + "\n")
         return summary
 

@@ -10,14 +10,15 @@ alpha: they last ran at commit 188e130); files that recorded them off read the s
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from model import (ConvBlock, ModelConfig, Net, SeparableConv2d, check_choice, check_range,
-                   get_norm_layer)
+from model import (ConvBlock, ModelConfig, Net, SeparableConv2d, build_model, check_choice,
+                   check_range, get_norm_layer)
 from norm_stats import fixed_batch, norm_layers
 from optimizers import block_convs, make_optimizer
 from utils import Hooks, TrainConfig, make_loaders
@@ -179,11 +180,7 @@ def init_identity(model, how):
                 conv.weight.add_(nn.init.dirac_(torch.empty_like(conv.weight)))
 
 
-def build_lab_model(norm=ModelConfig.norm, seed=None, **config_overrides):
-    """model.build_model for the lab: a LabNet of these settings, seeded the same way."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return LabNet(LabModelConfig(norm=norm, **config_overrides))
+build_lab_model = partial(build_model, net=LabNet)  # model.build_model making a LabNet
 
 
 WHITEN_MODES = ("off", "frozen", "trainable")

@@ -10,13 +10,14 @@ from train import CHOICES
 from lab.levers import (IDENTITY_INITS, SKIP_LAYOUTS, WHITEN_MODES, LabModelConfig, LabNet,
                         LabTrainConfig)
 
+DESCRIPTION = f"{__doc__}\n{train.__doc__}"  # --help: this module's use, then train.py's
 LAB_CONFIGS = (LabModelConfig, LabTrainConfig)
 LAB_CHOICES = {**CHOICES, "identity_init": lambda: IDENTITY_INITS,
                "skips": lambda: list(SKIP_LAYOUTS), "whiten": lambda: WHITEN_MODES}
 
 
 def parse_args(argv=None):
-    return train.parse_args(argv, LAB_CONFIGS, LAB_CHOICES, f"{__doc__}\n{train.__doc__}")
+    return train.parse_args(argv, LAB_CONFIGS, LAB_CHOICES, DESCRIPTION)
 
 
 def configs_from(args):
@@ -25,7 +26,7 @@ def configs_from(args):
 
 def main(argv=None):
     return train.main(argv, net=LabNet, configs=LAB_CONFIGS, choices=LAB_CHOICES,
-                      description=f"{__doc__}\n{train.__doc__}")
+                      description=DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode_and_keeps_what_it_measured(
     assert any("final test accuracy" in o.get("text", "") for c in nb.cells
                for o in c.get("outputs", []))  # executed to its results line
     assert "widgets" not in nb.metadata
-    assert (out / "summary.md").read_text().startswith("# GPU check on ")
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# GPU check on ")
+    assert all(f"| {step} | ok | " in text for step in steps)  # a table row per step
     recorded = (out / "summary.json").read_text() + (out / "bench.txt").read_text()
     assert str(ROOT) not in recorded and sys.executable not in recorded  # no machine's paths
 

@@ -81,6 +81,14 @@ def test_a_results_file_from_before_the_optimizer_setting_reads_as_the_sgd_it_ra
     assert report.compare.recipe_changes(fake_run("batch", 0, 0.81)) == "current"
 
 
+def test_a_setting_missing_from_the_label_order_is_still_in_the_label(monkeypatch):
+    run = fake_run("batch", 0, 0.81)
+    run["train_config"]["lookahead"] = 5
+    monkeypatch.setattr(report.compare, "FIELD_ORDER", report.compare.FIELD_ORDER[:-1])
+    assert report.compare.FIELD_ORDER[-1] != "lookahead"
+    assert report.compare.recipe_changes(run) == "lookahead 5"
+
+
 def test_a_results_file_from_before_the_conv_setting_reads_as_the_full_convs_it_ran():
     old = fake_run("batch", 0, 0.81)
     del old["model_config"]["conv"]  # recipe v2's files predate the setting
