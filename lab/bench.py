@@ -17,7 +17,8 @@
 Variants of the repository's path (`--variants`, options joined with "+"): fp32, bf16, fp16
 (force a precision instead of the policy's), compile (torch.compile of the model), graphs
 (torch.compile with mode="reduce-overhead", i.e. CUDA graphs; CUDA only), nchw (contiguous
-instead of channels_last). A compiled variant's one-time compile cost is reported separately
+instead of channels_last), wholestep (the whole training step, schedule and optimizers included,
+as one CUDA graph: lab/step_graph.py; eager elsewhere). A compiled variant's one-time compile cost is reported separately
 ("first-step s": the untimed warm-up steps and first evaluation, compilation included), never
 mixed into its throughput.
 
@@ -52,11 +53,13 @@ from utils import (TrainConfig, evaluate, make_loaders, make_scheduler, train_on
                    training_step)
 from variants import DEFAULT
 
+from lab.step_graph import DeviceSchedule, WholeStep
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_IMAGES = 50_000
 PRECISION_OPTIONS = ("fp32", "bf16", "fp16")
-VARIANT_OPTIONS = {*PRECISION_OPTIONS, "compile", "graphs", "nchw"}
+VARIANT_OPTIONS = {*PRECISION_OPTIONS, "compile", "graphs", "nchw", "wholestep"}
 
 
 def worker(args):
@@ -91,10 +94,19 @@ def worker(args):
     optimizer = make_optimizer(model, config, device)
     scaler = make_grad_scaler(device, precision)
 
+    # "wholestep": the step, the schedule and the sums as one CUDA graph (lab/step_graph.py)
+    whole = WholeStep(model, optimizer, DeviceSchedule(optimizer, 10**6, config.pct_start),
+                      precision, scaler, config.label_smoothing) if "wholestep" in options else None
+
     def train_steps(n):  # the real training step, over n batches of the stream
-        train_one_epoch(step_model, Steps(stream, n, device), optimizer,
-                        label_smoothing=config.label_smoothing, precision=precision,
-                        scaler=scaler)
+        if whole is None:
+            train_one_epoch(step_model, Steps(stream, n, device), optimizer,
+                            label_smoothing=config.label_smoothing, precision=precision,
+                            scaler=scaler)
+            return
+        for x, y in Steps(stream, n, device):
+            whole(x, y)
+        whole.epoch_means()  # its one host read, as an epoch's end
 
     t0 = time.perf_counter()
     train_steps(args.warmup)

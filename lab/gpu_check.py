@@ -210,7 +210,9 @@ class Check:
                     self.summary()
 
     def bench(self):
-        variants = ["repo+fp32", "repo+graphs"] if self.device.type == "cuda" else ["repo+fp32"]
+        variants = ["repo+fp32"]
+        if self.device.type == "cuda":  # the whole step as one graph: lab/step_graph.py
+            variants += ["repo+graphs", "repo+wholestep", "repo+fp16+wholestep"]
         if self.device.type == "cuda" and resolve_precision("auto", self.device) == "bf16":
             variants.insert(1, "repo+bf16")
         if self.device.type == "cuda":
