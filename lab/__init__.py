@@ -7,6 +7,7 @@ imports the course and extends it. Every tool runs from the repository's root as
     python -m lab.tune --grid round2-cpu --jobs 2 --precision fp32
     python -m lab.report [--check]
     python -m lab.bench
+    python -m lab.first_epoch --device cuda
     python -m lab.repeat results/batch_seed0.json
     python -m lab.gpu_check --data cifar10-jpeg.tar.gz
     python -m lab.make_notebooks

@@ -7,19 +7,22 @@ measured, under results/gpu/<gpu>/.
 Steps, most needed first (each a subprocess; its log kept; a step that fails is recorded and
 the check goes on; steps that would start after --deadline are recorded as skipped):
 
-  1. a 20-epoch train.py run of the default variant (BatchNorm) at the default precision, alone: its epoch times are the
-     speed figure, so nothing runs beside it
+  1. a 20-epoch train.py run of the default variant (BatchNorm) at the default precision,
+     alone: its epoch times are the speed figure, so nothing runs beside it
   2. the three notebooks at the default precision and S8_BatchNorm.ipynb again with
      PRECISION = "fp16" (Colab's T4 path), executed start to finish with nbclient as Colab's
      "Run all" does, beside the tests marked `cuda` (pytest -m cuda); --jobs at a time
-  3. lab/bench.py: the default path, fp32, fp16, bf16 (where supported) and CUDA graphs, alone
+  3. lab/bench.py: the default path, fp32, fp16, bf16 (where supported), CUDA graphs and the
+     whole step as one graph (bf16 and fp16), alone; then lab/first_epoch.py: where the first
+     epoch's extra time goes (cuDNN autotuning, lazy module loading, the first probe and
+     evaluation)
   4. the same 20-epoch run with CUDA graphs, then at each other precision candidate (those this
      device supports), one at a time
 
 It writes summary.json and summary.md (what ran, how long, what it measured), train/<run>.json
-and its figures, bench.txt, notebooks/<name>.ipynb (executed, cleaned as make_notebooks.py
---clean does) and logs/<step>.log. --smoke shrinks every step (1 epoch on a subset, a few
-bench steps, the T4-path notebook alone) and refuses to write under results/.
+and its figures, bench.txt, first_epoch.txt, notebooks/<name>.ipynb (executed, cleaned as
+make_notebooks.py --clean does) and logs/<step>.log. --smoke shrinks every step (1 epoch on a
+subset, a few bench steps, the T4-path notebook alone) and refuses to write under results/.
 
 Beyond torch and torchvision it needs nbclient, nbformat, ipykernel, jupyter_client,
 torchsummary, matplotlib and pytest; it names the missing ones before anything runs (a bare GPU
@@ -227,6 +230,16 @@ class Check:
         if log.exists():
             (self.out / "bench.txt").write_text(self.bench_header(command) + log.read_text())
 
+    def first_epoch(self):
+        """Where the first epoch's extra time goes (lab/first_epoch.py), into first_epoch.txt."""
+        size = ["--subset", "20"] if self.args.smoke else []
+        command = [sys.executable, "-m", "lab.first_epoch", "--device", self.device.type, *size] \
+            + (["--data", self.args.data] if self.args.data else [])
+        entry = self.run("first_epoch", command)
+        log = self.out / entry.get("log", "-")
+        if log.exists():
+            (self.out / "first_epoch.txt").write_text(self.bench_header(command) + log.read_text())
+
     def bench_header(self, command):
         """The "# key: value" lines lab/report/ reads above a lab/bench.py output."""
         hw = hardware_info(self.device)
@@ -351,10 +364,12 @@ def run_steps(check):
                          f"copy of CIFAR-10")
     check.train_runs(first_only=True)
     if check.args.smoke:  # nothing is timed: the rest in a lane beside the notebook
-        check.notebooks_and_tests(also=[lambda: (check.bench(), check.train_runs(skip_first=True))])
+        check.notebooks_and_tests(also=[lambda: (check.bench(), check.first_epoch(),
+                                                 check.train_runs(skip_first=True))])
     else:
         check.notebooks_and_tests()
         check.bench()
+        check.first_epoch()
         check.train_runs(skip_first=True)
     summary = check.summary()
     failed = [s["step"] for s in summary["steps"] if s["status"] != "ok"]

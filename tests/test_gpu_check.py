@@ -36,8 +36,9 @@ def test_the_gpu_check_runs_every_step_in_smoke_mode_and_keeps_what_it_measured(
     assert all(s["status"] == "ok" for s in steps.values()), steps
     trains = [s for s in steps.values() if s["step"].startswith("train_")]
     assert trains and all(s["epochs"] == 1 and 0 <= s["final_test_acc"] <= 1 for s in trains)
-    assert {"bench", "tests_cuda", "notebook_S8_BatchNorm_fp32"} <= set(steps)
+    assert {"bench", "first_epoch", "tests_cuda", "notebook_S8_BatchNorm_fp32"} <= set(steps)
     assert "policy's precision" in (out / "bench.txt").read_text()
+    assert "| default | fp32 |" in (out / "first_epoch.txt").read_text()  # a row per setting
     nb = nbformat.read(out / "notebooks" / "S8_BatchNorm_fp32.ipynb", as_version=4)
     config = next(c for c in nb.cells if c.cell_type == "code" and "PRECISION =" in c.source)
     assert 'PRECISION = "fp32"' in config.source  # the precision it was asked to run
