@@ -165,6 +165,12 @@ def compile_model(model, enabled, cuda_graphs=False, device="cpu"):
     return EagerFallback(model, compiled, what)
 
 
+def first_line(err, limit=200):
+    """An exception's message cut to its first line, for a one-line warning ("" if none)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class EagerFallback(torch.nn.Module):
     """Runs `compiled` (a compiled or graph-captured `model`) and, the first time it raises,
     warns once and runs the eager `model` from then on. Its parameters are `model`'s."""
@@ -182,7 +188,7 @@ class EagerFallback(torch.nn.Module):
                 return self.compiled(x)
             except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
                 self.failed = True
-                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                reason = first_line(err)
                 warnings.warn(f"{self.what} failed ({type(err).__name__}: {reason}); running "
                               f"eagerly", RuntimeWarning, stacklevel=2)
         return self.model(x)

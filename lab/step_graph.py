@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from precision import first_line
 from utils import one_cycle, training_step
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as PyTorch's CUDA notes ask
@@ -116,7 +117,7 @@ class WholeStep:
                 self._step(self.x, self.y)
         except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
             self.failed = True
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            reason = first_line(err)
             warnings.warn(f"capturing the training step failed ({type(err).__name__}: "
                           f"{reason}); running eagerly", RuntimeWarning, stacklevel=3)
             self._step(self.x, self.y)  # nothing of a failed capture ran
