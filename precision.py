@@ -256,7 +256,7 @@ def guarded_first_step(step, model, device, precision):
         result, failure = _unless_no_kernel(step)
     if failure is None:
         return result
-    reason = str(failure).strip().splitlines()[0][:120]
+    reason = first_line(failure, limit=120)
     raise UnsupportedStepError(
         f"the first training step failed on {device_name(device)} in {precision} ({reason}); "
         f"pass {ADVICE[precision]} instead")

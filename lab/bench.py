@@ -108,20 +108,10 @@ def worker(args):
             whole(x, y)
         whole.epoch_means()  # its one host read, as an epoch's end
 
-    t0 = time.perf_counter()
-    train_steps(args.warmup)
-    eval_fn()  # a compiled model compiles again for eval mode: keep that out of the timing too
-    _sync(device)
-    first_time = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    train_steps(args.steps)
-    _sync(device)
-    train_time = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    eval_fn()
-    _sync(device)
-    eval_time = time.perf_counter() - t0
+    # compiled variants compile again for eval mode: the first evaluation stays out of the timing
+    first_time = timed(device, lambda: (train_steps(args.warmup), eval_fn()))
+    train_time = timed(device, lambda: train_steps(args.steps))
+    eval_time = timed(device, eval_fn)
 
     out = {"pipeline": args.pipeline, "precision": precision,
            "train_ips": args.steps * args.batch_size / train_time,
@@ -149,9 +139,15 @@ def _forever(loader):
         yield from loader
 
 
-def _sync(device):
+def timed(device, fn):
+    """Seconds `fn()` takes, the device's queued work included (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def _usual_pipeline(data, args, device, model):

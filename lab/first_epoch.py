@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -34,19 +33,10 @@ from precision import get_device, make_grad_scaler, resolve_precision
 from utils import TrainConfig, evaluate, make_loaders, make_scheduler, training_step
 from variants import DEFAULT
 
+from lab.bench import timed
 from lab.compare import markdown_table
 
 SETTINGS = {"default": {}, "no-autotune": {}, "eager-loading": {"CUDA_MODULE_LOADING": "EAGER"}}
-
-
-def timed(device, fn):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def measure(args):
