@@ -705,6 +705,32 @@ def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point
         {("batch", "muon+sep", 20): levers[("batch", "muon+sep", 20)]}, "levers-cpu")
 
 
+def test_round2_lists_every_lever_of_the_grid_and_judges_each_against_recipe_v4():
+    def runs(acc, seeds=(0, 1, 2, 3)):
+        return [{**fake_tuning_run(a, s, epochs=20),
+                 "data": {"train_images": 45000, "test_images": 5000,
+                          "source": "cifar10-jpeg.tar.gz (archive)"}}
+                for s, a in zip(seeds, acc)]
+
+    v4, on_v4 = tune.ROUND2_BASE, lambda lever: (DEFAULT, f"{tune.ROUND2_BASE}+{lever}", 20)
+    tuning = {(DEFAULT, v4, 20): runs([0.84, 0.85, 0.84, 0.85]),
+              on_v4("ls0"): runs([0.846, 0.856, 0.845, 0.856]),                       # +0.57
+              on_v4("mdw+mlr0.1"): runs([0.846, 0.856, 0.845, 0.856]),
+              # a stack is judged against recipe v4 even where a part of it won alone
+              on_v4("mdw+mlr0.1+aflip"): runs([0.846, 0.856, 0.845, 0.856]),
+              on_v4("bs32-keep"): runs([0.83, 0.86], seeds=(0, 1))}
+    text = report.round2_section(tuning)
+    levers = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| BatchNorm")]
+    assert levers == tune.ROUND2_LEVERS  # every candidate of the issue, in the grid's order
+    assert row(text, "| BatchNorm | ls0 |").endswith("| +0.57 [+0.50, +0.65] | wins | yes |")
+    assert "| +0.57 [+0.50, +0.65] | wins | yes |" in row(text, "| BatchNorm | mdw+mlr0.1+aflip |")
+    assert "| 2 of 4 (0, 1) |" in row(text, "| BatchNorm | bs32-keep |")
+    assert row(text, "| BatchNorm | bs64-keep |").endswith("| 0 of 8 | - | - | - | not run yet | - |")
+    assert "- BatchNorm (recipe v4: 84.50, 4 seeds): met by mdw+mlr0.1, mdw+mlr0.1+aflip, ls0" in text
+    assert "LayerNorm" not in text  # the grid reaches it only with what wins on BatchNorm
+    assert report.round2_section({}).startswith("No round-2 runs yet")
+
+
 def test_the_recipe_choice_table_shows_each_shared_change_on_every_variant_and_where_it_clears():
     def runs(acc, seeds=(0, 1, 2, 3)):
         return [fake_tuning_run(a, s, epochs=20) for s, a in zip(seeds, acc)]

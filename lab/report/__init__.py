@@ -28,7 +28,7 @@ from lab.report.common import (ARCHIVES, AXES_FIGURE, CEILING_DIR, CONFUSION_FIG
                                STUDY_FIGURE, against_today, load_tuning, markers, replace_between)
 from lab.report.finals import finals_answer, finals_section, study_section, summary_table, table
 from lab.report.levers import (lever_name, lever_rows, lever_summary_section, levers_section,
-                               on_lever_base, recipe_choice_section)
+                               on_lever_base, recipe_choice_section, round2_section)
 from lab.report.speed import (bench_files, gpu_archives, gpu_section, load_gpu_checks,
                               load_precision_checks, precision_section, speed_section)
 from lab.report.tuning import (arithmetic_section, mark_adopted, per_epoch_section,
@@ -55,6 +55,7 @@ SECTIONS = [
     ("levers-cpu", lambda f: levers_section(on_lever_base(f["tuning"]), "levers-cpu")),
     ("recipe-choice", lambda f: recipe_choice_section(on_lever_base(f["tuning"]))),
     ("levers-summary", lambda f: lever_summary_section(f["levers"], on_lever_base(f["tuning"]))),
+    ("round2", lambda f: round2_section(f["tuning"])),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),

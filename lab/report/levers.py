@@ -190,3 +190,69 @@ def recipe_choice_section(levers):
         "", "Validation accuracy (%) after 20 epochs, the runs of the table above; each cell: "
             f"the change's mean, then its mean paired difference from {tune.LEVER_BASE_LABEL} with the "
             f"95% interval (seeds shared with {tune.LEVER_BASE_LABEL})."])
+
+
+def round2_section(tuning):
+    """Round 2 of the lever study (issue 67): every round-2 lever of `tune.ROUND2_LEVERS`, in
+    the grid's order, per variant where recipe v4's validation runs exist, with its paired
+    difference from recipe v4 (every lever, stacks included, is judged against recipe v4), the
+    seeds run of those the grid plans, its verdict and whether it clears the bar; a lever the
+    grid has not reached says so. `tuning`: results/tuning/'s runs."""
+    planned = {}
+    for variant, configs, _, seeds, _ in tune.round2_cpu_grid():
+        for config in configs:
+            planned.setdefault((variant, config), []).extend(seeds)
+    base_flags = len(tune.change_flags(tune.ROUND2_BASE))
+    rows, verdicts, every = [], [], []
+    for variant in REGISTRY:
+        base = tuning.get((variant, tune.ROUND2_BASE, 20))
+        if not base or not any((variant, config) in planned or (variant, config, 20) in tuning
+                               for config in (f"{tune.ROUND2_BASE}+{lever}"
+                                              for lever in tune.ROUND2_LEVERS)):
+            continue  # round 2 reaches a variant with what wins on BatchNorm
+        met, measured, title = [], 0, REGISTRY[variant].title
+        every += base
+        for lever in tune.ROUND2_LEVERS:
+            config = f"{tune.ROUND2_BASE}+{lever}"
+            runs, seeds = tuning.get((variant, config, 20), []), planned.get((variant, config), [])
+            flags = f"`{' '.join(tune.change_flags(config)[base_flags:])}`"
+            if not runs:
+                if seeds:
+                    rows.append([title, lever, flags, "-", f"0 of {len(seeds)}", "-", "-",
+                                 "-", "not run yet", "-"])
+                continue
+            every += runs
+            diff = compare.paired_difference(runs, base)
+            accs = compare.accuracies(runs)
+            measured += diff["low"] is not None
+            if clears_gain(diff):
+                met.append(lever)
+            rows.append([title, lever, flags, f"{runs[0]['num_params']:,}",
+                         f"{len(runs)} of {max(len(seeds), len(runs))} ({_seeds(runs)})",
+                         f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})",
+                         ", ".join(f"{d:+.2f}" for d in diff["diffs"]) or "-",
+                         _delta(diff, runs), decision(diff),
+                         "yes" if clears_gain(diff) else "no"])
+        base_accs = compare.accuracies(base)
+        verdicts.append(
+            f"{title} (recipe v4: {statistics.mean(base_accs):.2f}, "
+            f"{len(base)} seeds): " + (f"met by {', '.join(met)}" if met else
+                                       "no round-2 lever clears the bar so far") +
+            f"; {measured} of {len(tune.ROUND2_LEVERS)} levers measured on 2 or more seeds.")
+    if not rows:
+        return "No round-2 runs yet: `python -m lab.tune --grid round2-cpu`."
+    hardware = sorted({f"{compare.threads(r['hardware'])}, {r['precision']}" for r in every})
+    dates = sorted(r["date"][:10] for r in every)
+    header = ["variant", "lever on recipe v4", "flags", "params", "seeds run (of planned)",
+              "val. acc. mean (min–max)", "Δ per seed (paired)", "mean paired Δ [95% CI]",
+              "verdict", f"+{LEVER_GAIN}, interval above 0"]
+    return "\n".join([
+        compare.markdown_table(header, rows), "",
+        f"Validation accuracy (%) after 20 epochs, data "
+        f"{', '.join(sorted({compare.data_file(r) for r in every}))}; each lever's run paired "
+        f"with recipe v4's run of the same seed in results/tuning/ (same initialization, data "
+        f"order and arithmetic); recipe v4's and the levers' runs: {'; '.join(hardware)}"
+        + (f"; {' to '.join(sorted({dates[0], dates[-1]}))}" if dates else "")
+        + f". The bar: +{LEVER_GAIN} points with the 95% interval above zero; verdicts as in "
+          f"the learning-per-epoch study (4 paired seeds, then 8).", "",
+        *[f"- {v}" for v in verdicts]])
