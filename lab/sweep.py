@@ -20,6 +20,7 @@ not listed here go to train.py unchanged.
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,8 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
 
     def run(job):
         name, out, cmd = job
+        if children.stopping:  # the sweep was stopped: the runs left neither start nor log
+            return name, 128 + signal.SIGTERM
         try:
             done = finished(out)  # checked just before the run: another sweep may have finished it
         except ResultsFileError as err:

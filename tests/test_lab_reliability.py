@@ -101,19 +101,33 @@ Path(sys.argv[sys.argv.index("--out-dir") + 1], "late.json").write_text("{}")
 """
 
 
-def test_sigterm_to_a_sweep_stops_its_running_train_py(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigterm_to_a_sweep_stops_its_running_train_py_and_starts_no_other(tmp_path, jobs):
     (tmp_path / "train.py").write_text(FAKE_TRAIN)
     sweep = ("import sys\nfrom pathlib import Path\nfrom lab import sweep\n"
              "sweep.TRAIN = [sys.executable, str(Path(sys.argv[1], 'train.py'))]\n"
-             "sweep.main(['--norms', 'bn', '--seeds', '0', '1', '--out-dir', sys.argv[2]])\n")
-    run = subprocess.Popen([sys.executable, "-c", sweep, str(tmp_path), str(tmp_path / "out")],
-                           cwd=ROOT, stdout=subprocess.PIPE, text=True,
+             "sweep.main(['--norms', 'bn', '--seeds', '0', '1', '2', '3', '--out-dir', sys.argv[2],"
+             f" '--jobs', '{jobs}', '--log-dir', sys.argv[3]])\n")
+    logs = tmp_path / "logs"
+    run = subprocess.Popen([sys.executable, "-c", sweep, str(tmp_path), str(tmp_path / "out"),
+                            str(logs)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    child = next(int(line) for line in run.stdout if line.strip().isdigit())
+    if jobs == "1":
+        children = [next(int(line) for line in run.stdout if line.strip().isdigit())]
+    else:  # each run's output goes to its log: wait for both running runs to print their pid
+        deadline = time.time() + 30
+        while len([p for p in logs.glob("*.log") if p.read_text().strip()]) < 2 \
+                and time.time() < deadline:
+            time.sleep(0.2)
+        children = [int(p.read_text().split()[0]) for p in logs.glob("*.log")]
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=30) == 128 + signal.SIGTERM
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)  # stopped with the sweep, not orphaned
+    for child in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)  # stopped with the sweep, not orphaned
+    said = run.stdout.read()
+    assert not [s for s in range(int(jobs), 4) if f"--seed {s} " in said]  # the runs left: not started
+    assert len(list(logs.glob("*.log"))) == (0 if jobs == "1" else 2)  # none for runs left
     time.sleep(1)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
