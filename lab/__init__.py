@@ -10,5 +10,6 @@ imports the course and extends it. Every tool runs from the repository's root as
     python -m lab.first_epoch --device cuda
     python -m lab.repeat results/batch_seed0.json
     python -m lab.gpu_check --data cifar10-jpeg.tar.gz
+    bash lab/gpu_grid.sh round2-gpu                       # a grid on a lent GPU, one call
     python -m lab.make_notebooks
 """

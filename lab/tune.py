@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from results import ResultsFileError, finished, run_name
+from results import ResultsFileError, finished, load_results, run_name
 from train import flag_name
 from checkpoints import FIRST_DEFAULTS
 from variants import DEFAULT, canonical_norm, course_variants, get_variant
@@ -294,10 +294,28 @@ def round2_cpu_grid():
             (DEFAULT, [f"{ROUND2_BASE}+bs64-keep"], 20, EXTRA_SEEDS, OUT_DIR)]
 
 
+# Round 2 on a lent GPU: both arms, recipe v4 and each lever, run there in its default precision,
+# since a GPU's runs pair only with runs in the same arithmetic (no GPU has run recipe v4)
+ROUND2_GPU_DIR = ROOT / "results" / "round2-gpu"
+
+
+def round2_gpu_grid():
+    """Round 2 of the lever study (issue 67) on a lent GPU: recipe v4 and every round-2 lever on
+    BatchNorm, seeds 0 to 3, into results/round2-gpu/, recipe v4 first so that a call cut short
+    leaves pairs; the smaller batches last, as a GPU step's time is set by the kernels it
+    launches, not their size (batch 32 costs four times batch 128's epoch)."""
+    small = [lever for lever in ROUND2_LEVERS if lever.startswith("bs")]
+    levers = [lever for lever in ROUND2_LEVERS if lever not in small] + small
+    return [(DEFAULT, [ROUND2_BASE, *(f"{ROUND2_BASE}+{lever}" for lever in levers)], 20,
+             PROTOCOL_SEEDS, ROUND2_GPU_DIR)]
+
+
 GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid, "levers-cpu": cpu_lever_grid,
-         "round2-cpu": round2_cpu_grid}
+         "round2-cpu": round2_cpu_grid, "round2-gpu": round2_gpu_grid}
 # The grids whose runs pair only with runs of one GPU kind (their arithmetic): {grid: GPU name}
 GRID_GPUS = {"levers": "H200"}
+# The grids whose runs pair only with runs of the GPU and torch that made their folder's first
+GRID_FOLDER_GPU = {"round2-gpu": ROUND2_GPU_DIR}
 # The grids whose runs pair only with fp32 CPU runs in the AVX2 EPYC's arithmetic
 GRID_AVX2 = {"levers-cpu", "round2-cpu"}
 AVX2_CAPS = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
@@ -314,6 +332,18 @@ def check_grid_device(grid, train_args=(), jobs=1):
                          f"{need} in bf16 (results/levers-h200/README.md), and this machine has "
                          f"{have}: run the grid there, or single configurations with --configs "
                          f"into another --out-dir")
+    if grid in GRID_FOLDER_GPU:
+        folder = os.path.relpath(GRID_FOLDER_GPU[grid], ROOT)
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: the {grid} grid runs on a CUDA GPU, and this machine has "
+                             f"none: run it on a lent GPU (lab/gpu_grid.sh {grid})")
+        made_by, here = folder_gpus(GRID_FOLDER_GPU[grid]), (have, torch.__version__)
+        if made_by and here not in made_by:
+            before = ", ".join(f"{gpu} with torch {version}" for gpu, version in sorted(made_by))
+            raise SystemExit(f"error: the {grid} grid's runs pair only with runs in the same "
+                             f"arithmetic, {folder}/'s so far ({before}), and this machine has "
+                             f"{have} with torch {torch.__version__}: run it there, or move "
+                             f"{folder}/ aside to start the grid afresh")
     if grid in GRID_AVX2:
         kernels = "a CUDA GPU" if torch.cuda.is_available() else \
             f"{torch.backends.cpu.get_cpu_capability()} kernels"
@@ -329,6 +359,12 @@ def check_grid_device(grid, train_args=(), jobs=1):
             raise SystemExit(f"error: the {grid} grid's runs pair only with 1-thread runs, and "
                              f"--jobs {jobs} gives each run {threads} threads on this "
                              f"{os.cpu_count()}-core machine: pass --jobs {os.cpu_count()}")
+
+
+def folder_gpus(folder):
+    """{(GPU name, torch version)} of the finished runs in `folder`."""
+    return {(run["hardware"].get("gpu"), run["hardware"]["torch"])
+            for run in map(load_results, sorted(Path(folder).glob("*.json")))}
 
 
 def grid_plan(grid):
@@ -355,7 +391,8 @@ def main(argv=None):
     p.add_argument("--grid", nargs="?", const="per-epoch", default=None, choices=GRIDS,
                    help="run a study's whole grid instead of --configs/--seeds/--epochs/--norm: "
                         "per-epoch (the default; per_epoch_grid), levers (lever_grid), "
-                        "levers-cpu (cpu_lever_grid) or round2-cpu (round2_cpu_grid); with "
+                        "levers-cpu (cpu_lever_grid), round2-cpu (round2_cpu_grid) or "
+                        "round2-gpu (round2_gpu_grid); with "
                         "--list: each run, done or not")
     args, train_args = p.parse_known_args(argv)  # anything else goes to train.py as it is
     if args.grid:
@@ -371,7 +408,10 @@ def main(argv=None):
             return
         if args.jobs < 1:
             p.error("--jobs must be at least 1")
-        check_grid_device(args.grid, train_args, args.jobs)
+        try:
+            check_grid_device(args.grid, train_args, args.jobs)
+        except ResultsFileError as err:
+            sys.exit(f"error: {err}")
         run_all(runs, args.out_dir, args.images_dir, train_args, args.jobs,
                 log_dir="runs/logs/tuning")
         return

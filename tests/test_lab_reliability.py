@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -227,3 +228,28 @@ def test_a_sweep_names_a_plain_run_by_the_settings_passed_through_to_it():
         ["batch_seed0_e3_subset200"]
     how = sweep.passed_settings(["--precision", "fp32"])  # how it computes: not in the name
     assert [name for name, _ in sweep.plan(["bn"], [0], settings=how)] == ["batch_seed0"]
+
+
+def test_the_gpu_grid_script_sends_back_its_plan_and_log_where_the_grid_cannot_run(tmp_path):
+    """lab/gpu_grid.sh, a lent GPU's one call, checked where it can be: on a machine without
+    CUDA the grid refuses in one line, and the script still sends back what it has."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA: the grid would run")
+    write_image_tree(tmp_path / "tree")
+    data = make_archive(tmp_path / "tree", tmp_path / "small.tar.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run(["bash", "lab/gpu_grid.sh", "round2-gpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable,
+                               "CIFAR10_DATA": str(data), "S8_CACHE_DIR": str(tmp_path / "cache"),
+                               "DEADLINE": "120"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 of 52 runs done" in (out / "plan_before.txt").read_text()
+    assert "runs on a CUDA GPU, and this machine has none" in done.stdout
+    with tarfile.open(out / "grid.tgz") as tgz:
+        assert "runs/tune.log" in tgz.getnames()
+    missing = subprocess.run(["bash", "lab/gpu_grid.sh", "round2-gpu"], cwd=ROOT, text=True,
+                             capture_output=True, env={**os.environ, "OUT": str(out),
+                                                       "CIFAR10_DATA": str(tmp_path / "no.tgz")})
+    assert missing.returncode == 2 and "error: no data at" in missing.stdout

@@ -729,6 +729,12 @@ def test_round2_lists_every_lever_of_the_grid_and_judges_each_against_recipe_v4(
     assert "- BatchNorm (recipe v4: 84.50, 4 seeds): met by mdw+mlr0.1, mdw+mlr0.1+aflip, ls0" in text
     assert "LayerNorm" not in text  # the grid reaches it only with what wins on BatchNorm
     assert report.round2_section({}).startswith("No round-2 runs yet")
+    # on a lent GPU: both arms in results/round2-gpu/, recipe v4's runs beside the levers'
+    gpu = report.round2_section(tuning, "round2-gpu")
+    assert "recipe v4's run of the same seed in results/round2-gpu/" in gpu
+    assert levers == [line.split(" | ")[1] for line in gpu.splitlines()
+                      if line.startswith("| BatchNorm")]
+    assert "`bash lab/gpu_grid.sh round2-gpu` on a lent GPU" in report.round2_section({}, "round2-gpu")
 
 
 def test_the_recipe_choice_table_shows_each_shared_change_on_every_variant_and_where_it_clears():
@@ -818,6 +824,32 @@ def test_the_cpu_lever_grid_runs_only_in_the_arithmetic_of_the_runs_it_pairs_wit
         == set(tune.EXTRA_SEEDS)
     assert {folder for *_, folder in started[0]} == {tune.OUT_DIR}
 
+
+def test_the_gpu_round2_grid_runs_both_arms_on_a_gpu_in_its_folders_arithmetic_only(monkeypatch,
+                                                                                   tmp_path):
+    started = []
+    monkeypatch.setattr(tune, "run_all", lambda runs, *a, **k: started.append(runs))
+    monkeypatch.setitem(tune.GRID_FOLDER_GPU, "round2-gpu", tmp_path)
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="runs on a CUDA GPU, and this machine has none"):
+        tune.main(["--grid", "round2-gpu"])
+    monkeypatch.setattr(tune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    (tmp_path / "batch_muon+sep+pad2+silu_e20_seed0.json").write_text(
+        '{"hardware": {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130"}}')
+    with pytest.raises(SystemExit, match=r"in the same arithmetic, .*'s so far \(NVIDIA H200 with "
+                                         r"torch 2.11.0\+cu130\), and this machine has NVIDIA "
+                                         r"H100 80GB HBM3 with torch"):
+        tune.main(["--grid", "round2-gpu"])
+    assert not started
+    monkeypatch.setattr(tune.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(tune.torch, "__version__", "2.11.0+cu130")
+    tune.main(["--grid", "round2-gpu"])
+    names = [name.split("_")[1] for name, *_ in started[0]]
+    # recipe v4 first (a call cut short leaves pairs), both arms on seeds 0-3, batch 32 last
+    assert names[:4] == [tune.ROUND2_BASE] * 4 and len(names) == 4 * (1 + len(tune.ROUND2_LEVERS))
+    assert names[-8:] == [f"{tune.ROUND2_BASE}+bs32-keep"] * 4 + [f"{tune.ROUND2_BASE}+bs32-lin"] * 4
+    assert {folder for *_, folder in started[0]} == {tune.ROUND2_GPU_DIR}
 
 def test_front_page_table_says_how_far_each_mean_is_from_both_targets_and_whether_its_interval_clears():
     def runs(accs):

@@ -56,6 +56,7 @@ SECTIONS = [
     ("recipe-choice", lambda f: recipe_choice_section(on_lever_base(f["tuning"]))),
     ("levers-summary", lambda f: lever_summary_section(f["levers"], on_lever_base(f["tuning"]))),
     ("round2", lambda f: round2_section(f["tuning"])),
+    ("round2-gpu", lambda f: round2_section(f["round2_gpu"], "round2-gpu")),
     ("speed", lambda f: speed_section(f["bench_files"])),
     ("gpu-check", lambda f: gpu_section(f["gpu_checks"])),
     ("lr-study", lambda f: lr_section(f["lr_study"])),
@@ -69,7 +70,7 @@ def render_readme(readme_text, files):
     has its markers."""
     files = {"runs": {}, "archives": [], "study": {}, "budget": None, "checks": [],
              "bench_files": [], "tuning": {}, "ceiling": {}, "arithmetic": {}, "lr_study": {},
-             "levers": {},
+             "levers": {}, "round2_gpu": {},
              "gpu_checks": [],
              **files}
     text = readme_text
@@ -128,6 +129,7 @@ def load_files():
             "checks": load_precision_checks(), "bench_files": bench_files(),
             "tuning": load_tuning(), "ceiling": load_tuning(CEILING_DIR),
             "arithmetic": load_tuning(compare.ARITHMETIC_DIR), "levers": load_tuning(LEVERS_DIR),
+            "round2_gpu": load_tuning(tune.ROUND2_GPU_DIR),
             "archives": load_archives(), "gpu_checks": load_gpu_checks(),
             "lr_study": lr_study.load_lr_study()}
 

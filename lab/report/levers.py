@@ -1,11 +1,12 @@
 """The lever study's sections (on the GPU and on the CPU) and how the recipe was chosen."""
 
+import os
 import statistics
 
 from variants import REGISTRY
 
 from lab import compare, tune
-from lab.report.common import LEVER_GAIN, _delta, _seeds, clears_gain, decision
+from lab.report.common import LEVER_GAIN, ROOT, _delta, _seeds, clears_gain, decision
 from lab.report.tuning import greedy_reference
 
 
@@ -192,14 +193,15 @@ def recipe_choice_section(levers):
             f"95% interval (seeds shared with {tune.LEVER_BASE_LABEL})."])
 
 
-def round2_section(tuning):
+def round2_section(tuning, grid="round2-cpu"):
     """Round 2 of the lever study (issue 67): every round-2 lever of `tune.ROUND2_LEVERS`, in
     the grid's order, per variant where recipe v4's validation runs exist, with its paired
     difference from recipe v4 (every lever, stacks included, is judged against recipe v4), the
-    seeds run of those the grid plans, its verdict and whether it clears the bar; a lever the
-    grid has not reached says so. `tuning`: results/tuning/'s runs."""
-    planned = {}
-    for variant, configs, _, seeds, _ in tune.round2_cpu_grid():
+    seeds run of those `grid` plans, its verdict and whether it clears the bar; a lever the
+    grid has not reached says so. `tuning`: the runs of the grid's folder (recipe v4's in it)."""
+    planned, folders = {}, set()
+    for variant, configs, _, seeds, folder in tune.GRIDS[grid]():
+        folders.add(os.path.relpath(folder, ROOT))
         for config in configs:
             planned.setdefault((variant, config), []).extend(seeds)
     base_flags = len(tune.change_flags(tune.ROUND2_BASE))
@@ -240,7 +242,9 @@ def round2_section(tuning):
                                        "no round-2 lever clears the bar so far") +
             f"; {measured} of {len(tune.ROUND2_LEVERS)} levers measured on 2 or more seeds.")
     if not rows:
-        return "No round-2 runs yet: `python -m lab.tune --grid round2-cpu`."
+        how = f"bash lab/gpu_grid.sh {grid}` on a lent GPU" if grid in tune.GRID_FOLDER_GPU \
+            else f"python -m lab.tune --grid {grid}`"
+        return f"No round-2 runs yet: `{how}."
     hardware = sorted({f"{compare.threads(r['hardware'])}, {r['precision']}" for r in every})
     dates = sorted(r["date"][:10] for r in every)
     header = ["variant", "lever on recipe v4", "flags", "params", "seeds run (of planned)",
@@ -250,7 +254,8 @@ def round2_section(tuning):
         compare.markdown_table(header, rows), "",
         f"Validation accuracy (%) after 20 epochs, data "
         f"{', '.join(sorted({compare.data_file(r) for r in every}))}; each lever's run paired "
-        f"with recipe v4's run of the same seed in results/tuning/ (same initialization, data "
+        f"with recipe v4's run of the same seed in {', '.join(sorted(folders))}/ (same "
+        f"initialization, data "
         f"order and arithmetic); recipe v4's and the levers' runs: {'; '.join(hardware)}"
         + (f"; {' to '.join(sorted({dates[0], dates[-1]}))}" if dates else "")
         + f". The bar: +{LEVER_GAIN} points with the 95% interval above zero; verdicts as in "
