@@ -348,6 +348,14 @@ def fake_tuning_run(acc, seed, epochs=5, tta=None):
             "data": {"train_images": 45000, "test_images": 5000}}
 
 
+def validation_runs(acc, seeds=(0, 1, 2, 3)):
+    """20-epoch runs scored on the validation split, one per seed: accuracy `acc[i]`."""
+    return [{**fake_tuning_run(a, s, epochs=20),
+             "data": {"train_images": 45000, "test_images": 5000,
+                      "source": "cifar10-jpeg.tar.gz (archive)"}}
+            for s, a in zip(seeds, acc)]
+
+
 def test_ablation_table_judges_each_lever_by_the_interval_of_its_paired_differences():
     base = [0.70, 0.71, 0.69, 0.72]
     groups = {("batch", "base", 5): [fake_tuning_run(a, s) for s, a in enumerate(base)],
@@ -662,16 +670,10 @@ def test_arithmetic_section_pairs_a_change_with_the_rerun_of_its_seed_in_its_own
 
 
 def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point_bar():
-    def runs(acc, seeds=(0, 1, 2, 3)):
-        return [{**fake_tuning_run(a, s, epochs=20),
-                 "data": {"train_images": 45000, "test_images": 5000,
-                          "source": "cifar10-jpeg.tar.gz (archive)"}}
-                for s, a in zip(seeds, acc)]
-
-    levers = {("batch", "muon+sep", 20): runs([0.84, 0.85, 0.84, 0.85]),
-              ("batch", "muon+sep+silu", 20): runs([0.846, 0.856, 0.845, 0.856]),   # +0.57
-              ("batch", "muon+sep+mdw", 20): runs([0.850, 0.850, 0.845, 0.855]),   # +0.5, wide
-              ("batch", "muon+sep+dil2", 20): runs([0.83, 0.84, 0.83, 0.84])}      # -1.00
+    levers = {("batch", "muon+sep", 20): validation_runs([0.84, 0.85, 0.84, 0.85]),
+              ("batch", "muon+sep+silu", 20): validation_runs([0.846, 0.856, 0.845, 0.856]),   # +0.57
+              ("batch", "muon+sep+mdw", 20): validation_runs([0.850, 0.850, 0.845, 0.855]),   # +0.5, wide
+              ("batch", "muon+sep+dil2", 20): validation_runs([0.83, 0.84, 0.83, 0.84])}      # -1.00
     text = report.levers_section(levers)
     lines = text.splitlines()
     assert [line.split(" | ")[1] for line in lines if line.startswith("| batch")] == [
@@ -681,15 +683,15 @@ def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point
     assert "| -1.00 [-1.00, -1.00] | loses | no |" in row(text, "| batch | dil2 |")
     assert "- BatchNorm: met by silu" in text
     # the greedy step: a stack on the winner is judged against the winner, not recipe v3
-    levers[("batch", "muon+sep+silu+mdw", 20)] = runs([0.846, 0.856, 0.845, 0.856])
+    levers[("batch", "muon+sep+silu+mdw", 20)] = validation_runs([0.846, 0.856, 0.845, 0.856])
     stack = row(report.levers_section(levers), "| batch | silu+mdw |")
     assert "| silu | +0.00, +0.00, +0.00, +0.00 |" in stack
     # ... while the bar is read over recipe v3: the stack keeps silu's +0.57
     assert stack.endswith("| yes (+0.57 [+0.50, +0.65]) |")
     del levers[("batch", "muon+sep+silu+mdw", 20)]
     # round 2: a lever on recipe v4 (pad2+silu) is read against recipe v4, not recipe v3
-    levers[("batch", tune.ROUND2_BASE, 20)] = runs([0.850, 0.860, 0.850, 0.860])     # +1.0
-    levers[("batch", f"{tune.ROUND2_BASE}+bs64-keep", 20)] = runs([0.851, 0.861, 0.851, 0.861])
+    levers[("batch", tune.ROUND2_BASE, 20)] = validation_runs([0.850, 0.860, 0.850, 0.860])     # +1.0
+    levers[("batch", f"{tune.ROUND2_BASE}+bs64-keep", 20)] = validation_runs([0.851, 0.861, 0.851, 0.861])
     round2 = row(report.levers_section(levers), "| batch | pad2+silu+bs64-keep |")
     assert round2.endswith("| no |") and "| pad2+silu | +0.10, +0.10, +0.10, +0.10 |" in round2
     del levers[("batch", tune.ROUND2_BASE, 20)]
@@ -699,26 +701,20 @@ def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point
            "mean gain over recipe v3 is mdw, +0.50" in report.levers_section(levers)
     assert "No lever runs yet: `python -m lab.tune --grid levers`" in report.levers_section({})
     # the CPU part: recipe v3 and the changes on it, out of the learning-per-epoch study
-    tuning = {**levers, ("batch", "muon", 20): runs([0.83] * 4)}
+    tuning = {**levers, ("batch", "muon", 20): validation_runs([0.83] * 4)}
     assert list(report.on_lever_base(tuning)) == list(levers)
     assert "No lever runs yet: `python -m lab.tune --grid levers-cpu`" in report.levers_section(
         {("batch", "muon+sep", 20): levers[("batch", "muon+sep", 20)]}, "levers-cpu")
 
 
 def test_round2_lists_every_lever_of_the_grid_and_judges_each_against_recipe_v4():
-    def runs(acc, seeds=(0, 1, 2, 3)):
-        return [{**fake_tuning_run(a, s, epochs=20),
-                 "data": {"train_images": 45000, "test_images": 5000,
-                          "source": "cifar10-jpeg.tar.gz (archive)"}}
-                for s, a in zip(seeds, acc)]
-
     v4, on_v4 = tune.ROUND2_BASE, lambda lever: (DEFAULT, f"{tune.ROUND2_BASE}+{lever}", 20)
-    tuning = {(DEFAULT, v4, 20): runs([0.84, 0.85, 0.84, 0.85]),
-              on_v4("ls0"): runs([0.846, 0.856, 0.845, 0.856]),                       # +0.57
-              on_v4("mdw+mlr0.1"): runs([0.846, 0.856, 0.845, 0.856]),
+    tuning = {(DEFAULT, v4, 20): validation_runs([0.84, 0.85, 0.84, 0.85]),
+              on_v4("ls0"): validation_runs([0.846, 0.856, 0.845, 0.856]),                       # +0.57
+              on_v4("mdw+mlr0.1"): validation_runs([0.846, 0.856, 0.845, 0.856]),
               # a stack is judged against recipe v4 even where a part of it won alone
-              on_v4("mdw+mlr0.1+aflip"): runs([0.846, 0.856, 0.845, 0.856]),
-              on_v4("bs32-keep"): runs([0.83, 0.86], seeds=(0, 1))}
+              on_v4("mdw+mlr0.1+aflip"): validation_runs([0.846, 0.856, 0.845, 0.856]),
+              on_v4("bs32-keep"): validation_runs([0.83, 0.86], seeds=(0, 1))}
     text = report.round2_section(tuning)
     levers = [line.split(" | ")[1] for line in text.splitlines() if line.startswith("| BatchNorm")]
     assert levers == tune.ROUND2_LEVERS  # every candidate of the issue, in the grid's order
