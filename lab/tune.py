@@ -314,7 +314,7 @@ GRIDS = {"per-epoch": per_epoch_grid, "levers": lever_grid, "levers-cpu": cpu_le
          "round2-cpu": round2_cpu_grid, "round2-gpu": round2_gpu_grid}
 # The grids whose runs pair only with runs of one GPU kind (their arithmetic): {grid: GPU name}
 GRID_GPUS = {"levers": "H200"}
-# The grids whose runs pair only with runs of the GPU and torch that made their folder's first
+# The grids whose runs pair only with runs of the GPU and torch that made the first in their folder
 GRID_FOLDER_GPU = {"round2-gpu": ROUND2_GPU_DIR}
 # The grids whose runs pair only with fp32 CPU runs in the AVX2 EPYC's arithmetic
 GRID_AVX2 = {"levers-cpu", "round2-cpu"}
