@@ -9,6 +9,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+STOPPED = 128 + signal.SIGTERM  # the exit code of a child that never started: the tool was stopped
+
 
 class Children:
     """`own_group`: each child in a process group of its own, stopped as a whole (a kernel with
@@ -23,7 +25,7 @@ class Children:
         raised. Once the tool is stopping, no child starts."""
         with self.lock:
             if self.stopping:
-                return 128 + signal.SIGTERM
+                return STOPPED
             child = subprocess.Popen(cmd, start_new_session=self.own_group, **kwargs)
             self.running.add(child)
         try:

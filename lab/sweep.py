@@ -20,9 +20,9 @@ not listed here go to train.py unchanged.
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from results import NOT_NAMED, ResultsFileError, finished, run_name
 from utils import TrainConfig
 from variants import DEFAULT, canonical_norm, course_variants
 
-from lab.processes import Children
+from lab.processes import STOPPED, Children
 from lab.train import LAB_CONFIGS, configs_from, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,26 +158,30 @@ def run_all(runs, out_dir, images_dir, train_args=(), jobs=1, log_dir="runs/logs
     if jobs > 1:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(threads_per_run(jobs))
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-    children = Children()
+    children, printing = Children(), threading.Lock()
+
+    def say(line):  # whole lines: the jobs' threads print at once
+        with printing:
+            print(line, flush=True)
 
     def run(job):
         name, out, cmd = job
         if children.stopping:  # the sweep was stopped: the runs left neither start nor log
-            return name, 128 + signal.SIGTERM
+            return name, STOPPED
         try:
             done = finished(out)  # checked just before the run: another sweep may have finished it
         except ResultsFileError as err:
-            print(f"error: {err}", flush=True)
+            say(f"error: {err}")
             return name, 1
         if done:
-            print(f"skip {out}: already done", flush=True)
+            say(f"skip {out}: already done")
             return name, 0
-        print("+", " ".join(cmd), flush=True)
+        say("+ " + " ".join(cmd))
         if jobs == 1:
             return name, children.run(cmd, env=env)
         with open(Path(log_dir) / f"{name}.log", "a") as log:
             code = children.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        print(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {name}", flush=True)
+        say(f"{'done' if code == 0 else f'FAILED (exit {code})'}: {name}")
         return name, code
 
     with children.stopped_by_sigterm(), ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -3,6 +3,7 @@ orphans after a stop, and no stray run in the published tables."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,7 +240,11 @@ def test_the_gpu_grid_script_sends_back_its_plan_and_log_where_the_grid_cannot_r
     data = make_archive(tmp_path / "tree", tmp_path / "small.tar.gz")
     out = tmp_path / "out"
     out.mkdir()
-    done = subprocess.run(["bash", "lab/gpu_grid.sh", "round2-gpu"], cwd=ROOT, capture_output=True,
+    repo = tmp_path / "repo"  # a copy of the code: the script's scratch (runs/) stays out of ours
+    shutil.copytree(ROOT / "lab", repo / "lab", ignore=shutil.ignore_patterns("__pycache__"))
+    for module in ROOT.glob("*.py"):
+        shutil.copy(module, repo)
+    done = subprocess.run(["bash", "lab/gpu_grid.sh", "round2-gpu"], cwd=repo, capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "OUT": str(out), "PYTHON": sys.executable,
                                "CIFAR10_DATA": str(data), "S8_CACHE_DIR": str(tmp_path / "cache"),
@@ -249,7 +254,8 @@ def test_the_gpu_grid_script_sends_back_its_plan_and_log_where_the_grid_cannot_r
     assert "runs on a CUDA GPU, and this machine has none" in done.stdout
     with tarfile.open(out / "grid.tgz") as tgz:
         assert "runs/tune.log" in tgz.getnames()
-    missing = subprocess.run(["bash", "lab/gpu_grid.sh", "round2-gpu"], cwd=ROOT, text=True,
+    assert (repo / "runs" / "tune.log").exists()  # its scratch beside the code it ran
+    missing = subprocess.run(["bash", "lab/gpu_grid.sh", "round2-gpu"], cwd=repo, text=True,
                              capture_output=True, env={**os.environ, "OUT": str(out),
                                                        "CIFAR10_DATA": str(tmp_path / "no.tgz")})
     assert missing.returncode == 2 and "error: no data at" in missing.stdout

@@ -182,6 +182,19 @@ def test_sweep_skips_runs_whose_results_exist(tmp_path):
     assert "lab.train" not in out.stdout  # no run started
 
 
+def test_a_sweeps_jobs_print_whole_lines(tmp_path):
+    """Its threads print at once; a line of one inside another's (seen in a grid's log) reads
+    as a run never reported."""
+    seeds = [str(s) for s in range(60)]
+    for seed in seeds:
+        (tmp_path / f"batch_seed{seed}.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "lab.sweep", "--norms", "bn", "--seeds", *seeds,
+                          "--jobs", "4", "--out-dir", str(tmp_path), "--log-dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 60 and all(re.fullmatch(r"skip \S+\.json: already done", x) for x in lines)
+
+
 def test_readme_results_tables_are_generated_from_the_committed_results():
     rendered = report.render_pages(report.load_files())
     assert {p.name for p in rendered} >= {"README.md", "results.md", "learning-per-epoch.md"}
