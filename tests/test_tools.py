@@ -722,7 +722,8 @@ def test_levers_section_pairs_each_lever_with_recipe_v3_and_reads_the_half_point
 
 def test_round2_lists_every_lever_of_the_grid_and_judges_each_against_recipe_v4():
     v4, on_v4 = tune.ROUND2_BASE, lambda lever: (DEFAULT, f"{tune.ROUND2_BASE}+{lever}", 20)
-    tuning = {(DEFAULT, v4, 20): validation_runs([0.84, 0.85, 0.84, 0.85]),
+    tuning = {(v, v4, 20): validation_runs([0.84, 0.85, 0.84, 0.85]) for v in ("layer", "group")}
+    tuning |= {(DEFAULT, v4, 20): validation_runs([0.84, 0.85, 0.84, 0.85]),
               on_v4("ls0"): validation_runs([0.846, 0.856, 0.845, 0.856]),                       # +0.57
               on_v4("mdw+mlr0.1"): validation_runs([0.846, 0.856, 0.845, 0.856]),
               # a stack is judged against recipe v4 even where a part of it won alone
@@ -733,13 +734,19 @@ def test_round2_lists_every_lever_of_the_grid_and_judges_each_against_recipe_v4(
     assert levers == tune.ROUND2_LEVERS  # every candidate of the issue, in the grid's order
     assert row(text, "| BatchNorm | ls0 |").endswith("| +0.57 [+0.50, +0.65] | wins | yes |")
     assert "| +0.57 [+0.50, +0.65] | wins | yes |" in row(text, "| BatchNorm | mdw+mlr0.1+aflip |")
-    planned = lambda lever: sum(name.split("_")[1] == on_v4(lever)[1]  # noqa: E731
+    planned = lambda lever: sum(name.split("_")[:2] == [DEFAULT, on_v4(lever)[1]]  # noqa: E731
                                 for name, *_ in tune.grid_plan(tune.round2_cpu_grid()))
     assert f"| 2 of {planned('bs32-keep')} (0, 1) |" in row(text, "| BatchNorm | bs32-keep |")
     assert row(text, "| BatchNorm | bs64-keep |").endswith(
         f"| 0 of {planned('bs64-keep')} | - | - | - | not run yet | - |")
     assert "- BatchNorm (recipe v4: 84.50, 4 seeds): met by mdw+mlr0.1, mdw+mlr0.1+aflip, ls0" in text
-    assert "LayerNorm" not in text  # the grid reaches it only with what wins on BatchNorm
+    # the other variants get the smaller batches whatever BatchNorm did, the rest only if it wins
+    small = [lever for lever in tune.ROUND2_LEVERS if lever.startswith("bs")]
+    for title in ("LayerNorm", "GroupNorm"):
+        assert [line.split(" | ")[1] for line in text.splitlines()
+                if line.startswith(f"| {title}")] == small
+    assert "- LayerNorm (recipe v4: 84.50, 4 seeds): no round-2 lever clears the bar so far; " \
+           f"0 of {len(small)} levers measured" in text
     assert report.round2_section({}).startswith("No round-2 runs yet")
     # on a lent GPU: both arms in results/round2-gpu/, recipe v4's runs beside the levers'
     gpu = report.round2_section(tuning, "round2-gpu")

@@ -212,12 +212,13 @@ def round2_section(tuning, grid="round2-cpu"):
                                for config in (f"{tune.ROUND2_BASE}+{lever}"
                                               for lever in tune.ROUND2_LEVERS)):
             continue  # round 2 reaches a variant with what wins on BatchNorm
-        met, measured, title = [], 0, REGISTRY[variant].title
+        met, measured, listed, title = [], 0, 0, REGISTRY[variant].title
         every += base
         for lever in tune.ROUND2_LEVERS:
             config = f"{tune.ROUND2_BASE}+{lever}"
             runs, seeds = tuning.get((variant, config, 20), []), planned.get((variant, config), [])
             flags = f"`{' '.join(tune.change_flags(config)[base_flags:])}`"
+            listed += bool(runs or seeds)
             if not runs:
                 if seeds:
                     rows.append([title, lever, flags, "-", f"0 of {len(seeds)}", "-", "-",
@@ -240,7 +241,7 @@ def round2_section(tuning, grid="round2-cpu"):
             f"{title} (recipe v4: {statistics.mean(base_accs):.2f}, "
             f"{len(base)} seeds): " + (f"met by {', '.join(met)}" if met else
                                        "no round-2 lever clears the bar so far") +
-            f"; {measured} of {len(tune.ROUND2_LEVERS)} levers measured on 2 or more seeds.")
+            f"; {measured} of {listed} levers measured on 2 or more seeds.")
     if not rows:
         how = f"bash lab/gpu_grid.sh {grid}` on a lent GPU" if grid in tune.GRID_FOLDER_GPU \
             else f"python -m lab.tune --grid {grid}`"
