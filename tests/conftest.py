@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NORMS = ("batch", "group", "layer")
 FULL_NET = {"conv": "full", "widths": (16, 28, 32)}  # recipes v1 and v2: full 3x3 convs
 SEPARABLE_NET = {"conv": "separable", "widths": (32, 64, 88)}  # the study's separable blocks
+# the same blocks, narrow: for tests of what fp16 does around a step, which CPUs emulate slowly
+NARROW_NET = {"widths": (8, 16, 16)}
 
 
 def interrupt_after_epoch_1(norm, data, config, checkpoint_path):

@@ -16,6 +16,7 @@ from model import build_model
 from optimizers import MUON_TORCH, KernelMatrix, make_optimizer
 from precision import EagerFallback, UnsupportedStepError, autocast, compile_model
 from checkpoints import recipe
+from conftest import NARROW_NET
 from utils import TrainConfig, fit, training_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def fail_depthwise_under_cudnn(model):
 
 
 def test_fp16_depthwise_convs_that_cudnn_cannot_run_run_without_it_with_one_warning(tiny_data):
-    model = build_model("batch", seed=0)
+    model = build_model("batch", seed=0, **NARROW_NET)
     fail_depthwise_under_cudnn(model)
     with pytest.warns(RuntimeWarning, match="running them without cuDNN") as caught:
         history = fit(model, tiny_data, TrainConfig(epochs=1, batch_size=20, precision="fp16"),

@@ -5,7 +5,7 @@ import torch
 
 import precision
 import utils
-from conftest import NORMS, interrupt_after_epoch_1
+from conftest import NARROW_NET, NORMS, interrupt_after_epoch_1
 from model import build_model
 from precision import make_grad_scaler, resolve_precision
 from results import make_results, run_precision
@@ -60,7 +60,7 @@ def test_only_fp16_gets_a_gradient_scaler():
 
 
 def test_fp16_with_the_scaler_trains_and_lowers_the_loss(tiny_data):
-    model = build_model("batch", seed=0)
+    model = build_model("batch", seed=0, **NARROW_NET)
     config = TrainConfig(batch_size=50, lr=0.05)
     train_loader, test_loader = make_loaders(tiny_data, config, "cpu")
     optimizer = make_optimizer(model, config)
@@ -88,7 +88,7 @@ def test_hardware_records_the_instruction_set_caps_of_the_environment(monkeypatc
 @pytest.mark.filterwarnings("ignore:fp16 runs slower:RuntimeWarning")  # forced on purpose
 def test_fit_records_the_precision_it_used(name, tiny_data):
     config = TrainConfig(epochs=2, batch_size=50, precision=name)
-    model = build_model("group", seed=0)
+    model = build_model("group", seed=0, **NARROW_NET)
     history = fit(model, tiny_data, config, "cpu", progress=False)
     assert history["precision"] == [name, name]
     assert make_results(model, tiny_data, config, history, "cpu")["precision"] == name
@@ -116,8 +116,8 @@ def test_nan_guard_stops_at_the_failing_epoch_and_keeps_the_last_checkpoint(name
     ckpt = tmp_path / "run.pt"
     with pytest.raises(NonFiniteLossError, match=r"at epoch 2, step \d+.*The checkpoint of "
                                                  r"epoch 1, the last complete one, is left intact"):
-        fit(build_model("batch", seed=0), tiny_data, config, "cpu", checkpoint_path=ckpt,
-            progress=False)
+        fit(build_model("batch", seed=0, **NARROW_NET), tiny_data, config, "cpu",
+            checkpoint_path=ckpt, progress=False)
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 1 and len(state["history"]["test_acc"]) == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

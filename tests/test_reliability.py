@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 
 import plots  # noqa: E402
 import precision  # noqa: E402
-from conftest import ROOT, make_archive, write_image_tree  # noqa: E402
+from conftest import NARROW_NET, ROOT, make_archive, write_image_tree  # noqa: E402
 from dataset import DatasetWarning, load_cifar10  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 import utils  # noqa: E402
@@ -298,9 +298,8 @@ def test_a_forced_precision_that_is_slow_on_this_cpu_warns_once(name, flags, say
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(precision, "cpu_info", lambda: ("cpu", flags))
     with pytest.warns(RuntimeWarning, match=says) as caught:
-        fit(build_model("group", seed=0), tiny_data, TrainConfig(epochs=1, batch_size=20,
-                                                                 precision=name), "cpu",
-            progress=False)
+        fit(build_model("group", seed=0, **NARROW_NET), tiny_data,
+            TrainConfig(epochs=1, batch_size=20, precision=name), "cpu", progress=False)
     assert len([w for w in caught if "slower than fp32" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
