@@ -193,6 +193,15 @@ def recipe_choice_section(levers):
             f"95% interval (seeds shared with {tune.LEVER_BASE_LABEL})."])
 
 
+def round2_verdict(diff):
+    """decision(), ended where the protocol ends a lever: only an interval that straddles the
+    bar gets seeds 4 to 7, so one wholly below it after 4 seeds is final."""
+    said = decision(diff)
+    if said == "no decision" and diff["high"] < LEVER_GAIN:
+        return f"not adopted: interval below +{LEVER_GAIN}"
+    return said
+
+
 def round2_section(tuning, grid="round2-cpu"):
     """Round 2 of the lever study (issue 67): every round-2 lever of `tune.ROUND2_LEVERS`, in
     the grid's order, per variant where recipe v4's validation runs exist, with its paired
@@ -234,7 +243,7 @@ def round2_section(tuning, grid="round2-cpu"):
                          f"{len(runs)} of {max(len(seeds), len(runs))} ({_seeds(runs)})",
                          f"{statistics.mean(accs):.2f} ({min(accs):.2f}–{max(accs):.2f})",
                          ", ".join(f"{d:+.2f}" for d in diff["diffs"]) or "-",
-                         _delta(diff, runs), decision(diff),
+                         _delta(diff, runs), round2_verdict(diff),
                          "yes" if clears_gain(diff) else "no"])
         base_accs = compare.accuracies(base)
         verdicts.append(
