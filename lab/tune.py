@@ -281,6 +281,7 @@ ROUND2_BASE = f"{LEVER_BASE}+{ADOPTED_LEVER}"  # recipe v4, the baseline of roun
 ROUND2_LEVERS = ["bs64-keep", "bs64-lin", "bs32-keep", "bs32-lin", "mdw+mlr0.1",
                  "mdw+mlr0.1+aflip", "mlr0.1+aflip", "mdw+aflip", "w32-64-92", "w32-72-88",
                  "ls0.05", "ls0"]
+ROUND2_SMALL_BATCHES = [lever for lever in ROUND2_LEVERS if lever.startswith("bs")]
 
 
 def round2_cpu_grid():
@@ -292,7 +293,7 @@ def round2_cpu_grid():
     -0.15 [-1.13, +0.83]). Then the smaller batches on LayerNorm and GroupNorm whatever they did
     on BatchNorm: a small batch costs BatchNorm noisier statistics, and the two norms that see
     one image at a time do not pay it; the other levers reach them where they win on BatchNorm."""
-    small = [f"{ROUND2_BASE}+{lever}" for lever in ROUND2_LEVERS if lever.startswith("bs")]
+    small = [f"{ROUND2_BASE}+{lever}" for lever in ROUND2_SMALL_BATCHES]
     return [(DEFAULT, [f"{ROUND2_BASE}+{lever}" for lever in ROUND2_LEVERS], 20, PROTOCOL_SEEDS,
              OUT_DIR),
             (DEFAULT, [f"{ROUND2_BASE}+bs64-keep", f"{ROUND2_BASE}+bs32-keep"], 20, EXTRA_SEEDS,
@@ -311,8 +312,8 @@ def round2_gpu_grid():
     BatchNorm, seeds 0 to 3, into results/round2-gpu/, recipe v4 first so that a call cut short
     leaves pairs; the smaller batches last, as a GPU step's time is set by the kernels it
     launches, not their size (batch 32 costs four times batch 128's epoch)."""
-    small = [lever for lever in ROUND2_LEVERS if lever.startswith("bs")]
-    levers = [lever for lever in ROUND2_LEVERS if lever not in small] + small
+    levers = [lever for lever in ROUND2_LEVERS if lever not in ROUND2_SMALL_BATCHES]
+    levers += ROUND2_SMALL_BATCHES
     return [(DEFAULT, [ROUND2_BASE, *(f"{ROUND2_BASE}+{lever}" for lever in levers)], 20,
              PROTOCOL_SEEDS, ROUND2_GPU_DIR)]
 

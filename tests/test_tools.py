@@ -746,7 +746,8 @@ def test_round2_lists_every_lever_of_the_grid_and_judges_each_against_recipe_v4(
         f"| 0 of {planned('bs32-lin')} | - | - | - | not run yet | - |")
     assert "- BatchNorm (recipe v4: 84.50, 4 seeds): met by mdw+mlr0.1, mdw+mlr0.1+aflip, ls0" in text
     # the other variants get the smaller batches whatever BatchNorm did, the rest only if it wins
-    small = [lever for lever in tune.ROUND2_LEVERS if lever.startswith("bs")]
+    small = ["bs64-keep", "bs64-lin", "bs32-keep", "bs32-lin"]
+    assert tune.ROUND2_SMALL_BATCHES == small
     for title in ("LayerNorm", "GroupNorm"):
         assert [line.split(" | ")[1] for line in text.splitlines()
                 if line.startswith(f"| {title}")] == small
